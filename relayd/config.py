@@ -1,0 +1,409 @@
+"""Configuration: one YAML file + environment overrides + secret files → frozen settings.
+
+Every setting is declared once, as a dataclass field whose metadata names its parser.
+The loader walks those declarations, so the YAML keys, the ``RELAYD_<SECTION>_<KEY>``
+environment overrides, the error messages and ``check-config``'s output can never
+disagree about what exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from relayd.units import format_duration, format_size, parse_duration, parse_size
+
+ENV_PREFIX = "RELAYD_"
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # systemd LoadCredential=
+
+
+class ConfigError(Exception):
+    """A setting is wrong. The text names where it came from, the key and the problem."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(f"{source}: {key}: {problem}")
+        self.source, self.key, self.problem = source, key, problem
+
+
+class Secret(str):
+    """A string that never shows itself in repr(), logs or check-config output."""
+
+    def __repr__(self) -> str:
+        return "Secret('<redacted>')"
+
+    def reveal(self) -> str:
+        return str.__str__(self)
+
+
+# --- field parsers -------------------------------------------------------------------
+
+
+def _text(value: object) -> str:
+    if isinstance(value, dict | list):
+        raise ValueError("expected a single text value")
+    return "" if value is None else str(value)
+
+
+def _integer(minimum: int = 0, maximum: int | None = None) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool):
+            raise ValueError("expected a whole number")
+        try:
+            number = int(str(value).strip()) if not isinstance(value, int) else value
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {value!r}") from None
+        if number < minimum or (maximum is not None and number > maximum):
+            upper = f" and {maximum}" if maximum is not None else ""
+            raise ValueError(f"must be at least {minimum}{upper}, got {number}")
+        return number
+
+    return parse
+
+
+def _port(value: object) -> int:
+    return _integer(0, 65535)(value)
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _text_list(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):  # environment: comma separated
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    if isinstance(value, list):
+        return tuple(_text(item).strip() for item in value)
+    raise ValueError("expected a list")
+
+
+def _networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in _text_list(value):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address or CIDR network") from None
+    return tuple(networks)
+
+
+def _path(value: object) -> Path | None:
+    text = _text(value).strip()
+    return Path(text).expanduser() if text else None
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = _text(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _secret(value: object) -> Secret | None:
+    text = _text(value)
+    return Secret(text) if text else None
+
+
+def _setting(
+    default: Any, parse: Callable[[object], Any], show: Callable[[Any], Any] | None = None
+):
+    """A declared setting: its default, its parser and how check-config shows it."""
+    return field(default=default, metadata={"parse": parse, "show": show})
+
+
+def _size(default: int):
+    return _setting(default, parse_size, format_size)
+
+
+def _duration(default: float):
+    return _setting(default, parse_duration, format_duration)
+
+
+LOOPBACK_ONLY = _networks(["127.0.0.0/8", "::1/128"])
+MiB = 1024 * 1024
+
+
+# --- sections ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListenSettings:
+    address: str = _setting("127.0.0.1", _text)
+    port: int = _setting(2525, _port)
+    allowed_clients: tuple = _setting(LOOPBACK_ONLY, _networks, lambda v: [str(n) for n in v])
+    max_message_size: int = _size(35 * MiB)
+    max_recipients: int = _setting(500, _integer(1))
+    # RFC 5321 §4.5.3.1.6: 998 characters + CRLF. Longer lines get 500 5.5.6.
+    max_line_length: int = _setting(998, _integer(78, 1_000_000))
+    max_connections: int = _setting(100, _integer(1))
+    idle_timeout: float = _duration(300)
+    # Name in the greeting and in Received: headers; empty means the host's FQDN.
+    hostname: str = _setting("", _text)
+    # RFC 5321 §6.3: a message with more Received: headers than this is looping.
+    max_received_headers: int = _setting(50, _integer(1))
+    # SMTP smuggling defence (RFC 5321 §2.3.8): "reject" answers 550 to a message
+    # with a bare CR or LF; "normalize" turns them into CRLF. Only CRLF.CRLF ends DATA.
+    bare_line_endings: str = _setting("reject", _choice("reject", "normalize"))
+    # How long open SMTP sessions may finish after SIGTERM.
+    shutdown_grace: float = _duration(30)
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    directory: Path = _setting(Path("/var/lib/relayd/spool"), _path, str)
+    min_free_space: int = _size(100 * MiB)
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    # "smtp" forwards to Microsoft 365; "maildir" writes into a local Maildir
+    # (sandbox and staging systems that must never send real mail).
+    transport: str = _setting("smtp", _choice("smtp", "maildir"))
+    host: str = _setting("smtp.office365.com", _text)
+    port: int = _setting(587, _port)
+    # Microsoft 365 only offers STARTTLS on 587; implicit TLS is for other servers.
+    tls: str = _setting("starttls", _choice("starttls", "implicit"))
+    mailbox: str = _setting("", _text)
+    send_as: tuple = _setting((), _text_list, list)
+    from_rewrite: bool = _setting(True, _boolean)
+    ca_file: Path | None = _setting(None, _path, lambda v: str(v) if v else None)
+    max_connections: int = _setting(3, _integer(1))
+    rate_limit_per_minute: int = _setting(30, _integer(0))
+    daily_recipient_limit: int = _setting(10_000, _integer(0))
+    timeout: float = _duration(60)
+    idle_timeout: float = _duration(60)
+    # How long the whole upstream pauses after 421 / 432 4.3.2 (throttling).
+    throttle_pause: float = _duration(60)
+    helo_name: str = _setting("", _text)
+    maildir: Path = _setting(Path("/var/lib/relayd/maildir"), _path, str)
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    min_delay: float = _duration(60)
+    max_delay: float = _duration(3600)
+    max_age: float = _duration(5 * 86400)
+
+
+@dataclass(frozen=True)
+class OAuthSettings:
+    tenant_id: str = _setting("", _text)
+    client_id: str = _setting("", _text)
+    client_secret: Secret | None = _setting(None, _secret)
+    client_secret_file: Path | None = _setting(None, _path, lambda v: str(v) if v else None)
+    authority: str = _setting("", _text)
+    scopes: tuple = _setting(("https://outlook.office.com/SMTP.Send",), _text_list, list)
+    redirect_uri: str = _setting("http://localhost:8400/", _text)
+    token_cache: Path = _setting(Path("/var/lib/relayd/token_cache.json"), _path, str)
+    ca_file: Path | None = _setting(None, _path, lambda v: str(v) if v else None)
+    # Redeem the refresh token this often even when no mail flows (90-day expiry).
+    keepalive_interval: float = _duration(86400)
+    # Renew the access token when less than this is left.
+    refresh_margin: float = _duration(600)
+    http_timeout: float = _duration(30)
+
+    @property
+    def effective_authority(self) -> str:
+        if self.authority:
+            return self.authority.rstrip("/")
+        return f"https://login.microsoftonline.com/{self.tenant_id}"
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    enabled: bool = _setting(True, _boolean)
+    address: str = _setting("127.0.0.1", _text)
+    # Outside Prometheus' 9100-9999 exporter range (fully allocated), next to 2525.
+    port: int = _setting(2526, _port)
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    # "auto": json under systemd / Docker / a pipe, console on a terminal.
+    format: str = _setting("auto", _choice("auto", "json", "console"))
+    level: str = _setting("info", _choice("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: ListenSettings = field(default_factory=ListenSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    oauth: OAuthSettings = field(default_factory=OAuthSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    source: str = field(default="<defaults>", compare=False)
+
+    @property
+    def hostname(self) -> str:
+        return self.listen.hostname or socket.getfqdn()
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(Settings)
+    if f.name != "source"
+}
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, merge and validate the configuration file. Raises ConfigError."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(source, "(file)", f"cannot read: {error.strerror}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "(file)"
+        raise ConfigError(source, where, f"not valid YAML: {error}") from None
+    return from_mapping(document or {}, source, environ)
+
+
+def from_mapping(
+    document: object, source: str = "<defaults>", environ: Mapping[str, str] | None = None
+) -> Settings:
+    environ = os.environ if environ is None else environ
+    if not isinstance(document, dict):
+        raise ConfigError(source, "(top level)", "expected a mapping of sections")
+    for name in document:
+        if name not in SECTIONS:
+            raise ConfigError(source, str(name), _unknown("section", name, SECTIONS))
+    sections = {
+        name: _load_section(name, cls, document.get(name), source, environ)
+        for name, cls in SECTIONS.items()
+    }
+    settings = Settings(**sections, source=source)
+    settings = _resolve_secrets(settings, source, environ)
+    _check_consistency(settings, source)
+    return settings
+
+
+def _load_section(name: str, cls: type, raw: object, source: str, environ: Mapping) -> Any:
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(source, name, "expected a mapping of keys")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(source, f"{name}.{key}", _unknown("key", key, fields))
+    values = {}
+    for key, spec in fields.items():
+        env_name = f"{ENV_PREFIX}{name}_{key}".upper()
+        if env_name in environ:
+            value, where = environ[env_name], f"environment variable {env_name}"
+        elif key in raw:
+            value, where = raw[key], source
+        else:
+            continue
+        try:
+            values[key] = spec.metadata["parse"](value)
+        except ValueError as error:
+            raise ConfigError(where, f"{name}.{key}", str(error)) from None
+    return cls(**values)
+
+
+def _unknown(kind: str, name: object, known: Mapping) -> str:
+    return f"unknown {kind} {name!r}; known: {', '.join(known)}"
+
+
+def _resolve_secrets(settings: Settings, source: str, environ: Mapping) -> Settings:
+    """The client secret: inline, from client_secret_file, or from systemd's credentials."""
+    oauth = settings.oauth
+    if oauth.client_secret is not None:
+        return settings
+    secret_file = oauth.client_secret_file
+    key = "oauth.client_secret_file"
+    if secret_file is None and environ.get(CREDENTIALS_ENV):
+        candidate = Path(environ[CREDENTIALS_ENV]) / "client_secret"
+        if candidate.exists():
+            secret_file, key = candidate, f"${CREDENTIALS_ENV}/client_secret"
+    if secret_file is None:
+        return settings
+    try:
+        secret = secret_file.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise ConfigError(source, key, f"cannot read {secret_file}: {error.strerror}") from None
+    if not secret:
+        raise ConfigError(source, key, f"{secret_file} is empty")
+    oauth = dataclasses.replace(oauth, client_secret=Secret(secret))
+    return dataclasses.replace(settings, oauth=oauth)
+
+
+def _check_consistency(settings: Settings, source: str) -> None:
+    upstream, oauth, retry = settings.upstream, settings.oauth, settings.retry
+    if upstream.transport == "smtp":
+        if "@" not in upstream.mailbox:
+            raise ConfigError(
+                source, "upstream.mailbox", "required: the address of the sending mailbox"
+            )
+        for key in ("tenant_id", "client_id"):
+            if not getattr(oauth, key):
+                raise ConfigError(source, f"oauth.{key}", "required when upstream.transport=smtp")
+    if oauth.authority and not oauth.authority.startswith("https://"):
+        raise ConfigError(source, "oauth.authority", "must be an https:// URL")
+    if retry.min_delay > retry.max_delay:
+        raise ConfigError(source, "retry.min_delay", "must not be longer than retry.max_delay")
+    for section, key in (("upstream", "ca_file"), ("oauth", "ca_file")):
+        path = getattr(getattr(settings, section), key)
+        if path is not None and not path.is_file():
+            raise ConfigError(source, f"{section}.{key}", f"{path} does not exist")
+
+
+# --- presentation --------------------------------------------------------------------
+
+
+def redacted(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The effective settings as plain data, secrets replaced, for check-config."""
+    result: dict[str, dict[str, Any]] = {}
+    for name in SECTIONS:
+        section = getattr(settings, name)
+        shown: dict[str, Any] = {}
+        for spec in dataclasses.fields(section):
+            value = getattr(section, spec.name)
+            if isinstance(value, Secret):
+                shown[spec.name] = "<redacted>"
+            elif spec.metadata.get("show") is not None:
+                shown[spec.name] = spec.metadata["show"](value)
+            else:
+                shown[spec.name] = list(value) if isinstance(value, tuple) else value
+        result[name] = shown
+    if not settings.oauth.authority:
+        result["oauth"]["authority"] = settings.oauth.effective_authority
+    return result
+
+
+def dump(settings: Settings) -> str:
+    return yaml.safe_dump(redacted(settings), sort_keys=False, default_flow_style=False)
+
+
+def fail(error: ConfigError) -> None:
+    """Print a configuration error the way every command does, then exit 2."""
+    print(f"relayd: configuration error in {error}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,111 @@
+"""Reading and adding header fields on raw message bytes, without re-encoding anything.
+
+relayd never parses and re-serialises a message (that would change its bytes); it
+looks at the header block as bytes and only ever prepends fields.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from email.utils import formatdate
+
+_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
+_SAFE_TRACE_TOKEN = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
+
+
+@dataclass(frozen=True)
+class HeaderSummary:
+    """What the listener needs to know about a message's header block."""
+
+    received_count: int
+    has_message_id: bool
+    has_date: bool
+    message_id: str
+
+
+def header_block(content: bytes) -> bytes:
+    """The header section including its last CRLF (RFC 5322 §2.1), without the body."""
+    if content.startswith(b"\r\n"):
+        return b""
+    end = content.find(b"\r\n\r\n")
+    return content if end < 0 else content[: end + 2]
+
+
+def field_names(block: bytes) -> list[bytes]:
+    """Lower-cased field names in order; continuation lines are not fields."""
+    return [name.lower() for name in _FIELD_NAME.findall(block)]
+
+
+def field_value(block: bytes, name: bytes) -> bytes | None:
+    """The unfolded value of the first field called ``name`` (case-insensitive)."""
+    pattern = re.compile(
+        rb"^" + re.escape(name) + rb"[ \t]*:(.*(?:\r\n[ \t].*)*)", re.MULTILINE | re.IGNORECASE
+    )
+    match = pattern.search(block)
+    if not match:
+        return None
+    return re.sub(rb"\r\n(?=[ \t])", b"", match.group(1)).strip()
+
+
+def summarize(content: bytes) -> HeaderSummary:
+    block = header_block(content)
+    names = field_names(block)
+    message_id = field_value(block, b"message-id") if b"message-id" in names else None
+    return HeaderSummary(
+        received_count=names.count(b"received"),
+        has_message_id=message_id is not None,
+        has_date=b"date" in names,
+        message_id=(message_id or b"").decode("utf-8", "replace")[:200],
+    )
+
+
+def trace_token(text: str) -> str:
+    """A client-supplied name made safe for a Received: field (no header injection)."""
+    return _SAFE_TRACE_TOKEN.sub("?", text)[:255] or "unknown"
+
+
+def received_field(
+    *,
+    helo: str,
+    client_ip: str,
+    hostname: str,
+    queue_id: str,
+    protocol: str,
+    recipients: tuple[str, ...],
+    when: float,
+) -> bytes:
+    """The trace field a relay prepends (RFC 5321 §4.4), in Postfix's familiar form.
+
+    The ``for`` clause names the recipient only when there is exactly one, so a
+    message to many people does not disclose the whole list to each.
+    """
+    helo_name = trace_token(helo)
+    lines = [
+        f"Received: from {helo_name} ([{client_ip}])",
+        f"\tby {trace_token(hostname)} (relayd) with {protocol} id {queue_id}",
+    ]
+    date = formatdate(when, localtime=True)
+    single = recipients[0] if len(recipients) == 1 else ""
+    if single and not re.search(r"[\s<>\"\\]", single) and single.isascii():
+        lines.append(f"\tfor <{single}>; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{date}")
+    return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+
+
+def missing_fields(
+    summary: HeaderSummary, *, queue_id: str, hostname: str, when: float
+) -> tuple[bytes, str]:
+    """Date and Message-ID fields for a message that lacks them (RFC 5322 §3.6), and
+    the message's Message-ID (its own or the one added)."""
+    added = b""
+    message_id = summary.message_id
+    if not summary.has_date:
+        added += f"Date: {formatdate(when, localtime=True)}\r\n".encode()
+    if not summary.has_message_id:
+        message_id = f"<{queue_id}.{secrets.token_hex(4)}@{trace_token(hostname)}>"
+        added += f"Message-ID: {message_id}\r\n".encode()
+    return added, message_id

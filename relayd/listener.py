@@ -1,0 +1,487 @@
+"""The SMTP listener: aiosmtpd on the daemon's loop, with the relay's limits and replies.
+
+The protocol class stays aiosmtpd's; relayd's rules live in ``RelayHandler``'s hooks
+and in a few overrides of ``RelaySMTP`` where aiosmtpd's own behaviour is not what a
+relay may do (null sender, DATA parsing, reply wording, access control before the
+greeting). Every reply code cites the RFC section that chose it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relayd import headers
+from relayd.config import ListenSettings
+from relayd.metrics import Metrics
+from relayd.spool import Envelope as SpoolEnvelope
+from relayd.spool import Spool, SpoolError, SpoolFull, new_queue_id
+
+log = structlog.get_logger("relayd.listener")
+
+# RFC 5321 §4.1.2 / RFC 6531: a plain mailbox, or an address literal as domain.
+_MAILBOX = re.compile(
+    r"^[^\s<>@\"\\(),;:]+(?:\.[^\s<>@\"\\(),;:]+)*@(?:[^\s<>@\[\]()\\]+|\[[^\s\]]+\])$"
+)
+_QUOTED_MAILBOX = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"@(?:[^\s<>@\[\]()\\]+|\[[^\s\]]+\])$')
+_MAX_PATH = 254  # RFC 5321 §4.5.3.1.3 (256 octets including the angle brackets)
+
+
+# Replies a person can act on, in place of aiosmtpd's terse defaults.
+_REWORDED = {
+    b"500 Error: bad syntax": b"500 5.5.2 Syntax error: empty command line",
+    b"500 Command line too long": b"500 5.5.2 Command line too long (RFC 5321 4.5.3.1.4: 512)",
+    b"503 Error: need MAIL command": b"503 5.5.1 Send MAIL FROM before RCPT TO",
+    b"503 Error: need RCPT command": b"503 5.5.1 Send RCPT TO before DATA",
+    b"503 Error: nested MAIL command": b"503 5.5.1 MAIL FROM was already given; RSET first",
+    b"503 Error: send HELO first": b"503 5.5.1 Send HELO or EHLO first",
+    b"553 5.1.3 Error: malformed address": b"501 5.1.3 Malformed address; use <user@example.com>",
+    b"552 Error: message size exceeds fixed maximum message size": (
+        b"552 5.3.4 Message size exceeds the fixed maximum message size"
+    ),
+    b"500 Error: strict ASCII mode": b"500 5.6.7 Non-ASCII command needs SMTPUTF8",
+}
+
+
+@dataclass
+class _DataResult:
+    content: bytes
+    problem: str | None  # None, "too_big", "line_too_long", "bare_line_ending"
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP protocol with the relay's access control and DATA handling."""
+
+    def __init__(self, handler: RelayHandler, **kwargs: Any) -> None:
+        settings = handler.settings
+        # aiosmtpd sizes its StreamReader from this attribute in __init__.
+        self.line_length_limit = settings.max_line_length + 3  # CRLF and a stuffed dot
+        super().__init__(handler, **kwargs)
+        self.relay = handler
+
+    # --- connection --------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        """Refuse a client before the greeting when it may not use the relay."""
+        refusal = self.relay.connection_refusal(self)
+        if refusal:
+            with contextlib.suppress(ConnectionError):
+                await self.push(refusal)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.relay.session_opened(self)
+        try:
+            await super()._handle_client()
+        finally:
+            self.relay.session_closed(self)
+
+    async def push(self, status: str | bytes) -> None:
+        raw = status.encode("utf-8", "replace") if isinstance(status, str) else status
+        await super().push(_reword(raw))
+
+    # --- envelope ----------------------------------------------------------------
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd refuses the null reverse-path "<>" that bounces and DSNs must use
+        # (RFC 5321 §4.5.5); hand it on as "<>" and let the MAIL hook store "".
+        stripped = arg.lstrip()
+        if stripped.startswith("<>"):
+            return "<>", stripped[2:]
+        return super()._getaddr(arg)
+
+    # --- DATA ----------------------------------------------------------------------
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Send RCPT TO before DATA")
+            return
+        if arg:
+            await self.push("501 5.5.4 DATA takes no arguments")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        result = await self._read_data()
+        if result.problem is None:
+            self.envelope.content = self.envelope.original_content = result.content
+            status = await self._call_handler_hook("DATA")
+        else:
+            status = self.relay.refuse_data(result.problem)
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_data(self) -> _DataResult:
+        """Read up to the line "." (CRLF.CRLF). Only CRLF ends a line (RFC 5321 §2.3.8),
+        so <LF>.<LF> and its cousins are content, never the end of the message."""
+        limit = self.data_size_limit or 0
+        lines: list[bytes] = []
+        size = 0
+        problem: str | None = None
+        in_long_line = False
+        while True:
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as overrun:
+                size += len(await self._reader.read(overrun.consumed))
+                problem = problem or "line_too_long"
+                in_long_line, lines = True, []
+                continue
+            if in_long_line:  # the tail of an overlong line, never the end marker
+                in_long_line = False
+                continue
+            if line == b".\r\n":
+                break
+            size += len(line)
+            if problem is None and limit and size > limit:
+                problem, lines = "too_big", []
+            if problem is None:
+                lines.append(line[1:] if line.startswith(b".") else line)  # §4.5.2
+        content = b"".join(lines)
+        if problem is None and _has_bare_line_ending(content):
+            problem = "bare_line_ending"
+            if self.relay.settings.bare_line_endings == "normalize":
+                content, problem = _normalize_line_endings(content), None
+        return _DataResult(content, problem)
+
+
+def _has_bare_line_ending(content: bytes) -> bool:
+    crlf = content.count(b"\r\n")
+    return content.count(b"\r") != crlf or content.count(b"\n") != crlf
+
+
+def _normalize_line_endings(content: bytes) -> bytes:
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", content)
+
+
+def _reword(reply: bytes) -> bytes:
+    if reply in _REWORDED:
+        return _REWORDED[reply]
+    if reply.startswith(b'500 Error: command "'):
+        return b"500 5.5.1 Command" + reply[len(b"500 Error: command") :]
+    if reply.startswith(b"501 Syntax: "):
+        return b"501 5.5.4 Syntax: " + reply[len(b"501 Syntax: ") :]
+    return reply
+
+
+class RelayHandler:
+    """aiosmtpd hooks: limits, address checks, and the durable commit at end of DATA."""
+
+    def __init__(
+        self,
+        settings: ListenSettings,
+        spool: Spool,
+        metrics: Metrics,
+        *,
+        hostname: str,
+        on_queued: Callable[[str], None] = lambda queue_id: None,
+        content_policy: Callable[[SpoolEnvelope, bytes], str | None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.metrics = metrics
+        self.hostname = hostname
+        self.on_queued = on_queued
+        self.content_policy = content_policy
+        self.sessions: set[RelaySMTP] = set()
+
+    # --- connection --------------------------------------------------------------
+
+    def connection_refusal(self, protocol: RelaySMTP) -> str | None:
+        peer = protocol.session.peer if protocol.session else None
+        address = _peer_address(peer)
+        if address is None or not any(address in net for net in self.settings.allowed_clients):
+            self.metrics.reject("access_denied")
+            log.warning("connection refused", client=str(address), reason="not in allowed_clients")
+            # RFC 5321 §3.1: a server may answer 554 instead of 220 and close.
+            return f"554 5.7.1 Access denied: {address} may not relay through this host"
+        if len(self.sessions) >= self.settings.max_connections:
+            self.metrics.reject("too_many_connections")
+            log.warning("connection refused", client=str(address), reason="too many connections")
+            # RFC 5321 §3.8 / §4.2.2: 421 tells the client to come back later.
+            return "421 4.7.0 Too many connections; try again later"
+        return None
+
+    def session_opened(self, protocol: RelaySMTP) -> None:
+        self.sessions.add(protocol)
+        self.metrics.smtp_sessions.set(len(self.sessions))
+
+    def session_closed(self, protocol: RelaySMTP) -> None:
+        self.sessions.discard(protocol)
+        self.metrics.smtp_sessions.set(len(self.sessions))
+
+    # --- hooks -------------------------------------------------------------------
+
+    async def handle_MAIL(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        # The null reverse-path stays "<>" during the session (aiosmtpd tests the
+        # sender for truth) and becomes "" in the spool.
+        if address != "<>" and not _valid_mailbox(address, options):
+            self.metrics.reject("bad_address")
+            return _bad_address_reply(address, options, "5.1.7")
+        declared = _declared_size(options)
+        if not self.spool.has_room_for(declared):
+            self.metrics.reject("disk")
+            # RFC 5321 §4.5.3.1.10 / RFC 3463: 452 4.3.1 insufficient system storage.
+            return "452 4.3.1 Insufficient system storage; try again later"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Sender ok"
+
+    async def handle_RCPT(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        if not _valid_mailbox(address, envelope.mail_options):
+            self.metrics.reject("bad_address")
+            return _bad_address_reply(address, envelope.mail_options, "5.1.3")
+        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            self.metrics.reject("too_many_recipients")
+            # RFC 5321 §4.5.3.1.10: 452 for too many recipients; send the rest later.
+            return f"452 4.5.3 Too many recipients (at most {self.settings.max_recipients})"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 Recipient ok"
+
+    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        started = time.perf_counter()
+        content = envelope.original_content or b""
+        summary = headers.summarize(content)
+        if summary.received_count > self.settings.max_received_headers:
+            self.metrics.reject("loop")
+            return (
+                f"554 5.4.6 Routing loop detected: more than {self.settings.max_received_headers}"
+                " Received: headers (RFC 5321 6.3)"
+            )
+        queue_id = new_queue_id()
+        spool_envelope = _spool_envelope(session, envelope)
+        if self.content_policy is not None:
+            refusal = self.content_policy(spool_envelope, content)
+            if refusal:
+                self.metrics.reject("sender_policy")
+                return refusal
+        stored, message_id = self._with_trace_fields(content, summary, queue_id, session, envelope)
+        reply = await self._commit(queue_id, spool_envelope, stored)
+        if reply.startswith("250"):
+            self.metrics.accept_duration.observe(time.perf_counter() - started)
+            self._log_received(queue_id, spool_envelope, len(stored), message_id)
+            self.on_queued(queue_id)
+        return reply
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("unexpected error in SMTP session")
+        # Never 250 for something that went wrong; 451 asks the client to retry.
+        return "451 4.3.0 Internal error; please try again later"
+
+    # --- helpers -----------------------------------------------------------------
+
+    def refuse_data(self, problem: str) -> str:
+        """The reply for a DATA that was read to its end but cannot be accepted."""
+        limit = self.settings.max_message_size
+        replies = {
+            "too_big": (
+                "too_big",
+                f"552 5.3.4 Message too big: the limit is {limit} bytes (listen.max_message_size)",
+            ),
+            "line_too_long": (
+                "line_too_long",
+                f"500 5.5.6 Line longer than {self.settings.max_line_length} octets"
+                " (RFC 5321 4.5.3.1.6); use quoted-printable or base64",
+            ),
+            # RFC 5321 §2.3.8: only CRLF ends a line; bare CR/LF is how SMTP smuggling
+            # hides a second message. Postfix answers the same with smtpd_forbid_bare_newline.
+            "bare_line_ending": (
+                "smuggling",
+                "550 5.5.2 Message refused: bare <CR> or <LF> found; lines must end with"
+                " <CR><LF> (RFC 5321 2.3.8)",
+            ),
+        }
+        reason, reply = replies[problem]
+        self.metrics.reject(reason)
+        log.warning("message refused", reason=reason)
+        return reply
+
+    def _with_trace_fields(
+        self,
+        content: bytes,
+        summary: headers.HeaderSummary,
+        queue_id: str,
+        session: Session,
+        envelope: Envelope,
+    ) -> tuple[bytes, str]:
+        now = time.time()
+        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        if envelope.smtp_utf8:
+            protocol = "UTF8SMTP"
+        received = headers.received_field(
+            helo=session.host_name or "",
+            client_ip=str(_peer_address(session.peer) or "unknown"),
+            hostname=self.hostname,
+            queue_id=queue_id,
+            protocol=protocol,
+            recipients=tuple(envelope.rcpt_tos),
+            when=now,
+        )
+        added, message_id = headers.missing_fields(
+            summary, queue_id=queue_id, hostname=self.hostname, when=now
+        )
+        return received + added + content, message_id
+
+    async def _commit(self, queue_id: str, envelope: SpoolEnvelope, content: bytes) -> str:
+        try:
+            await self.spool.commit(queue_id, envelope, content)
+        except SpoolFull:
+            self.metrics.reject("disk")
+            log.error("spool below min_free_space; refusing mail", queue_id=queue_id)
+            return "452 4.3.1 Insufficient system storage; try again later"
+        except (SpoolError, OSError) as error:
+            self.metrics.reject("spool_error")
+            log.error("cannot store message", queue_id=queue_id, error=str(error))
+            # RFC 5321 §4.2.2: 451 local error in processing; the client keeps the mail.
+            return "451 4.3.0 Temporary failure storing the message; please try again"
+        return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    def _log_received(
+        self, queue_id: str, envelope: SpoolEnvelope, size: int, message_id: str
+    ) -> None:
+        self.metrics.messages_received.inc()
+        self.metrics.message_size.observe(size)
+        log.info(
+            "received",
+            queue_id=queue_id,
+            client=envelope.client,
+            sender=envelope.sender or "<>",
+            recipients=len(envelope.recipients),
+            size=size,
+            message_id=message_id,
+        )
+
+
+def _spool_envelope(session: Session, envelope: Envelope) -> SpoolEnvelope:
+    return SpoolEnvelope(
+        sender="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
+        recipients=tuple(envelope.rcpt_tos),
+        client=str(_peer_address(session.peer) or ""),
+        helo=session.host_name or "",
+        received_at=time.time(),
+        mail_options=tuple(
+            option for option in envelope.mail_options if not option.startswith("SIZE=")
+        ),
+    )
+
+
+def _peer_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not isinstance(peer, tuple) or not peer:
+        return None
+    try:
+        address = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def _valid_mailbox(address: str, mail_options: list) -> bool:
+    if len(address) > _MAX_PATH or any(ord(c) < 32 or ord(c) == 127 for c in address):
+        return False
+    if not address.isascii() and "SMTPUTF8" not in mail_options:
+        return False
+    try:
+        address.encode("utf-8")  # surrogates: the client sent invalid UTF-8
+    except UnicodeEncodeError:
+        return False
+    return bool(_MAILBOX.match(address) or _QUOTED_MAILBOX.match(address))
+
+
+def _bad_address_reply(address: str, mail_options: list, code: str) -> str:
+    if not address.isascii() and "SMTPUTF8" not in mail_options:
+        # RFC 6531 §3.5: non-ASCII addresses need the SMTPUTF8 parameter on MAIL.
+        return "553 5.6.7 Non-ASCII address needs SMTPUTF8"
+    # RFC 5321 §4.2.2 / §4.1.2: 501 syntax error in parameters.
+    return f"501 {code} Malformed address; use <user@example.com>"
+
+
+def _declared_size(options: list) -> int:
+    for option in options:
+        if option.startswith("SIZE="):
+            with contextlib.suppress(ValueError):
+                return int(option[5:])
+    return 0
+
+
+class Listener:
+    """Owns the listening socket and the open sessions; supports live reconfiguration."""
+
+    def __init__(self, handler: RelayHandler, settings: ListenSettings, hostname: str) -> None:
+        self.handler = handler
+        self.settings = settings
+        self.hostname = hostname
+        self._server: asyncio.base_events.Server | None = None
+
+    def _protocol(self) -> RelaySMTP:
+        return RelaySMTP(
+            self.handler,
+            data_size_limit=self.settings.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=self.hostname,
+            ident="relayd ESMTP",
+            timeout=self.settings.idle_timeout,
+            loop=asyncio.get_running_loop(),
+        )
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol,
+            host=self.settings.address,
+            port=self.settings.port,
+            reuse_address=True,
+            backlog=512,
+        )
+
+    @property
+    def bound_port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        return self._server.sockets[0].getsockname()[1]
+
+    def reconfigure(self, settings: ListenSettings) -> None:
+        """Apply new limits and allowed clients to new sessions (SIGHUP)."""
+        self.settings = settings
+        self.handler.settings = settings
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, let sessions in a transaction finish, then close the rest."""
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + grace
+        # Polling: the transaction state belongs to aiosmtpd and has no event to wait on.
+        while time.monotonic() < deadline and any(  # noqa: ASYNC110
+            _in_transaction(session) for session in self.handler.sessions
+        ):
+            await asyncio.sleep(0.05)
+        for session in list(self.handler.sessions):
+            if session.transport is not None:
+                with contextlib.suppress(Exception):
+                    # RFC 5321 §3.8: 421 before closing a session the server ends.
+                    session.transport.write(b"421 4.3.2 relayd is shutting down; try later\r\n")
+                session.transport.close()
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 1)
+
+
+def _in_transaction(session: RelaySMTP) -> bool:
+    envelope = session.envelope
+    return bool(envelope is not None and (envelope.mail_from is not None or envelope.rcpt_tos))
