@@ -92,12 +92,24 @@ class RelaySMTP(SMTP):
     # --- envelope ----------------------------------------------------------------
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        # aiosmtpd refuses the null reverse-path "<>" that bounces and DSNs must use
-        # (RFC 5321 §4.5.5); hand it on as "<>" and let the MAIL hook store "".
-        stripped = arg.lstrip()
-        if stripped.startswith("<>"):
-            return "<>", stripped[2:]
-        return super()._getaddr(arg)
+        """Split "<address> params" as the client wrote it, without reinterpreting it.
+
+        aiosmtpd's RFC 5322 parser is lenient (it turns <a b@x> into "a b"@x) and
+        refuses the null reverse-path <> that bounces must use (RFC 5321 §4.5.5).
+        The MAIL/RCPT hooks validate the raw text and answer with the right code.
+        """
+        stripped = arg.strip()
+        if not stripped:
+            return "", ""  # aiosmtpd answers 501 syntax
+        if stripped.startswith("<"):
+            address, closed, rest = stripped[1:].partition(">")
+            if not closed:
+                return stripped, ""
+        else:
+            address, _, rest = stripped.partition(" ")
+        if address.startswith("@") and ":" in address:
+            address = address.split(":", 1)[1]  # RFC 5321 §4.1.2: ignore a source route
+        return (address or "<>"), rest.strip()
 
     # --- DATA ----------------------------------------------------------------------
 

@@ -45,6 +45,24 @@ def base_config(tmp_path: Path) -> dict[str, Any]:
     }
 
 
+def unreachable_upstream(tmp_path: Path) -> dict[str, Any]:
+    """Overrides for an SMTP upstream nobody can reach and no sign-in: mail stays queued."""
+    return {
+        "upstream": {
+            "transport": "smtp",
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "mailbox": "relay@example.com",
+        },
+        "oauth": {
+            "tenant_id": "tenant",
+            "client_id": "client",
+            "authority": f"https://127.0.0.1:{free_port()}/tenant",
+            "token_cache": str(tmp_path / "token_cache.json"),
+        },
+    }
+
+
 def write_config(
     tmp_path: Path, overrides: Mapping | None = None, name: str = "relayd.yaml"
 ) -> Path:
@@ -139,3 +157,51 @@ def running_relay(config_path: Path, **kwargs: Any) -> Iterator[RelayProcess]:
         yield relay
     finally:
         relay.kill()
+
+
+# --- messages as the tests send them and find them again ---------------------------
+
+
+def numbered_message(number: int, size: int = 2048, tag: str = "t") -> bytes:
+    """A message whose Message-ID names it, padded with body lines to about ``size``."""
+    head = (
+        f"From: App <app@example.com>\r\nTo: user@example.com\r\n"
+        f"Subject: message {number}\r\nDate: Sun, 29 Nov 2026 10:00:00 +0000\r\n"
+        f"Message-ID: <{tag}-{number}@relayd.test>\r\n\r\n"
+    ).encode()
+    line = b"The quick brown fox jumps over the lazy dog 0123456789.\r\n"
+    return head + line * max(1, (size - len(head)) // len(line))
+
+
+def message_number(content: bytes, tag: str = "t") -> int | None:
+    marker = f"Message-ID: <{tag}-".encode()
+    start = content.find(marker)
+    if start < 0:
+        return None
+    return int(content[start + len(marker) : content.index(b"@", start)])
+
+
+def without_trace_fields(stored: bytes) -> bytes:
+    """The message as the client sent it: drop the Received: field relayd prepended."""
+    assert stored.startswith(b"Received: "), stored[:80]
+    lines = stored.split(b"\r\n")
+    index = 1
+    while lines[index].startswith((b"\t", b" ")):
+        index += 1
+    return b"\r\n".join(lines[index:])
+
+
+def spooled_messages(spool_dir: Path) -> dict[str, bytes]:
+    """Every queued message's content by queue id, parsed and checked (crc, size)."""
+    from relayd.spool import STATES, Spool
+
+    spool = Spool(spool_dir)
+    found: dict[str, bytes] = {}
+    for state in STATES:
+        directory = spool.path(state)
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            _, message = spool.find(path.name)
+            found[path.name] = message.read_content()
+    return found
