@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import re
 import time
@@ -63,8 +64,9 @@ class RelaySMTP(SMTP):
 
     def __init__(self, handler: RelayHandler, **kwargs: Any) -> None:
         settings = handler.settings
-        # aiosmtpd sizes its StreamReader from this attribute in __init__.
-        self.line_length_limit = settings.max_line_length + 3  # CRLF and a stuffed dot
+        # aiosmtpd sizes its StreamReader from this attribute in __init__. DATA is read
+        # in chunks of up to this size; command lines are still held to 512 octets.
+        self.line_length_limit = max(_READ_CHUNK, settings.max_line_length + 3)
         super().__init__(handler, **kwargs)
         self.relay = handler
 
@@ -134,37 +136,52 @@ class RelaySMTP(SMTP):
         await self.push(status)
 
     async def _read_data(self) -> _DataResult:
-        """Read up to the line "." (CRLF.CRLF). Only CRLF ends a line (RFC 5321 §2.3.8),
-        so <LF>.<LF> and its cousins are content, never the end of the message."""
+        """Read up to the line "." (CRLF.CRLF), in chunks rather than line by line.
+
+        Only CRLF ends a line (RFC 5321 §2.3.8), so <LF>.<LF> and its cousins are
+        content, never the end of the message. Past the size limit the data is read
+        and dropped, so a huge message cannot fill memory.
+        """
         limit = self.data_size_limit or 0
-        lines: list[bytes] = []
+        data = bytearray()
+        last5 = b""  # the stream's last five bytes: is ".\r\n" at a line start?
         size = 0
-        problem: str | None = None
-        in_long_line = False
         while True:
             try:
-                line = await self._reader.readuntil(b"\r\n")
+                chunk = await self._reader.readuntil(_DOT_LINE)
+                candidate = True
             except asyncio.LimitOverrunError as overrun:
-                size += len(await self._reader.read(overrun.consumed))
-                problem = problem or "line_too_long"
-                in_long_line, lines = True, []
-                continue
-            if in_long_line:  # the tail of an overlong line, never the end marker
-                in_long_line = False
-                continue
-            if line == b".\r\n":
+                chunk = await self._reader.read(overrun.consumed)
+                candidate = False
+            size += len(chunk)
+            last5 = (last5 + chunk)[-5:]
+            if not limit or size <= limit + len(_DOT_LINE):
+                data += chunk
+            if candidate and (size == len(_DOT_LINE) or last5[:2] == b"\r\n"):
                 break
-            size += len(line)
-            if problem is None and limit and size > limit:
-                problem, lines = "too_big", []
-            if problem is None:
-                lines.append(line[1:] if line.startswith(b".") else line)  # §4.5.2
-        content = b"".join(lines)
-        if problem is None and _has_bare_line_ending(content):
-            problem = "bare_line_ending"
-            if self.relay.settings.bare_line_endings == "normalize":
-                content, problem = _normalize_line_endings(content), None
-        return _DataResult(content, problem)
+        if limit and size > limit + len(_DOT_LINE):
+            return _DataResult(b"", "too_big")
+        return self._check_content(bytes(data[: -len(_DOT_LINE)]))
+
+    def _check_content(self, content: bytes) -> _DataResult:
+        if _has_bare_line_ending(content):
+            if self.relay.settings.bare_line_endings != "normalize":
+                return _DataResult(b"", "bare_line_ending")
+            content = _normalize_line_endings(content)
+        content = _STUFFED_DOT.sub(b"", content)  # RFC 5321 §4.5.2 transparency
+        if _long_line(self.relay.settings.max_line_length).search(content):
+            return _DataResult(b"", "line_too_long")
+        return _DataResult(content, None)
+
+
+_DOT_LINE = b".\r\n"
+_READ_CHUNK = 64 * 1024
+_STUFFED_DOT = re.compile(rb"(?:^|(?<=\r\n))\.")
+
+
+@functools.cache
+def _long_line(maximum: int) -> re.Pattern[bytes]:
+    return re.compile(rb"[^\r\n]{%d}" % (maximum + 1))
 
 
 def _has_bare_line_ending(content: bytes) -> bool:
