@@ -89,7 +89,9 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         raw = status.encode("utf-8", "replace") if isinstance(status, str) else status
-        await super().push(_reword(raw))
+        # aiosmtpd echoes some client text in replies; a control character there would
+        # make a malformed reply (RFC 5321 §4.2) or inject a line.
+        await super().push(_CONTROL.sub(b"?", _reword(raw)))
 
     # --- envelope ----------------------------------------------------------------
 
@@ -175,6 +177,7 @@ class RelaySMTP(SMTP):
 
 
 _DOT_LINE = b".\r\n"
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _READ_CHUNK = 64 * 1024
 _STUFFED_DOT = re.compile(rb"(?:^|(?<=\r\n))\.")
 
@@ -197,7 +200,7 @@ def _reword(reply: bytes) -> bytes:
     if reply in _REWORDED:
         return _REWORDED[reply]
     if reply.startswith(b'500 Error: command "'):
-        return b"500 5.5.1 Command" + reply[len(b"500 Error: command") :]
+        return b"500 5.5.1 Command not recognized"
     if reply.startswith(b"501 Syntax: "):
         return b"501 5.5.4 Syntax: " + reply[len(b"501 Syntax: ") :]
     return reply
