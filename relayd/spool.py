@@ -45,6 +45,9 @@ log = structlog.get_logger("relayd.spool")
 
 FORMAT_VERSION = 1
 QUEUED_STATES = ("incoming", "active", "deferred", "hold")
+# Waiting to be delivered: what queue depth and the oldest message's age are about
+# (held messages wait for the operator, not for the upstream).
+PENDING_STATES = ("incoming", "active", "deferred")
 STATES = (*QUEUED_STATES, "failed")
 _DIRECTORIES = ("tmp", *STATES, "corrupt", "meta")
 _QUEUE_ID = re.compile(r"^[0-9A-F]{19}$")
@@ -141,6 +144,15 @@ class Census:
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     oldest_received_at: float | None = None
 
+    @property
+    def pending(self) -> int:
+        return sum(self.messages[state] for state in PENDING_STATES)
+
+    def oldest_age(self, now: float) -> float:
+        """Seconds the oldest pending message has waited (0 when none is pending)."""
+        oldest = self.oldest_received_at
+        return max(0.0, now - oldest) if oldest else 0.0
+
 
 def new_queue_id(now: float | None = None) -> str:
     micros = int((time.time() if now is None else now) * 1_000_000)
@@ -224,9 +236,10 @@ class Spool:
     def _write_batch(self, jobs: list[_Job]) -> list[BaseException | None]:
         """Runs in the commit thread: write + fsync each, rename each, fsync the dir."""
         results: list[BaseException | None] = []
+        written: dict[str, int] = {}  # file sizes, as take_census() counts them
         for job in jobs:
             try:
-                self._write_tmp(job)
+                written[job.queue_id] = self._write_tmp(job)
                 os.rename(self.path("tmp", job.queue_id), self.path("incoming", job.queue_id))
                 results.append(None)
             except OSError as error:
@@ -246,10 +259,10 @@ class Spool:
             return [failure for _ in jobs]
         for job, result in zip(jobs, results, strict=True):
             if result is None:
-                self._count("incoming", +1, len(job.content), job.envelope.received_at)
+                self._count("incoming", +1, written[job.queue_id], job.envelope.received_at)
         return results
 
-    def _write_tmp(self, job: _Job) -> None:
+    def _write_tmp(self, job: _Job) -> int:
         header = _encode_header(job.queue_id, job.envelope, job.content)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         fd = os.open(self.path("tmp", job.queue_id), flags, 0o600)
@@ -258,6 +271,7 @@ class Spool:
             os.fsync(fd)
         finally:
             os.close(fd)
+        return len(header) + len(job.content)
 
     # --- delivery ----------------------------------------------------------------
 
@@ -387,7 +401,7 @@ class Spool:
         for entry in self.entries():
             census.messages[entry.state] += 1
             census.bytes[entry.state] += entry.size
-            if entry.state != "failed" and (oldest is None or entry.received_at < oldest):
+            if entry.state in PENDING_STATES and (oldest is None or entry.received_at < oldest):
                 oldest = entry.received_at
         census.oldest_received_at = oldest
         with self._lock:
@@ -407,11 +421,11 @@ class Spool:
         with self._lock:
             self._census.messages[state] += delta
             self._census.bytes[state] += size
-            if delta > 0 and received_at and state != "failed":
+            if delta > 0 and received_at and state in PENDING_STATES:
                 oldest = self._census.oldest_received_at
                 if oldest is None or received_at < oldest:
                     self._census.oldest_received_at = received_at
-            if sum(self._census.messages[s] for s in QUEUED_STATES) == 0:
+            if self._census.pending == 0:
                 self._census.oldest_received_at = None
 
     # --- helpers -----------------------------------------------------------------
