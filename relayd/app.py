@@ -129,7 +129,7 @@ class Relay:
         relay_logging.set_level(new.logging.level)
         self.listener.reconfigure(new.listen)
         self.settings = new
-        log.info("configuration reloaded", file=str(self.config_path), level=new.logging.level)
+        log.info("configuration reloaded", file=str(self.config_path), log_level=new.logging.level)
 
     def status_line(self) -> str:
         census = self.spool.census()

@@ -6,7 +6,9 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -210,3 +212,49 @@ def scrape(port: int, host: str = "127.0.0.1") -> Scrape:
     status, _, body = http_get(port, "/metrics", host=host)
     assert status == 200, f"/metrics answered {status}: {body[:200]!r}"
     return Scrape(body.decode())
+
+
+def make_message(
+    sender: str = "app@example.com",
+    recipients: tuple[str, ...] = ("user@example.com",),
+    subject: str = "test",
+    body_size: int = 100,
+    message_id: str | None = None,
+) -> bytes:
+    """A plain RFC 5322 message with CRLF line ends and a body of about body_size bytes."""
+    headers = [
+        f"From: <{sender}>",
+        f"To: {', '.join(f'<{r}>' for r in recipients)}",
+        f"Subject: {subject}",
+        "Date: Wed, 01 May 2024 10:00:00 +0000",
+    ]
+    if message_id:
+        headers.append(f"Message-ID: {message_id}")
+    line = "The quick brown fox jumps over the lazy dog. 0123456789\r\n"
+    body = (line * (body_size // len(line) + 1))[:body_size]
+    return ("\r\n".join(headers) + "\r\n\r\n" + body).encode()
+
+
+def send_message(
+    port: int,
+    content: bytes | None = None,
+    sender: str = "app@example.com",
+    recipients: tuple[str, ...] = ("user@example.com",),
+    host: str = "127.0.0.1",
+) -> str:
+    """Send one message over SMTP; returns the queue id from relayd's 250 reply.
+
+    Raises smtplib.SMTPResponseException (a subclass) when relayd refuses it.
+    """
+    content = content if content is not None else make_message(sender, recipients)
+    with smtplib.SMTP(host, port, timeout=30) as client:
+        client.ehlo("client.example.com")
+        client.mail(sender)
+        for recipient in recipients:
+            client.rcpt(recipient)
+        code, reply = client.data(content)
+    if code != 250:  # data() raises only when DATA itself is refused
+        raise smtplib.SMTPDataError(code, reply)
+    match = re.search(rb"queued as ([0-9A-F]{19})", reply)
+    assert match, f"no queue id in {reply!r}"
+    return match.group(1).decode()
