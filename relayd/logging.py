@@ -139,6 +139,16 @@ def redact_event(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -
     return _scrub(dict(event_dict))
 
 
+_LEADING_FIELDS = ("ts", "level", "logger", "event")
+
+
+def lead_with_essentials(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> Any:
+    """structlog processor: time, level, logger and event first, so a line reads well."""
+    ordered = {key: event_dict[key] for key in _LEADING_FIELDS if key in event_dict}
+    ordered.update((key, value) for key, value in event_dict.items() if key not in ordered)
+    return ordered
+
+
 def _redacting(renderer: Callable[..., Any]) -> Callable[..., Any]:
     def render(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> str:
         return redactor(str(renderer(logger, name, event_dict)))
@@ -196,6 +206,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             redact_event,
+            lead_with_essentials,
             _redacting(renderer),
         ],
     )

@@ -218,6 +218,7 @@ def test_operational_fields_stay_readable(capture: Callable[..., io.StringIO]) -
 
     (record,) = json_lines(stream.getvalue())
     assert {key: record[key] for key in fields} == fields
+    assert list(record)[:4] == ["ts", "level", "logger", "event"]  # what a reader wants first
 
 
 def test_an_authorization_code_in_a_redirect_is_redacted(
