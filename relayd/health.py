@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -146,9 +147,10 @@ class HealthServer:
                 self._accept, self.address, self.port, limit=MAX_REQUEST_BYTES
             )
         except OSError as error:
+            reason = os.strerror(error.errno) if error.errno else str(error)
             where = f"{self._url_host()}:{self.port}"
             raise OSError(
-                error.errno, f"metrics.address/metrics.port: cannot listen on {where}: {error}"
+                error.errno, f"metrics.address/metrics.port: cannot listen on {where}: {reason}"
             ) from None
         log.info("health endpoint listening", url=f"http://{self._url_host()}:{self.bound_port}")
 
