@@ -1,7 +1,10 @@
 """Wiring and lifecycle of the daemon (uvicorn's shape: start-up, main loop, shutdown).
 
-Start order: spool recovery → listener → READY=1. Signals only set flags; the main
-coroutine does the work, so a signal can never interrupt a half-done step.
+Start order: health endpoint → spool recovery → listener → READY=1 (the endpoint
+comes first so that /healthz answers and /readyz says "recovering" during a long
+recovery). Stop order: the listener first, the health endpoint last. Signals only set
+flags; the main coroutine does the work, so a signal can never interrupt a half-done
+step.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import structlog
 from relayd import config
 from relayd import logging as relay_logging
 from relayd.config import ConfigError, Settings
+from relayd.health import HealthServer, readiness_report
 from relayd.listener import Listener, RelayHandler
 from relayd.metrics import Metrics
 from relayd.sdnotify import Notifier
@@ -52,7 +56,10 @@ class Relay:
             on_queued=self._queued,
         )
         self.listener = Listener(self.handler, settings.listen, settings.hostname)
-        self.ready = False
+        self.health = self._health_server(settings) if settings.metrics.enabled else None
+        self.ready = False  # listener bound and spool recovered
+        self.phase = "starting"  # → recovering → ready → stopping (shown by /readyz)
+        _register_secrets(settings)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -69,6 +76,9 @@ class Relay:
 
     async def start(self) -> None:
         started = time.monotonic()
+        if self.health is not None:
+            await self.health.start()
+        self.phase = "recovering"
         report = await asyncio.to_thread(self.spool.recover)
         census = self.spool.census()
         log.info(
@@ -79,7 +89,7 @@ class Relay:
         )
         await self.listener.start()
         self._tasks.append(asyncio.create_task(self._update_gauges(), name="gauges"))
-        self.ready = True
+        self.ready, self.phase = True, "ready"
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
         log.info(
             "relayd ready",
@@ -88,6 +98,7 @@ class Relay:
         )
 
     async def shutdown(self) -> None:
+        self.ready, self.phase = False, "stopping"
         self.notifier.notify("STOPPING=1")
         log.info("shutting down", grace_seconds=self.settings.listen.shutdown_grace)
         await self.listener.stop(self.settings.listen.shutdown_grace)
@@ -97,6 +108,8 @@ class Relay:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._refresh_gauges()
+        if self.health is not None:
+            await self.health.stop()
         log.info("stopped")
 
     def request_stop(self) -> None:
@@ -112,17 +125,27 @@ class Relay:
         except ConfigError as error:
             log.error("reload refused; keeping the running configuration", error=str(error))
             return
+        _register_secrets(new)
         relay_logging.set_level(new.logging.level)
         self.listener.reconfigure(new.listen)
         self.settings = new
-        log.info("configuration reloaded", file=str(self.config_path), level=new.logging.level)
+        log.info("configuration reloaded", file=str(self.config_path), log_level=new.logging.level)
 
     def status_line(self) -> str:
         census = self.spool.census()
-        queued = sum(census.messages[s] for s in ("incoming", "active", "deferred"))
-        return f"queue {queued}, hold {census.messages['hold']}, failed {census.messages['failed']}"
+        held, failed = census.messages["hold"], census.messages["failed"]
+        return f"queue {census.pending}, hold {held}, failed {failed}"
 
     # --- internals ---------------------------------------------------------------
+
+    def _health_server(self, settings: Settings) -> HealthServer:
+        return HealthServer(
+            settings.metrics.address,
+            settings.metrics.port,
+            registry=self.metrics.registry,
+            readiness=lambda: readiness_report(self),
+            before_scrape=self._refresh_gauges_if_recovered,
+        )
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -142,6 +165,11 @@ class Relay:
                 last_census = time.monotonic()
             self._refresh_gauges()
 
+    def _refresh_gauges_if_recovered(self) -> None:
+        """Before a scrape: exact queue gauges, but never a half-recovered spool's."""
+        if self.phase in ("ready", "stopping"):
+            self._refresh_gauges()
+
     def _refresh_gauges(self) -> None:
         census = self.spool.census()
         for state, count in census.messages.items():
@@ -149,5 +177,10 @@ class Relay:
         self.metrics.queue_bytes.set(
             sum(size for state, size in census.bytes.items() if state != "failed")
         )
-        oldest = census.oldest_received_at
-        self.metrics.queue_oldest_age.set(max(0.0, time.time() - oldest) if oldest else 0.0)
+        self.metrics.queue_oldest_age.set(census.oldest_age(time.time()))
+
+
+def _register_secrets(settings: Settings) -> None:
+    """The client secret must never be printed, whatever path a line takes."""
+    if settings.oauth.client_secret:
+        relay_logging.redactor.register(settings.oauth.client_secret.reveal(), permanent=True)

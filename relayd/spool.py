@@ -45,6 +45,9 @@ log = structlog.get_logger("relayd.spool")
 
 FORMAT_VERSION = 1
 QUEUED_STATES = ("incoming", "active", "deferred", "hold")
+# Waiting to be delivered: what queue depth and the oldest message's age are about
+# (held messages wait for the operator, not for the upstream).
+PENDING_STATES = ("incoming", "active", "deferred")
 STATES = (*QUEUED_STATES, "failed")
 _DIRECTORIES = ("tmp", *STATES, "corrupt", "meta")
 _QUEUE_ID = re.compile(r"^[0-9A-F]{19}$")
@@ -142,6 +145,15 @@ class Census:
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     oldest_received_at: float | None = None
 
+    @property
+    def pending(self) -> int:
+        return sum(self.messages[state] for state in PENDING_STATES)
+
+    def oldest_age(self, now: float) -> float:
+        """Seconds the oldest pending message has waited (0 when none is pending)."""
+        oldest = self.oldest_received_at
+        return max(0.0, now - oldest) if oldest else 0.0
+
 
 def new_queue_id(now: float | None = None) -> str:
     micros = int((time.time() if now is None else now) * 1_000_000)
@@ -238,13 +250,17 @@ class Spool:
     def _write_batch(self, jobs: list[_Job]) -> list[BaseException | None]:
         """Runs in the commit thread: write + fsync each file (the fsyncs in parallel, so
         they share the filesystem's journal commits), rename each, fsync the directory."""
-        results = list(self._fsync_pool.map(self._write_tmp, jobs))
-        for index, job in enumerate(jobs):
-            if results[index] is None:
-                try:
-                    os.rename(self.path("tmp", job.queue_id), self.path("incoming", job.queue_id))
-                except OSError as error:
-                    results[index] = SpoolError(f"cannot queue the file: {error.strerror}")
+        written = list(self._fsync_pool.map(self._write_tmp, jobs))  # file size or error
+        results: list[BaseException | None] = []
+        for job, outcome in zip(jobs, written, strict=True):
+            if isinstance(outcome, SpoolError):
+                results.append(outcome)
+                continue
+            try:
+                os.rename(self.path("tmp", job.queue_id), self.path("incoming", job.queue_id))
+                results.append(None)
+            except OSError as error:
+                results.append(SpoolError(f"cannot queue the file: {error.strerror}"))
         try:
             self._fsync_directory(self.path("incoming"))
         except OSError as error:
@@ -256,14 +272,15 @@ class Spool:
                         os.unlink(self.path("incoming", job.queue_id))
             failure = SpoolError(f"cannot sync the spool directory: {error.strerror}")
             return [failure for _ in jobs]
-        for job, result in zip(jobs, results, strict=True):
+        for job, size, result in zip(jobs, written, results, strict=True):
             if result is None:
-                self._free_bytes -= len(job.content)
-                self._count("incoming", +1, len(job.content), job.envelope.received_at)
+                self._free_bytes -= size
+                self._count("incoming", +1, size, job.envelope.received_at)
         return results
 
-    def _write_tmp(self, job: _Job) -> SpoolError | None:
-        """Write and fsync one file under tmp/; the error instead of raising it."""
+    def _write_tmp(self, job: _Job) -> int | SpoolError:
+        """Write and fsync one file under tmp/: its size (as take_census() counts it),
+        or the error instead of raising it (this runs in a pool)."""
         path = self.path("tmp", job.queue_id)
         header = _encode_header(job.queue_id, job.envelope, job.content)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -278,7 +295,7 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             return SpoolError(f"cannot write queue file: {error.strerror}")
-        return None
+        return len(header) + len(job.content)
 
     # --- delivery ----------------------------------------------------------------
 
@@ -408,7 +425,7 @@ class Spool:
         for entry in self.entries():
             census.messages[entry.state] += 1
             census.bytes[entry.state] += entry.size
-            if entry.state != "failed" and (oldest is None or entry.received_at < oldest):
+            if entry.state in PENDING_STATES and (oldest is None or entry.received_at < oldest):
                 oldest = entry.received_at
         census.oldest_received_at = oldest
         with self._lock:
@@ -428,11 +445,11 @@ class Spool:
         with self._lock:
             self._census.messages[state] += delta
             self._census.bytes[state] += size
-            if delta > 0 and received_at and state != "failed":
+            if delta > 0 and received_at and state in PENDING_STATES:
                 oldest = self._census.oldest_received_at
                 if oldest is None or received_at < oldest:
                     self._census.oldest_received_at = received_at
-            if sum(self._census.messages[s] for s in QUEUED_STATES) == 0:
+            if self._census.pending == 0:
                 self._census.oldest_received_at = None
 
     # --- helpers -----------------------------------------------------------------

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
+import re
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,6 +128,22 @@ class RelayProcess:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON log lines written so far (logging.format: json), parsed."""
+        return json_lines(self.output())
+
+    def wait_for_log(self, event: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+        """The first log record with this event and these field values, once it exists."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.log_records():
+                if record.get("event") == event and all(
+                    record.get(k) == v for k, v in fields.items()
+                ):
+                    return record
+            time.sleep(0.05)
+        raise TimeoutError(f"no log line {event!r} {fields} after {timeout}s:\n{self.output()}")
+
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)
@@ -205,3 +226,101 @@ def spooled_messages(spool_dir: Path) -> dict[str, bytes]:
             _, message = spool.find(path.name)
             found[path.name] = message.read_content()
     return found
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Every line of ``text`` that is a JSON object (log output mixes in nothing else
+    when logging.format is json, but a traceback from a crash would not parse)."""
+    records = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def http_get(
+    port: int,
+    path: str,
+    *,
+    host: str = "127.0.0.1",
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers with lower-case names, body) of one HTTP request."""
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request(method, path, headers=dict(headers or {}))
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+    finally:
+        connection.close()
+
+
+class Scrape:
+    """One /metrics answer, parsed: ``scrape.value("relayd_queue_messages", state="incoming")``."""
+
+    def __init__(self, text: str) -> None:
+        self.samples = {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.samples.get((name, frozenset(labels.items())))
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> Scrape:
+    status, _, body = http_get(port, "/metrics", host=host)
+    assert status == 200, f"/metrics answered {status}: {body[:200]!r}"
+    return Scrape(body.decode())
+
+
+def make_message(
+    sender: str = "app@example.com",
+    recipients: tuple[str, ...] = ("user@example.com",),
+    subject: str = "test",
+    body_size: int = 100,
+    message_id: str | None = None,
+) -> bytes:
+    """A plain RFC 5322 message with CRLF line ends and a body of about body_size bytes."""
+    headers = [
+        f"From: <{sender}>",
+        f"To: {', '.join(f'<{r}>' for r in recipients)}",
+        f"Subject: {subject}",
+        "Date: Wed, 01 May 2024 10:00:00 +0000",
+    ]
+    if message_id:
+        headers.append(f"Message-ID: {message_id}")
+    line = "The quick brown fox jumps over the lazy dog. 0123456789\r\n"
+    body = (line * (body_size // len(line) + 1))[:body_size]
+    return ("\r\n".join(headers) + "\r\n\r\n" + body).encode()
+
+
+def send_message(
+    port: int,
+    content: bytes | None = None,
+    sender: str = "app@example.com",
+    recipients: tuple[str, ...] = ("user@example.com",),
+    host: str = "127.0.0.1",
+) -> str:
+    """Send one message over SMTP; returns the queue id from relayd's 250 reply.
+
+    Raises smtplib.SMTPResponseException (a subclass) when relayd refuses it.
+    """
+    content = content if content is not None else make_message(sender, recipients)
+    with smtplib.SMTP(host, port, timeout=30) as client:
+        client.ehlo("client.example.com")
+        client.mail(sender)
+        for recipient in recipients:
+            client.rcpt(recipient)
+        code, reply = client.data(content)
+    if code != 250:  # data() raises only when DATA itself is refused
+        raise smtplib.SMTPDataError(code, reply)
+    match = re.search(rb"queued as ([0-9A-F]{19})", reply)
+    assert match, f"no queue id in {reply!r}"
+    return match.group(1).decode()
