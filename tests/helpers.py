@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+QUEUED_AS = re.compile(rb"queued as ([0-9A-F]{19})")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -63,6 +66,50 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
+def sample_message(subject: str = "test", body: str = "Hello.") -> bytes:
+    """A small RFC 5322 message with CRLF line ends (Date and Message-ID included, so
+    the relay prepends only its Received: field)."""
+    return (
+        "From: app@example.com\r\nTo: user@example.com\r\n"
+        f"Subject: {subject}\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+        f"Message-ID: <{subject.replace(' ', '.')}@test.example>\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+def send_message(
+    client: smtplib.SMTP,
+    content: bytes,
+    sender: str = "app@example.com",
+    recipients: tuple[str, ...] = ("user@example.com",),
+) -> str:
+    """One transaction on an open session; the queue id from the 250 reply."""
+    client.ehlo_or_helo_if_needed()
+    client.mail(sender)
+    for recipient in recipients:
+        client.rcpt(recipient)
+    code, reply = client.data(content)
+    match = QUEUED_AS.search(reply)
+    if code != 250 or match is None:
+        raise smtplib.SMTPDataError(code, reply)
+    return match.group(1).decode()
+
+
+def run_relayd(
+    *args: str, input: str | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m relayd ARGS` to completion (no terminal), its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "relayd", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+        timeout=60,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+
+
 class RelayProcess:
     """`python -m relayd serve -c CONFIG` as a child process, its output in a file."""
 
@@ -104,6 +151,18 @@ class RelayProcess:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_output(self, text: str, timeout: float = 10.0, count: int = 1) -> None:
+        """Until ``text`` has appeared ``count`` times in the output (a log line)."""
+        deadline = time.monotonic() + timeout
+        while self.output().count(text) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{text!r} not logged {count}x within {timeout}s:\n{self.output()}"
+                )
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"relayd exited ({self.process.returncode}):\n{self.output()}")
+            time.sleep(0.05)
 
     def signal(self, signum: int) -> None:
         assert self.process is not None
