@@ -29,6 +29,13 @@ from tests.helpers import (
 )
 
 RECIPIENTS = ("one@example.com", "two@example.com")
+RESCANNED = '"spool rescanned on request"'
+
+
+def last_rescan(relay: RelayProcess) -> dict:
+    """The daemon's census as its last rescan logged it."""
+    lines = [line for line in relay.output().splitlines() if RESCANNED in line]
+    return json.loads(lines[-1])
 
 
 def queue(config: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -92,7 +99,8 @@ def test_hold_release_delete_while_the_daemon_runs(daemon) -> None:
     held = queue(config, "hold", ids[0])
     assert held.returncode == 0, held.stderr
     assert f"relayd (pid {relay.process.pid}) told to rescan" in held.stdout
-    relay.wait_for_output('"hold": 1')  # the daemon's census saw it (SIGUSR1)
+    relay.wait_for_output(RESCANNED)  # SIGUSR1: the daemon recounted the spool
+    assert last_rescan(relay)["hold"] == 1
     assert listed(config)[ids[0]]["state"] == "hold"
 
     assert queue(config, "release", ids[0]).returncode == 0
@@ -105,7 +113,9 @@ def test_hold_release_delete_while_the_daemon_runs(daemon) -> None:
     deleted = queue(config, "delete", ids[1], "--yes")
     assert deleted.returncode == 0, deleted.stderr
     assert ids[1] not in listed(config)
-    relay.wait_for_output('"incoming": 2')
+    relay.wait_for_output(RESCANNED, count=3)  # after hold, release and delete
+    assert last_rescan(relay)["hold"] == 0
+    assert last_rescan(relay)["incoming"] == 2
 
     bad = queue(config, "hold", "../../etc/passwd")
     assert bad.returncode == 1 and "not a queue id" in bad.stderr
