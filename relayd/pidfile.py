@@ -88,7 +88,10 @@ def running_daemon(path: Path) -> int | None:
 
 
 def signal_daemon(path: Path, signum: int = signal.SIGUSR1) -> int | None:
-    """Send ``signum`` to the running daemon; its pid, or None when none runs."""
+    """Send ``signum`` to the running daemon; its pid, or None when none runs.
+
+    Raises PermissionError when the daemon runs as a user we may not signal.
+    """
     pid = running_daemon(path)
     if pid is None:
         return None

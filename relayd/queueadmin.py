@@ -230,7 +230,14 @@ class QueueAdmin:
     def _tell_daemon(self, changed: int) -> None:
         if not changed:
             return
-        pid = signal_daemon(self.spool.directory / PID_FILE_NAME)
+        try:
+            pid = signal_daemon(self.spool.directory / PID_FILE_NAME)
+        except PermissionError:
+            self._print(
+                "cannot signal the running relayd (it runs as another user);"
+                " it sees the change at its next periodic rescan"
+            )
+            return
         if pid is None:
             self._print("relayd is not running; the change takes effect when it starts")
         else:

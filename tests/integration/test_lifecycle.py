@@ -10,6 +10,7 @@ import socket
 import threading
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.helpers import (
@@ -126,13 +127,16 @@ def test_sigterm_under_load_loses_nothing_that_got_250(tmp_path: Path) -> None:
     )
 
 
-def test_sigterm_lets_the_open_transaction_finish_and_refuses_the_next(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_stop_lets_the_open_transaction_finish_and_refuses_the_next(
+    tmp_path: Path, signum: int
+) -> None:
     with running_relay(write_config(tmp_path)) as relay:
         client = smtplib.SMTP("127.0.0.1", relay.port, timeout=10)
         client.ehlo()
         client.mail("app@example.com")
         client.rcpt("user@example.com")
-        relay.signal(signal.SIGTERM)
+        relay.signal(signum)
         relay.wait_for_output('"shutting down"')
         with socket.socket() as late:  # the listening socket is closed
             assert late.connect_ex(("127.0.0.1", relay.port)) != 0
