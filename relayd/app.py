@@ -1,10 +1,12 @@
 """Wiring and lifecycle of the daemon (uvicorn's shape: start-up, main loop, shutdown).
 
-Start order: health endpoint → spool recovery → listener → READY=1 (the endpoint
-comes first so that /healthz answers and /readyz says "recovering" during a long
-recovery). Stop order: the listener first, the health endpoint last. Signals only set
-flags; the main coroutine does the work, so a signal can never interrupt a half-done
-step.
+Start order: pid file lock → health endpoint → spool recovery → listener → READY=1
+(the token manager and scheduler slot in as DESIGN.md orders them). The health
+endpoint comes before recovery so that /healthz answers and /readyz says "recovering"
+during a long recovery. Stop order: the listener first, the health endpoint last.
+Signals only set flags or schedule work on the loop, so a signal never interrupts a
+half-done step: SIGTERM/SIGINT stop gracefully, SIGHUP reloads the configuration,
+SIGUSR1 (sent by `relayd queue` after a change) rescans the spool.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from pathlib import Path
 
 import structlog
 
-from relayd import config
+from relayd import config, sdnotify
 from relayd import logging as relay_logging
 from relayd.config import ConfigError, Settings
 from relayd.health import HealthServer, readiness_report
 from relayd.listener import Listener, RelayHandler
 from relayd.metrics import Metrics
+from relayd.pidfile import PID_FILE_NAME, AlreadyRunning, PidFile
+from relayd.reload import merge_reload
 from relayd.sdnotify import Notifier
 from relayd.spool import Spool
 
@@ -30,6 +34,10 @@ log = structlog.get_logger("relayd.app")
 
 CENSUS_INTERVAL = 30.0  # recount the spool from disk to see `relayd queue` changes
 GAUGE_INTERVAL = 1.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start (spool in use, port taken); the text says what to fix."""
 
 
 class Relay:
@@ -57,6 +65,7 @@ class Relay:
         )
         self.listener = Listener(self.handler, settings.listen, settings.hostname)
         self.health = self._health_server(settings) if settings.metrics.enabled else None
+        self.pid_file = PidFile(self.spool.directory / PID_FILE_NAME)
         self.ready = False  # listener bound and spool recovered
         self.phase = "starting"  # → recovering → ready → stopping (shown by /readyz)
         _register_secrets(settings)
@@ -76,6 +85,7 @@ class Relay:
 
     async def start(self) -> None:
         started = time.monotonic()
+        await asyncio.to_thread(self._lock_spool)
         if self.health is not None:
             await self.health.start()
         self.phase = "recovering"
@@ -87,10 +97,11 @@ class Relay:
             **report,
             queued=sum(census.messages[s] for s in ("incoming", "deferred", "hold")),
         )
-        await self.listener.start()
+        await self._start_listener()
         self._tasks.append(asyncio.create_task(self._update_gauges(), name="gauges"))
         self.ready, self.phase = True, "ready"
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+        self._start_systemd_tasks()
         log.info(
             "relayd ready",
             listen=f"{self.settings.listen.address}:{self.listener.bound_port}",
@@ -110,31 +121,49 @@ class Relay:
         self._refresh_gauges()
         if self.health is not None:
             await self.health.stop()
+        self.pid_file.release()
         log.info("stopped")
+        self.notifier.close()
 
     def request_stop(self) -> None:
         self._stop.set()
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config file; apply what can change safely, keep the rest."""
+        """SIGHUP: re-read the config file; apply what can change safely, keep the rest.
+
+        A file that does not load (bad YAML, a bad value) changes nothing at all.
+        """
         if self.config_path is None:
             log.warning("reload ignored: no configuration file (sandbox or defaults)")
             return
         try:
-            new = config.load(self.config_path)
+            loaded = config.load(self.config_path)
         except ConfigError as error:
             log.error("reload refused; keeping the running configuration", error=str(error))
             return
+        new, kept = merge_reload(self.settings, loaded)
+        if kept:
+            log.warning("these settings need a restart; keeping the running values", keys=kept)
         _register_secrets(new)
         relay_logging.set_level(new.logging.level)
         self.listener.reconfigure(new.listen)
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.reconfigure(new)
         self.settings = new
         log.info("configuration reloaded", file=str(self.config_path), log_level=new.logging.level)
+
+    def rescan(self) -> None:
+        """SIGUSR1 (from `relayd queue`): the operator changed the spool; look again."""
+        self._tasks = [task for task in self._tasks if not task.done()]
+        self._tasks.append(asyncio.create_task(self._rescan(), name="rescan"))
 
     def status_line(self) -> str:
         census = self.spool.census()
         held, failed = census.messages["hold"], census.messages["failed"]
-        return f"queue {census.pending}, hold {held}, failed {failed}"
+        tokens = getattr(self, "tokens", None)
+        auth = tokens.state if tokens is not None else "n/a"
+        return f"queue {census.pending}, hold {held}, failed {failed}, auth {auth}"
 
     # --- internals ---------------------------------------------------------------
 
@@ -152,6 +181,42 @@ class Relay:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.rescan)
+
+    def _lock_spool(self) -> None:
+        """Before recovery: recovery moves active/ back, which must never happen under
+        another daemon's feet."""
+        self.spool.ensure_layout()
+        try:
+            self.pid_file.acquire()
+        except AlreadyRunning as error:
+            raise StartupError(str(error)) from None
+
+    async def _start_listener(self) -> None:
+        listen = self.settings.listen
+        try:
+            await self.listener.start()
+        except OSError as error:
+            where = f"{listen.address}:{listen.port}"
+            raise StartupError(f"cannot listen on {where} (listen.address/port): {error}") from None
+
+    def _start_systemd_tasks(self) -> None:
+        if not self.notifier.enabled:
+            return
+        status = sdnotify.send_status(self.notifier, self.status_line)
+        self._tasks.append(asyncio.create_task(status, name="sd-status"))
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            watchdog = sdnotify.send_watchdog(self.notifier, interval)
+            self._tasks.append(asyncio.create_task(watchdog, name="sd-watchdog"))
+
+    async def _rescan(self) -> None:
+        census = await asyncio.to_thread(self.spool.take_census)
+        self._refresh_gauges()
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.wake()
+        log.info("spool rescanned on request", **census.messages)
 
     def _queued(self, queue_id: str) -> None:
         """A message was committed; delivery is started from here."""

@@ -55,6 +55,64 @@ def _add_auth_commands(commands: argparse._SubParsersAction) -> None:
 
 def _add_queue_commands(commands: argparse._SubParsersAction) -> None:
     """`relayd queue list|show|retry|hold|release|delete|purge-failed` (operations)."""
+    queue = commands.add_parser(
+        "queue",
+        help="list and manage queued mail (safe while relayd runs)",
+        description="List and manage queued mail, like Postfix's postqueue/postsuper. "
+        "Safe while relayd runs: a message being delivered (state active) cannot be "
+        "held or deleted; the running daemon is told to rescan after every change.",
+    )
+    actions = queue.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def action(name: str, help_text: str, run: Callable) -> argparse.ArgumentParser:
+        parser = actions.add_parser(name, help=help_text, description=help_text)
+        _add_config_option(parser)
+        parser.set_defaults(handler=_queue_handler(run))
+        return parser
+
+    listing = action("list", "list queued messages", lambda q, a: q.list(as_json=a.json))
+    listing.add_argument("--json", action="store_true", help="a JSON array, one object each")
+    show = action(
+        "show", "envelope, delivery state and headers of one message", lambda q, a: q.show(a.id)
+    )
+    show.add_argument("id", metavar="ID")
+    retry = action("retry", "make deferred messages due now; requeue failed ones", _retry)
+    retry.add_argument("queue_ids", metavar="ID", nargs="*")
+    retry.add_argument("--all", action="store_true", help="every deferred message")
+    retry.add_argument(
+        "--include-failed", action="store_true", help="with --all: failed messages too"
+    )
+    hold = action("hold", "keep messages from delivery", lambda q, a: q.hold(a.queue_ids))
+    hold.add_argument("queue_ids", metavar="ID", nargs="+")
+    release = action("release", "put held messages back", lambda q, a: q.release(a.queue_ids))
+    release.add_argument("queue_ids", metavar="ID", nargs="+")
+    delete = action(
+        "delete", "delete messages for good", lambda q, a: q.delete(a.queue_ids, yes=a.yes)
+    )
+    delete.add_argument("queue_ids", metavar="ID", nargs="+")
+    delete.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
+    purge = action(
+        "purge-failed", "delete every failed message", lambda q, a: q.purge_failed(yes=a.yes)
+    )
+    purge.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
+
+
+def _queue_handler(run: Callable) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        from relayd import queueadmin  # imported late: keeps `relayd --help` fast
+
+        return queueadmin.run(_load_settings(args.config), lambda admin: run(admin, args))
+
+    return handler
+
+
+def _retry(admin, args: argparse.Namespace) -> int:
+    if args.all == bool(args.queue_ids) or (args.include_failed and not args.all):
+        print("relayd queue retry: give message IDs, or --all [--include-failed]", file=sys.stderr)
+        return 2
+    if args.all:
+        return admin.retry_all(include_failed=args.include_failed)
+    return admin.retry(args.queue_ids)
 
 
 def _add_send_test_command(commands: argparse._SubParsersAction) -> None:
@@ -70,11 +128,15 @@ def _load_settings(path: Path) -> config.Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from relayd.app import Relay  # imported late: keeps `relayd --help` fast
+    from relayd.app import Relay, StartupError  # imported late: keeps `relayd --help` fast
 
     settings = _load_settings(args.config)
     relay_logging.configure(settings.logging.format, settings.logging.level)
-    asyncio.run(Relay(settings, config_path=args.config).run())
+    try:
+        asyncio.run(Relay(settings, config_path=args.config).run())
+    except StartupError as error:
+        print(f"relayd: cannot start: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

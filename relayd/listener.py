@@ -226,6 +226,7 @@ class RelayHandler:
         self.on_queued = on_queued
         self.content_policy = content_policy
         self.sessions: set[RelaySMTP] = set()
+        self.closing = False  # set at shutdown: finish transactions, start no new ones
 
     # --- connection --------------------------------------------------------------
 
@@ -237,6 +238,9 @@ class RelayHandler:
             log.warning("connection refused", client=str(address), reason="not in allowed_clients")
             # RFC 5321 §3.1: a server may answer 554 instead of 220 and close.
             return f"554 5.7.1 Access denied: {address} may not relay through this host"
+        if self.closing:
+            # RFC 5321 §3.8: 421 when the service is shutting down.
+            return "421 4.3.2 relayd is shutting down; try again later"
         if len(self.sessions) >= self.settings.max_connections:
             self.metrics.reject("too_many_connections")
             log.warning("connection refused", client=str(address), reason="too many connections")
@@ -257,6 +261,9 @@ class RelayHandler:
     async def handle_MAIL(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
     ) -> str:
+        if self.closing:
+            # RFC 5321 §3.8: a transaction under way may finish; a new one gets 421.
+            return "421 4.3.2 relayd is shutting down; try again later"
         # The null reverse-path stays "<>" during the session (aiosmtpd tests the
         # sender for truth) and becomes "" in the spool.
         if address != "<>" and not _valid_mailbox(address, options):
@@ -495,6 +502,7 @@ class Listener:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let sessions in a transaction finish, then close the rest."""
+        self.handler.closing = True
         if self._server is not None:
             self._server.close()
         deadline = time.monotonic() + grace

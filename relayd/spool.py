@@ -38,6 +38,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NoReturn
 
 import structlog
 
@@ -64,6 +65,10 @@ class SpoolFull(SpoolError):
 
 class NotFound(SpoolError):
     """No queued message has that id (or it is in a state that does not allow the action)."""
+
+
+class InDelivery(NotFound):
+    """The message is in active/: a delivery worker owns it until the attempt ends."""
 
 
 class CorruptMessage(SpoolError):
@@ -167,6 +172,23 @@ def received_at_from_id(queue_id: str) -> float:
 
 def is_queue_id(name: str) -> bool:
     return bool(_QUEUE_ID.match(name))
+
+
+def _check_queue_id(queue_id: str) -> None:
+    """Ids reach paths: anything else (say "../x") is refused before it gets there."""
+    if not is_queue_id(queue_id):
+        raise NotFound(
+            f"{queue_id!r} is not a queue id (19 hex digits, as `relayd queue list` shows)"
+        )
+
+
+_OPERATOR_HINTS = {
+    ("hold", "retried"): "; release it (relayd queue release ID)",
+    ("failed", "held"): "; retry or delete it",
+    ("failed", "released"): "; it is not on hold: retry it to try again",
+    ("incoming", "released"): "; it is not on hold",
+    ("deferred", "released"): "; it is not on hold",
+}
 
 
 class Spool:
@@ -379,10 +401,21 @@ class Spool:
                         next_attempt=stat.st_mtime if state == "deferred" else None,
                     )
 
+    def peek(self, entry: QueueEntry) -> tuple[Envelope | None, DeliveryState]:
+        """Envelope and delivery state for `relayd queue list`, reading only the file's
+        first line (cheap even for a 35 MiB message). The envelope is None when the
+        file cannot be read (gone meanwhile, or damaged)."""
+        try:
+            with open(self.path(entry.state, entry.queue_id), "rb") as handle:
+                header = json.loads(handle.readline(1_000_000))
+            envelope: Envelope | None = _envelope_from_header(header, entry.queue_id)
+        except (OSError, ValueError, CorruptMessage):
+            envelope = None
+        return envelope, self._read_meta(entry.queue_id)
+
     def find(self, queue_id: str) -> tuple[str, QueuedMessage]:
         """The state and parsed message for an id, wherever it is."""
-        if not is_queue_id(queue_id):
-            raise NotFound(f"{queue_id!r} is not a queue id")
+        _check_queue_id(queue_id)
         for state in STATES:
             path = self.path(state, queue_id)
             with contextlib.suppress(FileNotFoundError):
@@ -404,6 +437,7 @@ class Spool:
         self, queue_id: str, states: Iterable[str] = ("incoming", "deferred", "hold", "failed")
     ) -> str:
         """Remove a message for good; never one that is being delivered (active/)."""
+        _check_queue_id(queue_id)
         for state in states:
             path = self.path(state, queue_id)
             try:
@@ -414,7 +448,90 @@ class Spool:
             self._remove_meta(queue_id)
             self._count(state, -1, -size)
             return state
-        raise NotFound(f"no message {queue_id} that can be deleted (it may be in delivery)")
+        self._refuse(queue_id, "deleted")
+
+    def hold(self, queue_id: str) -> str:
+        """Keep a waiting message from delivery until released. Returns its old state."""
+        _check_queue_id(queue_id)
+        if self.path("hold", queue_id).exists():
+            return "hold"
+        for source in ("incoming", "deferred"):
+            with contextlib.suppress(NotFound):
+                self.move(queue_id, source, "hold")
+                return source
+        self._refuse(queue_id, "held")
+
+    def release(self, queue_id: str) -> str:
+        """Put a held message back: due now in deferred/ if delivery has tried it
+        before (its recipients already done stay done), else in incoming/. Returns
+        the state it went to."""
+        _check_queue_id(queue_id)
+        target = "deferred" if self._meta_path(queue_id).exists() else "incoming"
+        try:
+            self.move(queue_id, "hold", target)
+        except NotFound:
+            self._refuse(queue_id, "released")
+        return target
+
+    def retry(self, queue_id: str) -> str:
+        """Make a message due now; returns the state it was in.
+
+        Deferred: its next attempt (mtime) becomes now. Failed: back to deferred, due
+        now, with its permanently failed recipients to be tried again (recipients
+        already delivered stay done, so nobody gets it twice). Incoming: already due.
+        """
+        _check_queue_id(queue_id)
+        now = time.time()
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path("deferred", queue_id), (now, now))
+            return "deferred"
+        if self.path("failed", queue_id).exists():
+            # failed/ is the operator's: the daemon never touches it, so the state can
+            # be rewritten before the message moves where delivery will see it.
+            state = self._read_meta(queue_id)
+            self._write_meta(queue_id, replace(state, failed_recipients=()))
+            self.move(queue_id, "failed", "deferred")
+            return "failed"
+        if self.path("incoming", queue_id).exists():
+            return "incoming"
+        self._refuse(queue_id, "retried")
+
+    def retry_all(self, include_failed: bool = False) -> int:
+        """Every deferred message (and failed ones if asked) due now; how many."""
+        count = 0
+        now = time.time()
+        for name in self._names("deferred"):
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.path("deferred", name), (now, now))
+                count += 1
+        if include_failed:
+            for name in self._names("failed"):
+                with contextlib.suppress(NotFound):
+                    self.retry(name)
+                    count += 1
+        return count
+
+    def purge_failed(self) -> int:
+        """Delete every message in failed/; how many."""
+        count = 0
+        for name in self._names("failed"):
+            with contextlib.suppress(NotFound):
+                self.delete(name, states=("failed",))
+                count += 1
+        return count
+
+    def _refuse(self, queue_id: str, action: str) -> NoReturn:
+        """Explain why an operator action found nothing to act on."""
+        if self.path("active", queue_id).exists():
+            raise InDelivery(
+                f"{queue_id} is being delivered right now (active/) and cannot be {action};"
+                " try again when this attempt ends"
+            )
+        for state in STATES:
+            if self.path(state, queue_id).exists():
+                hint = _OPERATOR_HINTS.get((state, action), "")
+                raise NotFound(f"{queue_id} is in {state}/ and cannot be {action}{hint}")
+        raise NotFound(f"no message {queue_id} in the queue")
 
     # --- counting ----------------------------------------------------------------
 
@@ -557,12 +674,18 @@ def _encode_header(queue_id: str, envelope: Envelope, content: bytes) -> bytes:
 
 
 def _decode_header(header: object, queue_id: str, content: bytes) -> Envelope:
+    envelope = _envelope_from_header(header, queue_id)
+    assert isinstance(header, dict)  # checked by _envelope_from_header
+    if header.get("size") != len(content) or header.get("crc32") != zlib.crc32(content):
+        raise CorruptMessage(f"{queue_id}: content is truncated or damaged")
+    return envelope
+
+
+def _envelope_from_header(header: object, queue_id: str) -> Envelope:
     if not isinstance(header, dict) or header.get("v") != FORMAT_VERSION:
         raise CorruptMessage(f"{queue_id}: not a relayd queue file")
     if header.get("id") != queue_id:
         raise CorruptMessage(f"{queue_id}: file name does not match its id")
-    if header.get("size") != len(content) or header.get("crc32") != zlib.crc32(content):
-        raise CorruptMessage(f"{queue_id}: content is truncated or damaged")
     try:
         return Envelope(
             sender=str(header["sender"]),

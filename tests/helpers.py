@@ -21,6 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
+QUEUED_AS = re.compile(rb"queued as ([0-9A-F]{19})")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -86,6 +87,40 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
+def transact(
+    client: smtplib.SMTP,
+    content: bytes,
+    sender: str = "app@example.com",
+    recipients: tuple[str, ...] = ("user@example.com",),
+) -> str:
+    """One transaction on an open session; the queue id from the 250 reply."""
+    client.ehlo_or_helo_if_needed()
+    client.mail(sender)
+    for recipient in recipients:
+        client.rcpt(recipient)
+    code, reply = client.data(content)
+    match = QUEUED_AS.search(reply)
+    if code != 250 or match is None:
+        raise smtplib.SMTPDataError(code, reply)
+    return match.group(1).decode()
+
+
+def run_relayd(
+    *args: str, input: str | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m relayd ARGS` to completion (no terminal), its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "relayd", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+        timeout=60,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+
+
 class RelayProcess:
     """`python -m relayd serve -c CONFIG` as a child process, its output in a file."""
 
@@ -144,6 +179,18 @@ class RelayProcess:
             time.sleep(0.05)
         raise TimeoutError(f"no log line {event!r} {fields} after {timeout}s:\n{self.output()}")
 
+    def wait_for_output(self, text: str, timeout: float = 10.0, count: int = 1) -> None:
+        """Until ``text`` has appeared ``count`` times in the output (a log line)."""
+        deadline = time.monotonic() + timeout
+        while self.output().count(text) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{text!r} not logged {count}x within {timeout}s:\n{self.output()}"
+                )
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"relayd exited ({self.process.returncode}):\n{self.output()}")
+            time.sleep(0.05)
+
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)
@@ -184,14 +231,10 @@ def running_relay(config_path: Path, **kwargs: Any) -> Iterator[RelayProcess]:
 
 
 def numbered_message(number: int, size: int = 2048, tag: str = "t") -> bytes:
-    """A message whose Message-ID names it, padded with body lines to about ``size``."""
-    head = (
-        f"From: App <app@example.com>\r\nTo: user@example.com\r\n"
-        f"Subject: message {number}\r\nDate: Sun, 29 Nov 2026 10:00:00 +0000\r\n"
-        f"Message-ID: <{tag}-{number}@relayd.test>\r\n\r\n"
-    ).encode()
-    line = b"The quick brown fox jumps over the lazy dog 0123456789.\r\n"
-    return head + line * max(1, (size - len(head)) // len(line))
+    """A message whose Message-ID names it, with a body of about ``size`` bytes."""
+    return make_message(
+        f"message {number}", body_size=size, message_id=f"<{tag}-{number}@relayd.test>"
+    )
 
 
 def message_number(content: bytes, tag: str = "t") -> int | None:
@@ -281,23 +324,30 @@ def scrape(port: int, host: str = "127.0.0.1") -> Scrape:
 
 
 def make_message(
+    subject: str = "test",
+    body: str | None = None,
+    *,
+    body_size: int = 100,
     sender: str = "app@example.com",
     recipients: tuple[str, ...] = ("user@example.com",),
-    subject: str = "test",
-    body_size: int = 100,
     message_id: str | None = None,
 ) -> bytes:
-    """A plain RFC 5322 message with CRLF line ends and a body of about body_size bytes."""
+    """A plain RFC 5322 message with CRLF line ends. It has Date: and Message-ID: (by
+    default derived from the subject), so relayd prepends only its Received: field. The
+    body is ``body`` or text lines adding up to about ``body_size`` bytes."""
+    message_id = message_id or f"<{subject.replace(' ', '.')}@test.example>"
     headers = [
         f"From: <{sender}>",
         f"To: {', '.join(f'<{r}>' for r in recipients)}",
         f"Subject: {subject}",
         "Date: Wed, 01 May 2024 10:00:00 +0000",
+        f"Message-ID: {message_id}",
     ]
-    if message_id:
-        headers.append(f"Message-ID: {message_id}")
-    line = "The quick brown fox jumps over the lazy dog. 0123456789\r\n"
-    body = (line * (body_size // len(line) + 1))[:body_size]
+    if body is None:
+        line = "The quick brown fox jumps over the lazy dog. 0123456789\r\n"
+        body = line * max(1, round(body_size / len(line)))  # whole CRLF lines
+    else:
+        body += "\r\n"
     return ("\r\n".join(headers) + "\r\n\r\n" + body).encode()
 
 
@@ -308,19 +358,11 @@ def send_message(
     recipients: tuple[str, ...] = ("user@example.com",),
     host: str = "127.0.0.1",
 ) -> str:
-    """Send one message over SMTP; returns the queue id from relayd's 250 reply.
+    """Send one message in a new session; returns the queue id from relayd's 250 reply.
 
     Raises smtplib.SMTPResponseException (a subclass) when relayd refuses it.
     """
-    content = content if content is not None else make_message(sender, recipients)
+    content = content if content is not None else make_message(sender=sender, recipients=recipients)
     with smtplib.SMTP(host, port, timeout=30) as client:
         client.ehlo("client.example.com")
-        client.mail(sender)
-        for recipient in recipients:
-            client.rcpt(recipient)
-        code, reply = client.data(content)
-    if code != 250:  # data() raises only when DATA itself is refused
-        raise smtplib.SMTPDataError(code, reply)
-    match = re.search(rb"queued as ([0-9A-F]{19})", reply)
-    assert match, f"no queue id in {reply!r}"
-    return match.group(1).decode()
+        return transact(client, content, sender, recipients)
