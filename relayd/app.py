@@ -1,6 +1,6 @@
 """Wiring and lifecycle of the daemon (uvicorn's shape: start-up, main loop, shutdown).
 
-Start order: spool recovery → listener → READY=1. Signals only set flags; the main
+Start order: spool recovery → tokens → listener → READY=1. Signals only set flags; the main
 coroutine does the work, so a signal can never interrupt a half-done step.
 """
 
@@ -21,6 +21,7 @@ from relayd.listener import Listener, RelayHandler
 from relayd.metrics import Metrics
 from relayd.sdnotify import Notifier
 from relayd.spool import Spool
+from relayd.tokens import TokenManager
 
 log = structlog.get_logger("relayd.app")
 
@@ -52,6 +53,11 @@ class Relay:
             on_queued=self._queued,
         )
         self.listener = Listener(self.handler, settings.listen, settings.hostname)
+        self.tokens = (
+            TokenManager(settings, self.metrics, config_path=config_path)
+            if settings.upstream.transport == "smtp"
+            else None
+        )
         self.ready = False
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -77,6 +83,8 @@ class Relay:
             **report,
             queued=sum(census.messages[s] for s in ("incoming", "deferred", "hold")),
         )
+        if self.tokens is not None:
+            await self.tokens.start()
         await self.listener.start()
         self._tasks.append(asyncio.create_task(self._update_gauges(), name="gauges"))
         self.ready = True
@@ -91,6 +99,8 @@ class Relay:
         self.notifier.notify("STOPPING=1")
         log.info("shutting down", grace_seconds=self.settings.listen.shutdown_grace)
         await self.listener.stop(self.settings.listen.shutdown_grace)
+        if self.tokens is not None:
+            await self.tokens.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

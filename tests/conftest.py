@@ -19,3 +19,4 @@ def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ca") / "ca.pem"
     ca.cert_pem.write_to_path(str(path))
     return path
+from tests.fakes.entra import entra  # noqa: F401, E402 (the fake Entra ID fixture)
