@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 import urllib.parse
-import warnings
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, TextIO
@@ -84,13 +83,7 @@ class AuthCommands:
     def _browser_login(self) -> Outcome:
         client = self.client()
         redirect_uri = self.oauth.redirect_uri
-        with warnings.catch_warnings():
-            # MSAL suggests response_mode=form_post; the code must be in the URL so a
-            # person can paste it back. PKCE protects the code either way.
-            warnings.simplefilter("ignore", UserWarning)
-            flow = client.app().initiate_auth_code_flow(
-                client.scopes, redirect_uri=redirect_uri, login_hint=self.mailbox
-            )
+        flow = client.start_auth_code_flow(redirect_uri)
         answers: queue.Queue[tuple[str, dict[str, str] | None]] = queue.Queue()
         listener = RedirectListener.start(redirect_uri, answers)
         self.say(f"Sign in as {self.mailbox}: open this address in a browser (any machine):")
@@ -111,13 +104,7 @@ class AuthCommands:
                 listener.stop()
         for value in response.values():
             redactor.register(value)  # the authorization code, in case anything logs it
-        return client.redeem(
-            lambda app, flow_, response_: app.acquire_token_by_auth_code_flow(
-                flow_, response_, scopes=client.scopes
-            ),
-            flow,
-            response,
-        )
+        return client.finish_auth_code_flow(flow, response)
 
     def _read_pasted(self, answers: queue.Queue) -> None:
         for line in self.stdin:

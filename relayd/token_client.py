@@ -14,6 +14,7 @@ import functools
 import re
 import ssl
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,14 +259,14 @@ class TokenClient:
 
     def account(self) -> dict[str, Any] | None:
         """The signed-in account: the one named like the mailbox, else the only one."""
-        accounts = self.cache.find(CredentialType.ACCOUNT)
+        accounts = list(self.cache.search(CredentialType.ACCOUNT))
         for account in accounts:
             if account.get("username", "").lower() == self.mailbox.lower():
                 return account
         return accounts[0] if len(accounts) == 1 else None
 
     def usernames(self) -> list[str]:
-        return [a.get("username", "?") for a in self.cache.find(CredentialType.ACCOUNT)]
+        return [a.get("username", "?") for a in list(self.cache.search(CredentialType.ACCOUNT))]
 
     def cached_access_token(self) -> tuple[str, float, float] | None:
         """The longest-lived cached access token: (token, issued at, expires at)."""
@@ -298,6 +299,22 @@ class TokenClient:
                 yield entry.get("secret", "")
 
     # --- token operations (network; call inside or as transactions) --------------------
+
+    def start_auth_code_flow(self, redirect_uri: str) -> dict[str, Any]:
+        """MSAL's authorization code flow with PKCE; ``auth_uri`` is for the browser."""
+        with warnings.catch_warnings():
+            # MSAL suggests response_mode=form_post; the code must be in the URL so a
+            # person can paste it back. PKCE protects the code either way.
+            warnings.simplefilter("ignore", UserWarning)
+            return self.app().initiate_auth_code_flow(
+                self.scopes, redirect_uri=redirect_uri, login_hint=self.mailbox
+            )
+
+    def finish_auth_code_flow(self, flow: dict[str, Any], response: dict[str, str]) -> Outcome:
+        """Redeem the code the browser brought back (state and PKCE checked by MSAL)."""
+        return self.redeem(
+            lambda app: app.acquire_token_by_auth_code_flow(flow, response, scopes=self.scopes)
+        )
 
     def refresh(self) -> Outcome:
         """Redeem the refresh token now (rotating it) and persist the result."""
@@ -336,14 +353,14 @@ class TokenClient:
         signed_in = outcome.username or "an account without a user name"
         if signed_in.lower() != self.mailbox.lower():
             raise MailboxMismatch(signed_in, self.mailbox)  # transaction() rolls back
-        for account in self.cache.find(CredentialType.ACCOUNT):
+        for account in list(self.cache.search(CredentialType.ACCOUNT)):
             if account.get("username", "").lower() != self.mailbox.lower():
                 self._forget(account)
 
     def logout(self) -> list[str]:
         """Remove every account and its tokens from the cache; returns their names."""
         with self.transaction():
-            accounts = self.cache.find(CredentialType.ACCOUNT)
+            accounts = list(self.cache.search(CredentialType.ACCOUNT))
             for account in accounts:
                 self._forget(account)
         return [a.get("username", "?") for a in accounts]

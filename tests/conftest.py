@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.fakes.entra import entra  # noqa: F401 (the fake Entra ID fixture)
+
 
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
@@ -19,4 +21,3 @@ def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ca") / "ca.pem"
     ca.cert_pem.write_to_path(str(path))
     return path
-from tests.fakes.entra import entra  # noqa: F401, E402 (the fake Entra ID fixture)

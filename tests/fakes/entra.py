@@ -198,6 +198,11 @@ class FakeEntra:
             device_code = self._user_codes[user_code]
             self._devices[device_code].user = user or self.signin_user
 
+    def issue_refresh_token(self, user: str | None = None, scopes: str = "") -> str:
+        """A refresh token as another tool would hold it (for `relayd auth import`)."""
+        scope_list = _scopes(scopes or "https://outlook.office.com/SMTP.Send offline_access")
+        return self._issue(user or self.signin_user, scope_list)["refresh_token"]
+
     # --- observations ------------------------------------------------------------------
 
     def is_valid_access_token(self, user: str, token: str) -> bool:
