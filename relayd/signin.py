@@ -78,7 +78,7 @@ class AuthCommands:
         except (LoginAborted, ValueError) as error:  # MSAL: state mismatch, bad response
             self.say(f"Sign-in failed: {error}")
             return 1
-        return self._report(outcome, "Signed in")
+        return self._report(outcome, "Signed in as")
 
     def _browser_login(self) -> Outcome:
         client = self.client()
@@ -92,9 +92,9 @@ class AuthCommands:
         self.say()
         if listener is not None:
             self.say(f"Waiting for the browser to return to {redirect_uri} ... or paste the")
-            self.say("address the browser ends on (it contains code=) here and press Enter:")
+            self.say("address the browser ends on (it has a code in it) here and press Enter:")
         else:
-            self.say("Then paste the address the browser ends on (it contains code=) here")
+            self.say("Then paste the address the browser ends on (it has a code in it) here")
             self.say("and press Enter:")
         threading.Thread(target=self._read_pasted, args=(answers,), daemon=True).start()
         try:
@@ -114,7 +114,7 @@ class AuthCommands:
             if response is not None:
                 answers.put(("pasted", response))
                 return
-            self.say("That is not the address the browser ended on (it has code= and state=).")
+            self.say("That is not the address the browser ended on (it has a code and a state).")
         answers.put(("end of input", None))
 
     def _wait_for_answer(self, answers: queue.Queue, listening: bool) -> dict[str, str]:

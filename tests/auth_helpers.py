@@ -103,8 +103,8 @@ class AuthCli:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
 
-    def wait_for_line(self, prefix: str, timeout: float = 20.0) -> str:
-        """The first (further) output line that starts with ``prefix``."""
+    def wait_for_line(self, text: str, timeout: float = 20.0) -> str:
+        """The first (further) output line that contains ``text``."""
         deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0:
             try:
@@ -114,9 +114,9 @@ class AuthCli:
             if line is None:
                 break
             self.lines.append(line)
-            if line.startswith(prefix):
+            if text in line:
                 return line
-        raise AssertionError(f"no line starting with {prefix!r}; output: {self.output()}")
+        raise AssertionError(f"no line with {text!r}; output: {self.output()}")
 
     def send(self, text: str) -> None:
         assert self.process.stdin is not None
