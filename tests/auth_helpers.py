@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,19 +90,30 @@ class AuthCli:
             [sys.executable, "-m", "relayd", "auth", *args, "-c", str(config_path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE,
             text=True,
             cwd=REPO,
         )
         self.lines: list[str] = []
+        self.log_lines: list[str] = []  # standard error: relayd's log
         self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pumps = [
+            threading.Thread(target=self._pump, daemon=True),
+            threading.Thread(target=self._pump_log, daemon=True),
+        ]
+        for pump in self._pumps:
+            pump.start()
 
     def _pump(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
+
+    def _pump_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log_lines.append(line.rstrip("\n"))
 
     def wait_for_line(self, text: str, timeout: float = 20.0) -> str:
         """The first (further) output line that contains ``text``."""
@@ -130,12 +142,32 @@ class AuthCli:
         code = self.process.wait(timeout)
         while (line := self._queue.get(timeout=5)) is not None:
             self.lines.append(line)
+        self._pumps[1].join(5)
         return code
 
     def output(self) -> str:
+        """What it printed on standard output."""
         return "\n".join(self.lines)
+
+    def everything(self) -> str:
+        """Standard output and the log."""
+        return "\n".join(self.lines + self.log_lines)
 
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+def wait_until(check: Callable[[], object], timeout: float = 15.0, what: str = "") -> None:
+    """Poll ``check`` (bounded) until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what or check}")
+        time.sleep(0.05)
+
+
+def log_events(output: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a relayd run."""
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
