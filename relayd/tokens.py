@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("relayd.tokens")
 
+STATE_WRITE_TIMEOUT = 10.0  # seconds stop() waits for the last auth state write
+
 # Auth states, as exported in relayd_auth_state{state} and shown by `relayd auth status`.
 OK = "ok"  # a usable access token is cached or can be obtained silently
 REFRESHING = "refreshing"  # a refresh is under way
@@ -145,6 +147,7 @@ class TokenManager:
         self._usable = asyncio.Event()  # thread-safe); set while not in BLOCKED_STATES
         self._wake = asyncio.Event()
         self._state_dirty = asyncio.Event()
+        self._closing = False
         self._tasks: list[asyncio.Task] = []
         metrics.set_auth_state(NO_TOKEN)
 
@@ -211,14 +214,17 @@ class TokenManager:
         """Stop the refresher; the cache is already persisted after every change."""
         if not self._tasks:
             return  # never started (start-up refused): leave the state file as it was
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        refresher, writer = self._tasks
         self._tasks = []
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(self.store.write_state, self.state_document())
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await refresher
+        # The writer finishes its last write itself: cancelling it mid-write could let
+        # an older document land on disk after the final one.
+        self._closing = True
+        self._state_dirty.set()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(writer, STATE_WRITE_TIMEOUT)
 
     # --- what a person reads ------------------------------------------------------------
 
@@ -410,3 +416,5 @@ class TokenManager:
                 await asyncio.to_thread(self.store.write_state, self.state_document())
             except OSError as error:
                 log.warning("cannot write the auth state file", error=str(error))
+            if self._closing and not self._state_dirty.is_set():
+                return
