@@ -31,7 +31,7 @@ from relayd.token_client import (
     TokenClient,
 )
 from relayd.token_store import TokenStore, stamp_to_json
-from relayd.tokens import NO_TOKEN, OK, REAUTH_REQUIRED, read_view
+from relayd.tokens import NO_TOKEN, OK, REAUTH_REQUIRED
 
 LOGIN_TIMEOUT = 900.0  # seconds a person has to finish signing in
 _PENDING = ("authorization_pending", "slow_down")  # device flow: keep polling (RFC 8628 §3.5)
@@ -217,7 +217,7 @@ class AuthCommands:
         """The cache (no network) joined with what the daemon last recorded about it."""
         client = self.client()
         client.read()
-        view = read_view(client)
+        view = client.view()
         daemon = self.store.read_state()
         current = daemon is not None and daemon.get("cache") == stamp_to_json(client.stamp)
         refresh_token_alive = view.rotated_at is not None

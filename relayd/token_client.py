@@ -90,6 +90,18 @@ class AuthorityError(Exception):
     """The authority's OIDC discovery document could not be used (wrong tenant or URL)."""
 
 
+@dataclass(frozen=True)
+class CacheView:
+    """What the token cache holds for the mailbox, read without the network."""
+
+    account: str | None
+    others: tuple[str, ...]
+    token: str | None = field(repr=False)
+    issued_at: float
+    expires_at: float
+    rotated_at: float | None
+
+
 class MailboxMismatch(Exception):
     """The person signed in as someone other than ``upstream.mailbox``."""
 
@@ -292,6 +304,19 @@ class TokenClient:
             for entry in self.cache.search(CredentialType.REFRESH_TOKEN, query=query)
         ]
         return max(times) if times else None
+
+    def view(self) -> CacheView:
+        account = self.account()
+        cached = self.cached_access_token()
+        token, issued_at, expires_at = cached if cached else (None, 0.0, 0.0)
+        return CacheView(
+            account=account.get("username") if account else None,
+            others=tuple(self.usernames()) if account is None else (),
+            token=token,
+            issued_at=issued_at,
+            expires_at=expires_at,
+            rotated_at=self.refresh_token_rotated_at(),
+        )
 
     def _secrets(self) -> Iterator[str]:
         for kind in (CredentialType.ACCESS_TOKEN, CredentialType.REFRESH_TOKEN):

@@ -15,7 +15,6 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,6 +26,7 @@ from relayd.token_client import (
     NO_ACCOUNT,
     REAUTH,
     REAUTH_CODES,
+    CacheView,
     Outcome,
     TokenClient,
 )
@@ -91,32 +91,6 @@ class TokenSource(Protocol):
     async def wait_until_usable(self) -> None:
         """Return when the state changes away from a blocked one (e.g. after login)."""
         ...
-
-
-@dataclass(frozen=True)
-class CacheView:
-    """What the token cache holds for the mailbox, read without the network."""
-
-    account: str | None
-    others: tuple[str, ...]
-    token: str | None
-    issued_at: float
-    expires_at: float
-    rotated_at: float | None
-
-
-def read_view(client: TokenClient) -> CacheView:
-    account = client.account()
-    cached = client.cached_access_token()
-    token, issued_at, expires_at = cached if cached else (None, 0.0, 0.0)
-    return CacheView(
-        account=account.get("username") if account else None,
-        others=tuple(client.usernames()) if account is None else (),
-        token=token,
-        issued_at=issued_at,
-        expires_at=expires_at,
-        rotated_at=client.refresh_token_rotated_at(),
-    )
 
 
 class TokenManager:
@@ -297,7 +271,7 @@ class TokenManager:
             if self._state == OK:
                 self._set_state(REFRESHING)
             outcome = await asyncio.to_thread(self.client.refresh)
-            view = await asyncio.to_thread(read_view, self.client)
+            view = await asyncio.to_thread(self.client.view)
         self.metrics.token_refresh.labels(outcome.kind).inc()
         if outcome.ok:
             self._succeed(view, reason)
@@ -356,7 +330,7 @@ class TokenManager:
 
     def _reload(self) -> CacheView:
         self.client.reload()
-        return read_view(self.client)
+        return self.client.view()
 
     async def _in_thread(self, function: Any) -> CacheView:
         async with self._client_lock:

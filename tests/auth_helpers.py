@@ -171,3 +171,16 @@ def wait_until(check: Callable[[], object], timeout: float = 15.0, what: str = "
 def log_events(output: str) -> list[dict[str, Any]]:
     """The JSON log lines of a relayd run."""
     return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+def login_by_pasting(config_path: Path, ca_file: Path) -> AuthCli:
+    """Run `auth login`, sign in "on a laptop", paste the address back; a finished run."""
+    cli = AuthCli(config_path, "login")
+    try:
+        auth_url = cli.wait_for_line("https://127.0.0.1:")
+        cli.wait_for_line("and press Enter")
+        cli.send(sign_in_in_browser(auth_url, ca_file) + "\n")
+        cli.finish()
+    finally:
+        cli.kill()
+    return cli

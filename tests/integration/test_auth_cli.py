@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.auth_helpers import AuthCli, auth_config_file, cached_refresh_tokens, run_auth
+from tests.auth_helpers import (
+    AuthCli,
+    auth_config_file,
+    cached_refresh_tokens,
+    login_by_pasting,
+    run_auth,
+)
 from tests.fakes.entra import MAILBOX, FakeEntra, follow_redirect, sign_in_in_browser
 
 EAP_REDIRECT = "https://eap.contoso.example/wm/externalAuth/redirect.html"
@@ -26,19 +32,6 @@ def _cache(config_path: Path) -> Path:
 def _status(config_path: Path) -> tuple[int, dict]:
     result = run_auth(config_path, "status", "--json")
     return result.returncode, json.loads(result.stdout)
-
-
-def login_by_pasting(config_path: Path, ca_file: Path) -> AuthCli:
-    """Run `auth login`, sign in "on a laptop", paste the address back; finished run."""
-    cli = AuthCli(config_path, "login")
-    try:
-        auth_url = cli.wait_for_line("https://127.0.0.1:")
-        cli.wait_for_line("and press Enter")
-        cli.send(sign_in_in_browser(auth_url, ca_file) + "\n")
-        cli.finish()
-    finally:
-        cli.kill()
-    return cli
 
 
 def test_login_through_the_redirect_listener(

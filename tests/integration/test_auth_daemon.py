@@ -10,27 +10,21 @@ from pathlib import Path
 
 from relayd.spool import Spool
 from tests.auth_helpers import (
-    AuthCli,
     auth_config_file,
     cached_refresh_tokens,
     log_events,
+    login_by_pasting,
     run_auth,
     wait_until,
 )
-from tests.fakes.entra import MAILBOX, FakeEntra, sign_in_in_browser
+from tests.fakes.entra import MAILBOX, FakeEntra
 from tests.helpers import RelayProcess, running_relay
 
 
 def _login(config_path: Path, ca_file: Path) -> str:
     """`relayd auth login`, answered by pasting; returns everything it printed."""
-    cli = AuthCli(config_path, "login")
-    try:
-        auth_url = cli.wait_for_line("https://127.0.0.1:")
-        cli.wait_for_line("and press Enter")
-        cli.send(sign_in_in_browser(auth_url, ca_file) + "\n")
-        assert cli.finish() == 0, cli.everything()
-    finally:
-        cli.kill()
+    cli = login_by_pasting(config_path, ca_file)
+    assert cli.process.returncode == 0, cli.everything()
     return cli.everything()
 
 
