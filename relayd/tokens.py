@@ -117,8 +117,9 @@ class TokenManager:
         self._last_refresh: float | None = None
         self._failures = 0
         self._retry_at = 0.0
-        self._client_lock = asyncio.Lock()  # one MSAL call at a time (TokenClient is not
-        self._usable = asyncio.Event()  # thread-safe); set while not in BLOCKED_STATES
+        # One TokenClient call at a time: it holds MSAL's in-memory cache, not thread-safe.
+        self._client_lock = asyncio.Lock()
+        self._usable = asyncio.Event()  # set while the state is not in BLOCKED_STATES
         self._wake = asyncio.Event()
         self._state_dirty = asyncio.Event()
         self._closing = False
@@ -177,7 +178,7 @@ class TokenManager:
             previous.get("state") == REAUTH_REQUIRED
             and previous.get("cache") == stamp_to_json(self.client.stamp)
             and view.account
-        ):  # the last run saw this very cache refused: do not wait for a delivery to learn it
+        ):  # the last run saw Entra refuse this very cache: do not redeem it again
             self._fail(Outcome(REAUTH, previous.get("detail", ""), previous.get("aadsts")))
         self._tasks = [
             asyncio.create_task(self._refresher(), name="token-refresher"),
@@ -347,11 +348,15 @@ class TokenManager:
                     f"the token cache holds {', '.join(view.others)}, not upstream.mailbox "
                     f"{self.mailbox}: run {self.login_command}"
                 )
-            elif not startup and before != NO_TOKEN:
+            elif startup:
+                log.warning(f"mail stays queued until someone signs in: {self.advice()}")
+            elif before != NO_TOKEN:
                 log.info("the token cache no longer holds an account (signed out)")
             self._set_state(NO_TOKEN)
             return
-        if not startup:
+        if startup:
+            log.info("token cache loaded", account=view.account, file=str(self.store.cache_path))
+        else:
             log.info("token cache changed by another process; using it", account=view.account)
         self._set_state(OK if self._token_usable() else REFRESHING)
         self._wake.set()
