@@ -34,20 +34,20 @@ CredentialType = msal.TokenCache.CredentialType
 REAUTH_CODES: dict[int, str] = {
     70008: "the refresh token expired or was revoked",
     700082: "the refresh token expired after 90 days without use",
-    50173: "the grant was revoked (password reset or sessions revoked by an administrator)",
+    50173: "the grant was revoked by a password reset or by an administrator",
     65001: "the user or an administrator has not consented to the app's permissions",
     50076: "multi-factor authentication is now required",
     50079: "the user must register for multi-factor authentication",
-    50132: "the session is no longer valid (password changed or expired)",
+    50132: "the session is no longer valid: the password changed or expired",
     50133: "the session is no longer valid after a password change",
     70043: "a sign-in frequency policy requires signing in again",
 }
 # Codes that a sign-in cannot fix: the configuration or the app registration is wrong.
 CONFIG_CODES: dict[int, str] = {
-    7000215: "the client secret is wrong (oauth.client_secret)",
+    7000215: "the client secret in oauth.client_secret is wrong",
     7000222: "the client secret has expired: create a new one in the app registration",
-    700016: "the application (oauth.client_id) was not found in the tenant",
-    90002: "the tenant (oauth.tenant_id) was not found",
+    700016: "the application oauth.client_id was not found in the tenant",
+    90002: "the tenant oauth.tenant_id was not found",
     700025: "the app registration is a public client: remove oauth.client_secret",
 }
 TRANSIENT_ERRORS = {"temporarily_unavailable", "server_error"}

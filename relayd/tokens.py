@@ -207,7 +207,7 @@ class TokenManager:
         if self._state == NO_TOKEN:
             return f"nobody has signed in as {self.mailbox}: run {self.login_command}"
         if self._state == REAUTH_REQUIRED and self._problem is not None:
-            return f"{self._problem.explain()}; sign in again: {self.login_command}"
+            return f"{self._problem.explain().rstrip('.')}. Sign in again: {self.login_command}"
         if self._problem is not None:
             return f"Entra ID token endpoint failing ({self._problem.explain()}); retrying"
         return f"state {self._state}"
