@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from relayd.config import ConfigError, from_mapping
 from relayd.logging import redactor
 from relayd.token_client import CONFIG, REAUTH, SUCCESS, TRANSIENT, classify
 from relayd.token_store import TokenStore, exposure
@@ -114,3 +115,12 @@ def test_lock_excludes_other_holders(tmp_path: Path) -> None:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again after the block
     finally:
         os.close(other)
+
+
+def test_token_settings_are_checked_with_file_and_key() -> None:
+    with pytest.raises(ConfigError) as wrong:
+        from_mapping({"oauth": {"retry_min_delay": "1h", "retry_max_delay": "1m"}}, "r.yaml")
+    assert (wrong.value.source, wrong.value.key) == ("r.yaml", "oauth.retry_min_delay")
+    with pytest.raises(ConfigError) as zero:
+        from_mapping({"oauth": {"cache_poll_interval": "0s"}}, "r.yaml")
+    assert zero.value.key == "oauth.cache_poll_interval"
