@@ -117,10 +117,14 @@ def test_lock_excludes_other_holders(tmp_path: Path) -> None:
         os.close(other)
 
 
+def _maildir(oauth: dict) -> dict:
+    return {"upstream": {"transport": "maildir"}, "oauth": oauth}
+
+
 def test_token_settings_are_checked_with_file_and_key() -> None:
     with pytest.raises(ConfigError) as wrong:
-        from_mapping({"oauth": {"retry_min_delay": "1h", "retry_max_delay": "1m"}}, "r.yaml")
+        from_mapping(_maildir({"retry_min_delay": "1h", "retry_max_delay": "1m"}), "r.yaml")
     assert (wrong.value.source, wrong.value.key) == ("r.yaml", "oauth.retry_min_delay")
     with pytest.raises(ConfigError) as zero:
-        from_mapping({"oauth": {"cache_poll_interval": "0s"}}, "r.yaml")
+        from_mapping(_maildir({"cache_poll_interval": "0s"}), "r.yaml")
     assert zero.value.key == "oauth.cache_poll_interval"
