@@ -223,7 +223,8 @@ class OAuthSettings:
     http_timeout: float = _duration(30)
     # How often the daemon looks at the cache file for a sign-in done by `relayd auth`.
     cache_poll_interval: float = _duration(5)
-    # Backoff between token refresh attempts while Entra ID fails (network, 5xx).
+    # Backoff between token refresh attempts while Entra ID fails (network, 5xx). MSAL
+    # itself answers retries from cache for Retry-After (default 5 s) after a 5xx.
     retry_min_delay: float = _duration(15)
     retry_max_delay: float = _duration(900)
 

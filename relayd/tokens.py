@@ -252,7 +252,9 @@ class TokenManager:
 
     def _next_due(self) -> float:
         if self._state in (NO_TOKEN, REAUTH_REQUIRED):
-            return math.inf  # only a new sign-in (a cache change) helps
+            # Only a new sign-in (a cache change) helps. Asking again would not even reach
+            # Entra ID: MSAL answers a repeated request from its 60-second cache of 400s.
+            return math.inf
         if self._failures:
             return self._retry_at
         view = self._view

@@ -242,6 +242,10 @@ class FakeEntra:
 
     # --- request handling (called from the server threads) ---------------------------
 
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.requests[name] += 1
+
     def _openid_configuration(self) -> dict:
         prefix = f"{self.authority}/oauth2/v2.0"
         return {
@@ -305,7 +309,7 @@ class FakeEntra:
         if secret is not None and secret != self.client_secret:
             return _error(401, "invalid_client", 7000215)
         grant_type = form.get("grant_type", "")
-        self.requests[f"token:{grant_type}"] += 1
+        self._count(f"token:{grant_type}")
         if grant_type == "authorization_code":
             return self._redeem_code(form)
         if grant_type == "refresh_token":
@@ -461,10 +465,10 @@ class _Handler(BaseHTTPRequestHandler):
         query = dict(urllib.parse.parse_qsl(url.query))
         tenant = f"/{self.fake.tenant_id}"
         if url.path == f"{tenant}/v2.0/.well-known/openid-configuration":
-            self.fake.requests["discovery"] += 1
+            self.fake._count("discovery")
             self._send_json(200, self.fake._openid_configuration())
         elif url.path == f"{tenant}/oauth2/v2.0/authorize":
-            self.fake.requests["authorize"] += 1
+            self.fake._count("authorize")
             self._send(302, b"", {"Location": self.fake._authorize(query)})
         elif url.path.endswith("/.well-known/openid-configuration"):
             self._send_json(400, _error(400, "invalid_tenant", 90002)[1])
@@ -481,13 +485,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         failure = self.fake._next_failure()
         if failure is not None:
-            self.fake.requests["failed"] += 1
+            self.fake._count("failed")
             status, retry_after = failure
             headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
             body = {"error": "temporarily_unavailable", "error_description": "AADSTS90033"}
             self._send_json(status, body, headers)
         elif path.endswith("/devicecode"):
-            self.fake.requests["devicecode"] += 1
+            self.fake._count("devicecode")
             self._send_json(*self.fake._device_authorization(form))
         else:
             self._send_json(*self.fake._token(form, self._basic_secret()))
