@@ -1,12 +1,12 @@
 """Wiring and lifecycle of the daemon (uvicorn's shape: start-up, main loop, shutdown).
 
-Start order: pid file lock → health endpoint → spool recovery → listener → READY=1
-(the token manager and scheduler slot in as DESIGN.md orders them). The health
-endpoint comes before recovery so that /healthz answers and /readyz says "recovering"
-during a long recovery. Stop order: the listener first, the health endpoint last.
-Signals only set flags or schedule work on the loop, so a signal never interrupts a
-half-done step: SIGTERM/SIGINT stop gracefully, SIGHUP reloads the configuration,
-SIGUSR1 (sent by `relayd queue` after a change) rescans the spool.
+Start order: pid file lock → health endpoint → spool recovery → tokens → listener →
+READY=1 (the scheduler slots in as DESIGN.md orders it). The health endpoint comes
+before recovery so that /healthz answers and /readyz says "recovering" during a long
+recovery. Stop order: the listener first, the health endpoint last. Signals only set
+flags or schedule work on the loop, so a signal never interrupts a half-done step:
+SIGTERM/SIGINT stop gracefully, SIGHUP reloads the configuration, SIGUSR1 (sent by
+`relayd queue` after a change) rescans the spool.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from relayd.pidfile import PID_FILE_NAME, AlreadyRunning, PidFile
 from relayd.reload import merge_reload
 from relayd.sdnotify import Notifier
 from relayd.spool import Spool
+from relayd.tokens import TokenManager
 
 log = structlog.get_logger("relayd.app")
 
@@ -64,6 +65,11 @@ class Relay:
             on_queued=self._queued,
         )
         self.listener = Listener(self.handler, settings.listen, settings.hostname)
+        self.tokens = (
+            TokenManager(settings, self.metrics, config_path=config_path)
+            if settings.upstream.transport == "smtp"
+            else None
+        )
         self.health = self._health_server(settings) if settings.metrics.enabled else None
         self.pid_file = PidFile(self.spool.directory / PID_FILE_NAME)
         self.ready = False  # listener bound and spool recovered
@@ -97,6 +103,8 @@ class Relay:
             **report,
             queued=sum(census.messages[s] for s in ("incoming", "deferred", "hold")),
         )
+        if self.tokens is not None:
+            await self.tokens.start()
         await self._start_listener()
         self._tasks.append(asyncio.create_task(self._update_gauges(), name="gauges"))
         self.ready, self.phase = True, "ready"
@@ -113,6 +121,8 @@ class Relay:
         self.notifier.notify("STOPPING=1")
         log.info("shutting down", grace_seconds=self.settings.listen.shutdown_grace)
         await self.listener.stop(self.settings.listen.shutdown_grace)
+        if self.tokens is not None:
+            await self.tokens.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -161,8 +171,7 @@ class Relay:
     def status_line(self) -> str:
         census = self.spool.census()
         held, failed = census.messages["hold"], census.messages["failed"]
-        tokens = getattr(self, "tokens", None)
-        auth = tokens.state if tokens is not None else "n/a"
+        auth = self.tokens.state if self.tokens is not None else "n/a"
         return f"queue {census.pending}, hold {held}, failed {failed}, auth {auth}"
 
     # --- internals ---------------------------------------------------------------

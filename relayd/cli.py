@@ -51,6 +51,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_auth_commands(commands: argparse._SubParsersAction) -> None:
     """`relayd auth login|import|status|refresh|logout` (tokens)."""
+    auth = commands.add_parser("auth", help="sign in to Microsoft 365 and manage the tokens")
+    actions = auth.add_subparsers(dest="action", metavar="ACTION", required=True)
+    login = actions.add_parser(
+        "login",
+        help="sign in as upstream.mailbox (browser on any machine, or --device-code)",
+    )
+    login.add_argument(
+        "--device-code",
+        action="store_true",
+        help="show a code to enter at the Microsoft device login page (public client)",
+    )
+    login.set_defaults(auth_action=lambda commands, args: commands.login(args.device_code))
+    migrate = actions.add_parser(
+        "import", help="redeem a refresh token read from standard input (migration)"
+    )
+    migrate.set_defaults(auth_action=lambda commands, args: commands.import_token())
+    status = actions.add_parser(
+        "status", help="show the account, token expiry and health; exit 1 when unusable"
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(auth_action=lambda commands, args: commands.status(args.json))
+    refresh = actions.add_parser("refresh", help="redeem the refresh token now")
+    refresh.set_defaults(auth_action=lambda commands, args: commands.refresh())
+    logout = actions.add_parser("logout", help="remove the account and its tokens from the cache")
+    logout.set_defaults(auth_action=lambda commands, args: commands.logout())
+    for parser in (login, migrate, status, refresh, logout):
+        _add_config_option(parser)
+        parser.set_defaults(handler=_auth)
+
+
+def _auth(args: argparse.Namespace) -> int:
+    from relayd.signin import AuthCommands  # imported late: MSAL is slow to import
+
+    settings = _load_settings(args.config)
+    relay_logging.configure(settings.logging.format, settings.logging.level)
+    return args.auth_action(AuthCommands(settings, args.config), args)
 
 
 def _add_queue_commands(commands: argparse._SubParsersAction) -> None:
@@ -137,6 +173,8 @@ def _serve(args: argparse.Namespace) -> int:
     except StartupError as error:
         print(f"relayd: cannot start: {error}", file=sys.stderr)
         return 1
+    except config.ConfigError as error:  # found at start-up, e.g. an unsafe token cache
+        config.fail(error)
     return 0
 
 

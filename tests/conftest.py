@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.fakes.entra import entra  # noqa: F401 (the fake Entra ID fixture)
+
 
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
