@@ -24,6 +24,8 @@ import pytest
 import structlog
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import AuthResult
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from relayd import logging as relay_logging
 from tests.helpers import json_lines
@@ -283,6 +285,21 @@ def test_rotating_secrets_are_bounded_but_permanent_ones_stay() -> None:
     assert redactor(f"secret {CLIENT_SECRET}") == "secret <redacted>"
     assert redactor(f"newest {tokens[-1]}") == "newest <redacted>"
     assert redactor(f"oldest {tokens[0]}") == f"oldest {tokens[0]}"  # evicted
+
+
+@pytest.mark.parametrize(
+    "pattern", [pattern for pattern, _ in relay_logging._PATTERNS], ids=lambda p: p.pattern[:24]
+)
+def test_the_quick_pre_check_never_skips_a_line_a_pattern_matches(pattern) -> None:
+    # The redactor skips its patterns when a line has none of their words; any text
+    # that a pattern matches, wherever it sits in a line, must not be skipped.
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.from_regex(pattern, alphabet=st.characters(max_codepoint=127)))
+    def check(text: str) -> None:
+        if pattern.search(text):
+            assert relay_logging._may_match_a_pattern(text)
+
+    check()
 
 
 # --- levels --------------------------------------------------------------------------------
