@@ -68,11 +68,34 @@ class RelaySMTP(SMTP):
         self.line_length_limit = max(_READ_CHUNK, settings.max_line_length + 3)
         super().__init__(handler, **kwargs)
         self.relay = handler
+        self.client_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        self._idle_deadline = 0.0
+
+    # --- idle timeout ------------------------------------------------------------
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Called before every command. aiosmtpd cancels and schedules a timer each time;
+        here a command only moves the deadline, and a timer that fires early sleeps again
+        for the rest. Same timeout, one timer per session instead of one per command."""
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._idle_deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
+
+    def _timeout_cb(self) -> None:
+        if self.loop.time() < self._idle_deadline:
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
+            return
+        super()._timeout_cb()
 
     # --- connection --------------------------------------------------------------
 
     async def _handle_client(self) -> None:
         """Refuse a client before the greeting when it may not use the relay."""
+        assert self.session is not None
+        self.client_address = _peer_address(self.session.peer)  # parsed once per session
         refusal = self.relay.connection_refusal(self)
         if refusal:
             with contextlib.suppress(ConnectionError):
@@ -177,6 +200,7 @@ class RelaySMTP(SMTP):
 
 _DOT_LINE = b".\r\n"
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_CONTROL_TEXT = re.compile(r"[\x00-\x1f\x7f]")
 _READ_CHUNK = 64 * 1024
 _LINE_SCAN_CHUNK = 1024 * 1024  # bounds the list of lines _has_long_line holds at once
 
@@ -254,8 +278,7 @@ class RelayHandler:
     # --- connection --------------------------------------------------------------
 
     def connection_refusal(self, protocol: RelaySMTP) -> str | None:
-        peer = protocol.session.peer if protocol.session else None
-        address = _peer_address(peer)
+        address = protocol.client_address
         if address is None or not any(address in net for net in self.settings.allowed_clients):
             self.metrics.reject("access_denied")
             log.warning("connection refused", client=str(address), reason="not in allowed_clients")
@@ -326,13 +349,13 @@ class RelayHandler:
                 " Received: headers (RFC 5321 6.3)"
             )
         queue_id = new_queue_id()
-        spool_envelope = _spool_envelope(session, envelope)
+        spool_envelope = _spool_envelope(server, envelope)
         if self.content_policy is not None:
             refusal = self.content_policy(spool_envelope, content)
             if refusal:
                 self.metrics.reject("sender_policy")
                 return refusal
-        stored, message_id = self._with_trace_fields(content, summary, queue_id, session, envelope)
+        stored, message_id = self._with_trace_fields(content, summary, queue_id, server, envelope)
         reply = await self._commit(queue_id, spool_envelope, stored)
         if reply.startswith("250"):
             self.metrics.accept_duration.observe(time.perf_counter() - started)
@@ -378,16 +401,18 @@ class RelayHandler:
         content: bytes,
         summary: headers.HeaderSummary,
         queue_id: str,
-        session: Session,
+        server: RelaySMTP,
         envelope: Envelope,
     ) -> tuple[bytes, str]:
         now = time.time()
+        session = server.session
+        assert session is not None
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
         if envelope.smtp_utf8:
             protocol = "UTF8SMTP"
         received = headers.received_field(
             helo=session.host_name or "",
-            client_ip=str(_peer_address(session.peer) or "unknown"),
+            client_ip=str(server.client_address or "unknown"),
             hostname=self.hostname,
             queue_id=queue_id,
             protocol=protocol,
@@ -429,11 +454,13 @@ class RelayHandler:
         )
 
 
-def _spool_envelope(session: Session, envelope: Envelope) -> SpoolEnvelope:
+def _spool_envelope(server: RelaySMTP, envelope: Envelope) -> SpoolEnvelope:
+    session = server.session
+    assert session is not None
     return SpoolEnvelope(
         sender="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
         recipients=tuple(envelope.rcpt_tos),
-        client=str(_peer_address(session.peer) or ""),
+        client=str(server.client_address or ""),
         helo=session.host_name or "",
         received_at=time.time(),
         mail_options=tuple(
@@ -455,7 +482,7 @@ def _peer_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _valid_mailbox(address: str, mail_options: list) -> bool:
-    if len(address) > _MAX_PATH or any(ord(c) < 32 or ord(c) == 127 for c in address):
+    if len(address) > _MAX_PATH or _CONTROL_TEXT.search(address):
         return False
     if not address.isascii() and "SMTPUTF8" not in mail_options:
         return False

@@ -375,3 +375,15 @@ def test_protocol_errors_have_enhanced_codes(tmp_path: Path) -> None:
         assert client.docmd("MAIL FROM:")[0] == 501
         client.mail("app@example.com")
         assert client.docmd("MAIL FROM:<app@example.com>")[1].startswith(b"5.5.1")
+
+
+def test_idle_timeout_closes_a_silent_session_but_not_a_busy_one(tmp_path: Path) -> None:
+    # Every command moves the deadline on; only a session silent for idle_timeout ends.
+    with relay(tmp_path, listen={"idle_timeout": 0.6}) as running:
+        with running.client() as busy:
+            for _ in range(8):  # 8 x 0.2 s: well past one idle_timeout in all
+                threading.Event().wait(0.2)
+                assert busy.noop()[0] == 250
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as silent:
+            assert silent.recv(1024).startswith(b"220")
+            assert silent.recv(1024) == b""  # closed by the server, not by our timeout
