@@ -160,32 +160,10 @@ class RelaySMTP(SMTP):
         await self.push(status)
 
     async def _read_data(self) -> _DataResult:
-        """Read up to the line "." (CRLF.CRLF), in chunks rather than line by line.
-
-        Only CRLF ends a line (RFC 5321 §2.3.8), so <LF>.<LF> and its cousins are
-        content, never the end of the message. Past the size limit the data is read
-        and dropped, so a huge message cannot fill memory.
-        """
-        limit = self.data_size_limit or 0
-        data = bytearray()
-        last5 = b""  # the stream's last five bytes: is ".\r\n" at a line start?
-        size = 0
-        while True:
-            try:
-                chunk = await self._reader.readuntil(_DOT_LINE)
-                candidate = True
-            except asyncio.LimitOverrunError as overrun:
-                chunk = await self._reader.read(overrun.consumed)
-                candidate = False
-            size += len(chunk)
-            last5 = (last5 + chunk)[-5:]
-            if not limit or size <= limit + len(_DOT_LINE):
-                data += chunk
-            if candidate and (size == len(_DOT_LINE) or last5[:2] == b"\r\n"):
-                break
-        if limit and size > limit + len(_DOT_LINE):
+        content = await read_data(self._reader, self.data_size_limit or 0)
+        if content is None:
             return _DataResult(b"", "too_big")
-        return self._check_content(bytes(data[: -len(_DOT_LINE)]))
+        return self._check_content(content)
 
     def _check_content(self, content: bytes) -> _DataResult:
         if _has_bare_line_ending(content):
@@ -199,6 +177,7 @@ class RelaySMTP(SMTP):
 
 
 _DOT_LINE = b".\r\n"
+_END_OF_DATA = b"\r\n.\r\n"
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _CONTROL_TEXT = re.compile(r"[\x00-\x1f\x7f]")
 _READ_CHUNK = 64 * 1024
@@ -232,6 +211,71 @@ def _has_long_line(content: bytes, maximum: int) -> bool:
             return True
         start = end + 2
     return False
+
+
+async def read_data(reader: asyncio.StreamReader, limit: int = 0) -> bytes | None:
+    """Read up to the end of data, the line "." (RFC 5321 §4.1.1.4): CRLF "." CRLF, where
+    the first CRLF may be the one that ended the DATA command. The data before it, still
+    dot-stuffed, or None when it is over ``limit`` bytes (0: no limit); past the limit
+    the data is read and dropped, so a huge message cannot fill memory.
+
+    Only CRLF ends a line (RFC 5321 §2.3.8), so <LF>.<LF> and its cousins are content,
+    never the end of the message, and nothing after the end is ever read.
+
+    The marker is searched with readuntil() over large chunks, two reads for most
+    messages. That search cannot see a marker that began in bytes already read, so
+    while those end with the first bytes of one (always so at the start), only the
+    bytes that could complete it are read; if the stream keeps ending that way (runs of
+    empty lines or bare CRs), the next read stops at the next ".\r\n" instead, which
+    cannot pass a marker either (see _next_step).
+    """
+    data = bytearray()
+    tail = b"\r\n"  # the stream's last bytes, from the CRLF that ended the DATA line
+    size = 0
+    step = ""
+    while not tail.endswith(_END_OF_DATA):
+        step = _next_step(tail, step)
+        chunk = await _read_step(reader, step, tail)
+        size += len(chunk)
+        tail = chunk[-5:] if len(chunk) >= 5 else (tail + chunk)[-5:]
+        if not limit or size <= limit + len(_DOT_LINE):
+            data += chunk
+    if limit and size > limit + len(_DOT_LINE):
+        return None
+    del data[-len(_DOT_LINE) :]
+    return bytes(data)
+
+
+def _next_step(tail: bytes, previous: str) -> str:
+    """How to read on: "marker" (search the whole marker), "probe" (read only what
+    could complete the one the tail begins) or "line" (up to the next ".\r\n").
+
+    A "line" read is safe only while the marker's "." is unread (tail "\r" or "\r\n");
+    after "\r\n." or "\r\n.\r" a probe of one or two bytes settles it."""
+    partial = _partial_marker(tail)
+    if not partial:
+        return "marker"
+    return "line" if previous == "probe" and partial <= 2 else "probe"
+
+
+async def _read_step(reader: asyncio.StreamReader, step: str, tail: bytes) -> bytes:
+    try:
+        if step == "marker":
+            return await reader.readuntil(_END_OF_DATA)
+        if step == "probe":
+            return await reader.readexactly(len(_END_OF_DATA) - _partial_marker(tail))
+        return await reader.readuntil(_DOT_LINE)
+    except asyncio.LimitOverrunError as overrun:
+        # readuntil() keeps the bytes a marker could begin in; none begins in these.
+        return await reader.read(overrun.consumed)
+
+
+def _partial_marker(tail: bytes) -> int:
+    """How many of the stream's last bytes could begin an end-of-data marker (0 to 4)."""
+    for length in range(len(_END_OF_DATA) - 1, 0, -1):
+        if tail.endswith(_END_OF_DATA[:length]):
+            return length
+    return 0
 
 
 def _has_bare_line_ending(content: bytes) -> bool:

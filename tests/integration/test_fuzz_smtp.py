@@ -255,7 +255,10 @@ def test_pipelined_bursts_never_queue_anything_unacknowledged(
         assert original in sent
         assert not original.startswith(b"X-Fuzz-Smuggled")
     final = [c for c in new.values() if b"X-Fuzz-Id: " in c]
-    if expected_code(body) == b"250":
+    # Five unrecognized commands (say, five bare "." lines) end the session with 502
+    # (aiosmtpd's limit), so the final transaction is never read.
+    cut_off = any(code == b"502" for code, _ in session.replies)
+    if expected_code(body) == b"250" and not cut_off:
         assert [without_added_fields(strip_received(c)) for c in final] == [body]
 
 
