@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +216,37 @@ class RelayProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+class NotifySocket:
+    """An AF_UNIX datagram socket standing in for systemd (abstract namespace)."""
+
+    def __init__(self) -> None:
+        self.name = f"relayd-test-{os.getpid()}-{time.monotonic_ns()}"
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind("\0" + self.name)
+        self.messages: list[str] = []
+
+    @property
+    def address(self) -> str:
+        return "@" + self.name  # what NOTIFY_SOCKET says for the abstract namespace
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> str:
+        """Read datagrams until one satisfies ``predicate``; returns it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.socket.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                message = self.socket.recv(4096).decode()
+            except TimeoutError:
+                break
+            self.messages.append(message)
+            if predicate(message):
+                return message
+        raise TimeoutError(f"no matching notification in {timeout}s; got {self.messages}")
+
+    def close(self) -> None:
+        self.socket.close()
 
 
 @contextlib.contextmanager

@@ -2,48 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import smtplib
-import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import RelayProcess, make_message, transact, write_config
-
-
-class NotifySocket:
-    """An AF_UNIX datagram socket standing in for systemd (abstract namespace)."""
-
-    def __init__(self) -> None:
-        self.name = f"relayd-test-{os.getpid()}-{time.monotonic_ns()}"
-        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.socket.bind("\0" + self.name)
-        self.messages: list[str] = []
-
-    @property
-    def address(self) -> str:
-        return "@" + self.name  # what NOTIFY_SOCKET says for the abstract namespace
-
-    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> str:
-        """Read datagrams until one satisfies ``predicate``; returns it."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.socket.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                message = self.socket.recv(4096).decode()
-            except TimeoutError:
-                break
-            self.messages.append(message)
-            if predicate(message):
-                return message
-        raise TimeoutError(f"no matching notification in {timeout}s; got {self.messages}")
-
-    def close(self) -> None:
-        self.socket.close()
+from tests.helpers import NotifySocket, RelayProcess, make_message, transact, write_config
 
 
 @pytest.fixture
