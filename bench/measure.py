@@ -1,0 +1,84 @@
+"""What the benchmarks read from the machine: its description, and a process's memory
+and CPU time (Linux /proc)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    mount_point: str
+    type: str
+    device: str
+
+    @property
+    def journal(self) -> str:
+        """ext4 keeps its journal in a jbd2 thread per device; other types say nothing."""
+        if self.type not in ("ext3", "ext4"):
+            return ""
+        name = Path(self.device).name
+        has_journal = any(entry.startswith(f"{name}-") for entry in _listdir("/proc/fs/jbd2"))
+        return "journal" if has_journal else "no journal"
+
+    def __str__(self) -> str:
+        details = ", ".join(part for part in (self.device, self.journal) if part)
+        return f"{self.type} ({details}) at {self.mount_point}"
+
+
+def filesystem_of(path: Path) -> Filesystem:
+    """The mount that holds ``path`` (the longest mount point that is a prefix of it)."""
+    resolved = str(path.resolve())
+    best = Filesystem("/", "unknown", "")
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        mount_point = fields[4]
+        inside = resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best.mount_point):
+            after = fields[fields.index("-") + 1 :]  # fstype, source, super options
+            best = Filesystem(mount_point, after[0], after[1])
+    return best
+
+
+def machine(spool_base: Path) -> str:
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return (
+        f"{os.cpu_count()} cores, {cpu_model()}, Linux {platform.release()},"
+        f" Python {platform.python_version()}; spools on {filesystem_of(spool_base)};"
+        f" load average before the run {load}"
+    )
+
+
+def _proc_status(pid: int, key: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM)."""
+    return _proc_status(pid, "VmHWM")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []

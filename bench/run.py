@@ -1,0 +1,268 @@
+"""relayd's benchmark table: one command, one Markdown table. Nothing is asserted.
+
+    python3 bench/run.py [--with-postfix] [--messages 3000] [--repeat 3] [--queued 100000]
+
+Rows:
+
+* accept rate and p50/p99 latency (end-of-data dot to the 250 reply) at 1, 20 and
+  100 concurrent clients with 2 KiB and 100 KiB messages. relayd runs as
+  ``relayd serve`` at its default log level, with an upstream nobody can reach, so the
+  figures are the listener and the durable spool commit alone. Generators: our
+  asyncio one (bench/smtpload.py; it measures latency) and, when Postfix is
+  installed, Postfix's smtp-source (C, rate only). With ``--with-postfix`` the same
+  loads go to a private Postfix (bench/postfix.py) and the table shows relayd / Postfix.
+* peak RSS of relayd idle, under that load, and with 100,000 messages queued; the time
+  from the start of ``relayd serve`` to READY=1 (on a NOTIFY_SOCKET this script binds)
+  with 100,000 messages queued.
+
+Each load runs ``--repeat`` times, alternating relayd and Postfix; the table shows
+medians. Spools live under ``--base`` (a disk, not tmpfs, so fsync costs what it
+costs). On ext4 without a journal, creating a file skips inodes freed in the last
+minutes one by one, so a spool in a directory where other programs delete many files
+gets slow creates; the run's directory is marked for spreading (chattr +T) so that
+each spool starts on its own block group, for relayd and Postfix alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import postfix
+from bench.measure import cpu_seconds, machine, peak_rss_mib
+from bench.queued import fill_spool, measure_startup
+from bench.smtpload import LoadResult, run_load
+from tests.helpers import RelayProcess, unreachable_upstream, write_config
+
+SIZES = (2 * 1024, 100 * 1024)
+CLIENTS = (1, 20, 100)
+
+
+@dataclass
+class Measured:
+    """The medians of repeated runs of one load against one server."""
+
+    rate: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    cpu_ms: float | None = None  # server CPU per message (relayd only)
+
+
+@dataclass
+class Row:
+    measurement: str
+    load: str = ""
+    generator: str = ""
+    relayd: str = ""
+    relayd_latency: str = ""
+    relayd_cpu: str = ""
+    postfix: str = ""
+    postfix_latency: str = ""
+    ratio: str = ""
+
+
+def _size_label(size: int) -> str:
+    return f"{size // 1024} KiB"
+
+
+try:
+    import uvloop  # the generator then takes less CPU from the servers it measures
+except ImportError:
+    uvloop = None
+
+SMTPLOAD = "smtpload (asyncio" + (" + uvloop)" if uvloop else ")")
+SMTP_SOURCE = "smtp-source"
+
+
+def _load_once(generator: str, port: int, clients: int, messages: int, size: int) -> LoadResult:
+    if generator == SMTP_SOURCE:
+        # smtp-source's length is the body alone; ours counts the header too (~200 B).
+        seconds = postfix.smtp_source(port, clients, messages, max(size - 200, 1))
+        return LoadResult(clients, size, sent=messages, seconds=seconds)
+    load = run_load("127.0.0.1", port, clients, messages, size)
+    return uvloop.run(load) if uvloop else asyncio.run(load)
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def measure(
+    generator: str,
+    servers: dict[str, tuple[int, int | None]],
+    clients: int,
+    size: int,
+    messages: int,
+    repeat: int,
+) -> dict[str, Measured]:
+    """Run the load ``repeat`` times against each server (port, pid to read CPU of)."""
+    runs: dict[str, list[tuple[LoadResult, float | None]]] = {name: [] for name in servers}
+    for _ in range(repeat):
+        for name, (port, pid) in servers.items():  # alternating: noise hits both alike
+            cpu_before = cpu_seconds(pid) if pid else 0.0
+            result = _load_once(generator, port, clients, messages, size)
+            cpu = (cpu_seconds(pid) - cpu_before) * 1000 / result.sent if pid else None
+            if result.failed:
+                print(f"  {name}: {result.failed} messages not accepted", file=sys.stderr)
+            runs[name].append((result, cpu))
+    measured = {}
+    for name, results in runs.items():
+        latency = generator != SMTP_SOURCE
+        measured[name] = Measured(
+            rate=_median([r.rate for r, _ in results]) or 0.0,
+            p50_ms=_median([r.p50_ms for r, _ in results]) if latency else None,
+            p99_ms=_median([r.p99_ms for r, _ in results]) if latency else None,
+            cpu_ms=_median([cpu for _, cpu in results if cpu is not None]),
+        )
+    return measured
+
+
+def accept_rows(
+    relay: RelayProcess, postfix_port: int | None, args: argparse.Namespace
+) -> Iterator[Row]:
+    assert relay.process is not None
+    servers = {"relayd": (relay.port, relay.process.pid)}
+    if postfix_port:
+        servers["postfix"] = (postfix_port, None)
+    generators = [SMTPLOAD, SMTP_SOURCE] if postfix.SMTP_SOURCE else [SMTPLOAD]
+    for size in SIZES:
+        for clients in CLIENTS:
+            # Fewer big messages, fewer for one client: each run takes seconds, not minutes.
+            messages = args.messages // (5 if size > 4096 else 1) // (3 if clients == 1 else 1)
+            messages = max(messages, 100)
+            for generator in generators:
+                label = f"{clients} client{'s' * (clients > 1)}, {_size_label(size)}"
+                print(f"  accept: {label}, {generator}", file=sys.stderr)
+                results = measure(generator, servers, clients, size, messages, args.repeat)
+                yield _accept_row(label, generator, results)
+
+
+def _accept_row(load: str, generator: str, results: dict[str, Measured]) -> Row:
+    relayd, other = results["relayd"], results.get("postfix")
+    row = Row(
+        "accept rate",
+        load,
+        generator,
+        relayd=f"{relayd.rate:,.0f} msg/s",
+        relayd_latency=_latency(relayd),
+        relayd_cpu=f"{relayd.cpu_ms:.2f}" if relayd.cpu_ms is not None else "",
+    )
+    if other is not None:
+        row.postfix = f"{other.rate:,.0f} msg/s"
+        row.postfix_latency = _latency(other)
+        row.ratio = f"{relayd.rate / other.rate:.2f}" if other.rate else ""
+    return row
+
+
+def _latency(measured: Measured) -> str:
+    if measured.p50_ms is None or measured.p99_ms is None:
+        return ""
+    return f"{measured.p50_ms:.1f} / {measured.p99_ms:.1f}"
+
+
+def _relay_config(base: Path) -> Path:
+    """relayd as it ships (log level info), an upstream nobody can reach: mail stays."""
+    base.mkdir(parents=True, exist_ok=True)
+    return write_config(base, unreachable_upstream(base))
+
+
+def _spread(directory: Path) -> None:
+    """Ask ext4 to put each subdirectory on its own block group (see the docstring)."""
+    if shutil.which("chattr"):
+        subprocess.run(["chattr", "+T", str(directory)], capture_output=True, check=False)
+
+
+def run_accept(root: Path, args: argparse.Namespace) -> list[Row]:
+    rows = []
+    with contextlib.ExitStack() as stack:
+        postfix_port = None
+        if args.with_postfix:
+            postfix.become_subreaper()
+            sink = stack.enter_context(postfix.SmtpSink())
+            local = stack.enter_context(postfix.LocalPostfix(root / "postfix", sink.port))
+            postfix_port = local.port
+        relay = stack.enter_context(RelayProcess(_relay_config(root / "relayd")))
+        assert relay.process is not None
+        idle = peak_rss_mib(relay.process.pid)
+        rows.extend(accept_rows(relay, postfix_port, args))
+        loaded = peak_rss_mib(relay.process.pid)
+    rows.append(Row("peak RSS, idle", relayd=f"{idle:.1f} MiB"))
+    rows.append(Row("peak RSS, under the loads above", relayd=f"{loaded:.1f} MiB"))
+    return rows
+
+
+def run_queued(root: Path, args: argparse.Namespace) -> list[Row]:
+    base = root / "queued"
+    print(f"  filling the spool with {args.queued:,} messages", file=sys.stderr)
+    fill_spool(base / "spool", args.queued, 2 * 1024)
+    config_path = _relay_config(base)
+    results = [measure_startup(config_path, args.queued) for _ in range(args.repeat)]
+    ready = statistics.median(result.ready_seconds for result in results)
+    rss = max(result.peak_rss_mib for result in results)
+    load = f"{args.queued:,} queued (2 KiB)"
+    return [
+        Row("peak RSS, with messages queued", load, relayd=f"{rss:.1f} MiB"),
+        Row("start → READY=1", load, relayd=f"{ready:.2f} s"),
+    ]
+
+
+def print_table(rows: list[Row], with_postfix: bool) -> None:
+    columns: list[tuple[str, Callable[[Row], str], bool]] = [
+        ("measurement", lambda r: r.measurement, False),
+        ("load", lambda r: r.load, False),
+        ("generator", lambda r: r.generator, False),
+        ("relayd", lambda r: r.relayd, True),
+        ("p50 / p99 ms", lambda r: r.relayd_latency, True),
+        ("relayd CPU ms/msg", lambda r: r.relayd_cpu, True),
+    ]
+    if with_postfix:
+        columns += [
+            ("Postfix", lambda r: r.postfix, True),
+            ("Postfix p50 / p99 ms", lambda r: r.postfix_latency, True),
+            ("relayd / Postfix", lambda r: r.ratio, True),
+        ]
+    print("| " + " | ".join(title for title, _, _ in columns) + " |")
+    print("|" + "|".join("---:" if right else "---" for _, _, right in columns) + "|")
+    for row in rows:
+        print("| " + " | ".join(cell(row) for _, cell, _ in columns) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=3000, help="per 2 KiB run (100 KiB: /5)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per load; medians shown")
+    parser.add_argument("--queued", type=int, default=100_000, help="0 skips the queued rows")
+    parser.add_argument("--with-postfix", action="store_true", help="compare with Postfix")
+    parser.add_argument("--base", type=Path, default=Path("/var/tmp"), help="where spools go")
+    args = parser.parse_args()
+    if args.with_postfix and not postfix.available():
+        parser.error("--with-postfix needs Postfix: apt-get install postfix (see bench/README.md)")
+
+    header = machine(args.base)
+    with tempfile.TemporaryDirectory(prefix="relayd-bench-", dir=args.base) as tmp:
+        root = Path(tmp)
+        root.chmod(0o755)  # Postfix's daemons run as the postfix user
+        _spread(root)
+        rows = run_accept(root, args)
+        if args.queued:
+            rows += run_queued(root, args)
+        print("  removing the spools", file=sys.stderr)
+    print(f"\n{header}\n")
+    print(f"`{shlex.join(['python3', 'bench/run.py', *sys.argv[1:]])}`, medians of {args.repeat}\n")
+    print_table(rows, args.with_postfix)
+
+
+if __name__ == "__main__":
+    main()
