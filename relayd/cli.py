@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -164,12 +163,12 @@ def _load_settings(path: Path) -> config.Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from relayd.app import Relay, StartupError  # imported late: keeps `relayd --help` fast
+    from relayd.app import Relay, StartupError, run  # imported late: keeps --help fast
 
     settings = _load_settings(args.config)
     relay_logging.configure(settings.logging.format, settings.logging.level)
     try:
-        asyncio.run(Relay(settings, config_path=args.config).run())
+        run(Relay(settings, config_path=args.config))
     except StartupError as error:
         print(f"relayd: cannot start: {error}", file=sys.stderr)
         return 1
