@@ -1,6 +1,6 @@
 """Wiring and lifecycle of the daemon (uvicorn's shape: start-up, main loop, shutdown).
 
-Start order: spool recovery → listener → READY=1. Signals only set flags; the main
+Start order: spool recovery → listener → scheduler → READY=1. Signals only set flags; the main
 coroutine does the work, so a signal can never interrupt a half-done step.
 """
 
@@ -17,10 +17,12 @@ import structlog
 from relayd import config
 from relayd import logging as relay_logging
 from relayd.config import ConfigError, Settings
+from relayd.delivery import build_transport
 from relayd.listener import Listener, RelayHandler
 from relayd.metrics import Metrics
+from relayd.scheduler import Scheduler
 from relayd.sdnotify import Notifier
-from relayd.spool import Spool
+from relayd.spool import Envelope, Spool
 
 log = structlog.get_logger("relayd.app")
 
@@ -44,12 +46,16 @@ class Relay:
         self.metrics = metrics or Metrics()
         self.notifier = notifier or Notifier()
         self.spool = Spool(settings.spool.directory, min_free_space=settings.spool.min_free_space)
+        # self.tokens comes from the token module (None with the maildir transport).
+        transport = build_transport(settings, self.metrics, getattr(self, "tokens", None))
+        self.scheduler = Scheduler(self.spool, transport, settings, self.metrics)
         self.handler = RelayHandler(
             settings.listen,
             self.spool,
             self.metrics,
             hostname=settings.hostname,
             on_queued=self._queued,
+            content_policy=self._content_policy,
         )
         self.listener = Listener(self.handler, settings.listen, settings.hostname)
         self.ready = False
@@ -78,6 +84,7 @@ class Relay:
             queued=sum(census.messages[s] for s in ("incoming", "deferred", "hold")),
         )
         await self.listener.start()
+        await self.scheduler.start()
         self._tasks.append(asyncio.create_task(self._update_gauges(), name="gauges"))
         self.ready = True
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
@@ -91,6 +98,7 @@ class Relay:
         self.notifier.notify("STOPPING=1")
         log.info("shutting down", grace_seconds=self.settings.listen.shutdown_grace)
         await self.listener.stop(self.settings.listen.shutdown_grace)
+        await self.scheduler.stop(self.settings.listen.shutdown_grace)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -114,6 +122,7 @@ class Relay:
             return
         relay_logging.set_level(new.logging.level)
         self.listener.reconfigure(new.listen)
+        self.scheduler.reconfigure(new)
         self.settings = new
         log.info("configuration reloaded", file=str(self.config_path), level=new.logging.level)
 
@@ -132,6 +141,11 @@ class Relay:
 
     def _queued(self, queue_id: str) -> None:
         """A message was committed; delivery is started from here."""
+        self.scheduler.notify(queue_id)
+
+    def _content_policy(self, envelope: Envelope, content: bytes) -> str | None:
+        """End of DATA: the sender policy may refuse a From: it cannot send as."""
+        return self.scheduler.policy.refusal(envelope, content)
 
     async def _update_gauges(self) -> None:
         last_census = time.monotonic()

@@ -41,7 +41,8 @@ def field_names(block: bytes) -> list[bytes]:
 def field_value(block: bytes, name: bytes) -> bytes | None:
     """The unfolded value of the first field called ``name`` (case-insensitive)."""
     pattern = re.compile(
-        rb"^" + re.escape(name) + rb"[ \t]*:(.*(?:\r\n[ \t].*)*)", re.MULTILINE | re.IGNORECASE
+        rb"^" + re.escape(name) + rb"[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)",
+        re.MULTILINE | re.IGNORECASE,
     )
     match = pattern.search(block)
     if not match:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -9,11 +10,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import yaml
+
+from relayd import config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,6 +48,11 @@ def base_config(tmp_path: Path) -> dict[str, Any]:
         "metrics": {"address": "127.0.0.1", "port": free_port()},
         "logging": {"format": "json", "level": "info"},
     }
+
+
+def load_settings(tmp_path: Path, overrides: Mapping | None = None) -> config.Settings:
+    """Validated settings from base_config() + overrides, as `relayd serve` would load them."""
+    return config.from_mapping(deep_merge(base_config(tmp_path), overrides or {}), environ={})
 
 
 def write_config(
@@ -139,3 +149,61 @@ def running_relay(config_path: Path, **kwargs: Any) -> Iterator[RelayProcess]:
         yield relay
     finally:
         relay.kill()
+
+
+# --- messages and clients ------------------------------------------------------------
+
+
+def make_message(
+    number: int,
+    *,
+    sender: str = "app@example.com",
+    to: str = "user@example.org",
+    size: int = 0,
+    extra_headers: str = "",
+) -> bytes:
+    """A well-formed message (Date and Message-ID included, CRLF) of about ``size`` bytes."""
+    head = (
+        f"From: Application <{sender}>\r\nTo: <{to}>\r\nSubject: message {number}\r\n"
+        f"Date: {formatdate(localtime=True)}\r\nMessage-ID: {make_msgid(str(number))}\r\n"
+        f"{extra_headers}\r\n"
+    ).encode()
+    body = f"This is message {number}.\r\n".encode()
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n"
+    while len(head) + len(body) + len(line) <= size:
+        body += line
+    return head + body
+
+
+async def send_messages(
+    port: int,
+    messages: Iterable[tuple[str, list[str], bytes]],
+    *,
+    connections: int = 1,
+    host: str = "127.0.0.1",
+) -> list[str]:
+    """Send (sender, recipients, content) over ``connections`` parallel sessions; returns
+    the server's reply to each end of DATA, in order."""
+    queue = list(enumerate(messages))
+    replies: list[str] = [""] * len(queue)
+
+    async def session() -> None:
+        async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as client:
+            while queue:
+                index, (sender, recipients, content) = queue.pop(0)
+                _, reply = await client.sendmail(sender, recipients, content)
+                replies[index] = reply
+
+    await asyncio.gather(*(session() for _ in range(connections)))
+    return replies
+
+
+async def eventually(
+    condition: Callable[[], bool], timeout: float = 15.0, message: str = "condition"
+) -> None:
+    """Wait until ``condition()`` is true, polling; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} not reached within {timeout}s")
+        await asyncio.sleep(0.02)
