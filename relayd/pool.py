@@ -82,8 +82,8 @@ class ConnectionPool:
 
     def reconfigure(self, limit: int, idle_timeout: float) -> None:
         self.limit, self.idle_timeout = limit, idle_timeout
-        while self._open > self.limit and self._idle:
-            session, handle = self._idle.pop(0)
+        for _ in range(min(self._open - self.limit, len(self._idle))):
+            session, handle = self._idle.pop(0)  # the longest idle first
             handle.cancel()
             self._quit_later(session)
         self._wake_one()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from datetime import UTC, datetime
@@ -371,9 +372,11 @@ class Scheduler:
             )
             return
         self._record(message, attempt, decision, now)
-        if decision.action == RELEASED or not attempt.attempted:
+        if decision.action == RELEASED:
             self._scan_due_at = 0.0  # it is queued again: find it once unblocked
-            self._next_deferred = None
+        elif decision.next_attempt is not None:
+            # Come back for it when it is due (the periodic scan is only a safety net).
+            self._next_deferred = min(self._next_deferred or math.inf, decision.next_attempt)
 
     async def _queue_dsn(
         self,
