@@ -134,7 +134,7 @@ class SmtpTransport:
         self.settings = settings
         self.metrics = metrics
         self.tokens = tokens
-        self.breaker = CircuitBreaker()
+        self.breaker = CircuitBreaker(start_probing=True)
         self._tls: tuple[Path | None, ssl.SSLContext] | None = None
         self._probe_lock = asyncio.Lock()
         self.pool = ConnectionPool(

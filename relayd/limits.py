@@ -85,14 +85,16 @@ class CircuitBreaker:
     down). ``failure`` opens it for a pause that doubles with each consecutive failure
     (connection refused, auth rejected), between the given bounds. After the pause the
     breaker is *probing*: callers should try one connection at a time until
-    ``success`` closes it again.
+    ``success`` closes it again. A new breaker probes too (``start_probing``): until
+    the first session has worked, nothing is known about the upstream, and three
+    sessions refused at once would mean three token refreshes.
     """
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
+    def __init__(self, clock: Clock = time.monotonic, *, start_probing: bool = False) -> None:
         self._clock = clock
         self._open_until = 0.0
         self.failures = 0
-        self.reason = ""
+        self.reason = "start" if start_probing else ""
 
     def trip(self, reason: str, pause: float) -> None:
         self.reason = reason

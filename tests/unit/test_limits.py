@@ -108,3 +108,10 @@ def test_breaker_trip_never_shortens_a_longer_pause(clock: Clock) -> None:
     breaker.trip("quota", 3600)
     breaker.trip("throttled", 60)
     assert breaker.remaining() == 3600
+
+
+def test_new_breaker_can_start_by_probing(clock: Clock) -> None:
+    breaker = CircuitBreaker(clock, start_probing=True)
+    assert breaker.probing and not breaker.is_open
+    breaker.success()
+    assert not breaker.probing
