@@ -87,6 +87,7 @@ class Scheduler:
         self._finished_during_scan: set[str] | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._claiming: asyncio.Future | None = None  # a claim running in a thread
         self._stopping = False
         self._paused: str | None = None
         for reason in DEFER_REASONS:
@@ -156,6 +157,7 @@ class Scheduler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._release_interrupted_claim()
         pending: set[asyncio.Task] = set(self._active.values())
         if pending:
             log.info("waiting for deliveries in flight", count=len(pending), grace=grace)
@@ -270,12 +272,18 @@ class Scheduler:
     # --- one message -------------------------------------------------------------------
 
     async def _start(self, queue_id: str) -> None:
+        # Shielded: if stop() cancels the dispatcher now, the thread still claims the
+        # message; stop() then gives it back (_release_interrupted_claim).
+        self._claiming = asyncio.ensure_future(asyncio.to_thread(self._claim, queue_id))
         try:
-            claimed = await asyncio.to_thread(self._claim, queue_id)
+            claimed = await asyncio.shield(self._claiming)
+            self._claiming = None
         except CorruptMessage as error:
+            self._claiming = None
             log.error("queue file is corrupt; set aside", queue_id=queue_id, error=str(error))
             return
         except OSError as error:
+            self._claiming = None
             log.error("cannot read a queued message", queue_id=queue_id, error=str(error))
             return
         if claimed is None:
@@ -292,6 +300,17 @@ class Scheduler:
             self.daily.spend(wanted)
             self.rate.spend(1)
         self._track(message.queue_id, self._deliver(message, submission, original_headers))
+
+    async def _release_interrupted_claim(self) -> None:
+        claiming, self._claiming = self._claiming, None
+        if claiming is None:
+            return
+        try:
+            claimed = await claiming
+        except Exception:
+            return  # nothing was claimed (or it was set aside as corrupt)
+        if claimed is not None:
+            self._release_abandoned(claimed[0])
 
     def _claim(self, queue_id: str) -> tuple[QueuedMessage, Submission, bytes] | None:
         """In a thread: claim, read and prepare one message."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from email import policy as email_policy
@@ -356,3 +357,22 @@ async def test_reconfigure_applies_a_new_rate_limit(make) -> None:
         )
     )
     await eventually(lambda: len(h.transport.calls) == 3)
+
+
+async def test_stop_during_a_claim_gives_the_message_back(make) -> None:
+    h = make()
+    claim = h.spool.claim
+    claiming = threading.Event()
+
+    def slow_claim(queue_id: str):
+        claiming.set()
+        time.sleep(0.3)  # in the claim thread: stop() arrives meanwhile
+        return claim(queue_id)
+
+    h.spool.claim = slow_claim
+    queue_id = await h.queue(notify=False)
+    await h.scheduler.start()
+    await asyncio.to_thread(claiming.wait, 5)
+    await h.scheduler.stop(1)
+    await asyncio.sleep(0.4)  # long enough for an orphaned claim thread to finish
+    assert h.state_of(queue_id) == "incoming" and h.transport.calls == []
