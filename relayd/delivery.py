@@ -54,6 +54,7 @@ log = structlog.get_logger("relayd.delivery")
 # Token states in which asking for a token is pointless: a person must sign in, or
 # the token module is already retrying the token endpoint by itself.
 _WAITING_STATES = (auth.NO_TOKEN, auth.REAUTH_REQUIRED, auth.UNAVAILABLE)
+_USABLE_STATES = (auth.OK, auth.REFRESHING)
 _CONNECTION_ERRORS = (aiosmtplib.SMTPException, OSError, ssl.SSLError, asyncio.TimeoutError)
 
 
@@ -136,6 +137,7 @@ class SmtpTransport:
         self.tokens = tokens
         self.breaker = CircuitBreaker(start_probing=True)
         self._tls: tuple[Path | None, ssl.SSLContext] | None = None
+        self._auth_state_at_pause = auth.OK  # token state when auth paused the upstream
         self._probe_lock = asyncio.Lock()
         self.pool = ConnectionPool(
             self._open_session,
@@ -152,16 +154,20 @@ class SmtpTransport:
         waiting = self._token_wait_reason()
         if waiting:
             return Blocked(AUTH, None, waiting)
+        if self._signed_in_again():
+            self.breaker.resume()  # somebody fixed auth: probe now, not after the pause
         remaining = self.breaker.remaining()
         if remaining > 0:
             return Blocked(self.breaker.reason, remaining, "the upstream is paused")
         return None
 
     async def wait_until_available(self) -> None:
-        if self._token_wait_reason() and self.tokens is not None:
+        """Returns when the token module is usable again; a pause simply runs out (the
+        scheduler's own timeout)."""
+        if self.tokens is not None and self.tokens.state not in _USABLE_STATES:
             await self.tokens.wait_until_usable()
         else:
-            await asyncio.sleep(self.breaker.remaining())
+            await asyncio.Event().wait()
 
     def reconfigure(self, settings: Settings) -> None:
         self.settings = settings
@@ -196,6 +202,18 @@ class SmtpTransport:
         )
 
     # --- sessions ------------------------------------------------------------------
+
+    def _signed_in_again(self) -> bool:
+        """Auth paused the upstream while tokens were unusable, and now they are usable
+        (a new sign-in, the token endpoint back): no reason to sit out the pause."""
+        if self.tokens is None or self.breaker.reason != AUTH or not self.breaker.is_open:
+            return False
+        state = self.tokens.state
+        return state in _USABLE_STATES and self._auth_state_at_pause not in _USABLE_STATES
+
+    def _pause_for_auth(self) -> float:
+        self._auth_state_at_pause = self.tokens.state if self.tokens is not None else auth.OK
+        return self.breaker.failure(AUTH, *self._pause_bounds())
 
     def _token_wait_reason(self) -> str | None:
         if self.tokens is None:
@@ -237,9 +255,9 @@ class SmtpTransport:
                 raise self._auth_failed(kind, error) from None
             except auth.AuthUnavailable as error:
                 session.close()
-                pause = self.breaker.failure(AUTH, *self._pause_bounds())
+                self._pause_for_auth()  # released, not deferred: it goes once a token is back
                 raise _Unusable(
-                    Attempt.not_attempted((), AUTH, f"no access token: {error}", pause)
+                    Attempt.not_attempted((), AUTH, f"no access token: {error}")
                 ) from None
             except aiosmtplib.SMTPResponseException as error:
                 raise self._refused_session(error) from None
@@ -295,7 +313,7 @@ class SmtpTransport:
             reply = f"{reply} ({AUTH_DISABLED_EXPLANATION})"
         if self.tokens is not None and kind in (Kind.TOKEN_REJECTED, Kind.AUTH_DISABLED):
             self.tokens.mark_rejected(reply)
-        pause = self.breaker.failure(AUTH, *self._pause_bounds())
+        pause = self._pause_for_auth()
         log.error(
             "upstream refused authentication; deliveries wait",
             reply=reply,
@@ -405,7 +423,10 @@ class SmtpTransport:
             explained = f"{reply} ({SEND_AS_EXPLANATION})"
             return Attempt.deferred_all(recipients, SEND_AS_DENIED, explained)
         if kind in (Kind.TOKEN_REJECTED, Kind.AUTH_DISABLED, Kind.AUTH):
-            return Attempt.deferred_all(recipients, AUTH, reply)
+            # e.g. 530 5.7.57 at MAIL: the session lost its authentication.
+            session_pause = self._pause_for_auth()
+            log.error("upstream refused the session's authentication", reply=reply)
+            return Attempt.deferred_all(recipients, AUTH, reply, session_pause)
         return Attempt.deferred_all(recipients, TEMPORARY, reply)
 
     def _broken(self, recipients: tuple[str, ...], error: BaseException) -> Attempt:
@@ -487,7 +508,7 @@ class MaildirTransport:
         return None
 
     async def wait_until_available(self) -> None:
-        return None
+        await asyncio.Event().wait()  # never blocked: nothing to wait for
 
     def reconfigure(self, settings: Settings) -> None:
         if settings.upstream.maildir != self.directory:

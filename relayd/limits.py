@@ -107,6 +107,10 @@ class CircuitBreaker:
         self.trip(reason, pause)
         return pause
 
+    def resume(self) -> None:
+        """End the pause early (the cause was fixed); the next attempt is a probe."""
+        self._open_until = 0.0
+
     def success(self) -> None:
         self.failures = 0
         self._open_until = 0.0

@@ -47,6 +47,8 @@ FAIL_REASONS = (REJECTED, EXPIRED)
 # expire into a bounce (the idea of Postfix's smtp_sasl_auth_soft_bounce).
 NEVER_EXPIRE = (AUTH, SEND_AS_DENIED, QUOTA)
 
+AUTH_RECHECK = 1.0  # seconds; see settle()
+
 _ENHANCED = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})\b")
 
 
@@ -227,7 +229,9 @@ def settle(
     )
     if deferred:
         if attempt.reason == AUTH:
-            delay = retry.min_delay  # ready as soon as somebody signs in again
+            # Due again almost at once: the transport's auth pause (or its wait for a
+            # new sign-in) is what holds these back, so they go the moment auth works.
+            delay = min(retry.min_delay, AUTH_RECHECK)
         else:
             delay = max(retry_delay(age, retry, rng), attempt.retry_after)
         return Settlement(DEFERRED, state, now + delay, newly_failed)

@@ -202,9 +202,7 @@ class Scheduler:
             blocked = self.transport.blocked()
             self._note_pause(blocked.reason if blocked else None, blocked.detail if blocked else "")
             if blocked is not None:
-                if blocked.seconds is None:
-                    return RESCAN_INTERVAL, True
-                return blocked.seconds, False
+                return blocked.seconds or RESCAN_INTERVAL, True
             if self.transport.rate_limited:
                 wait = max(self.rate.wait_time(1), self.daily.wait_time(1))
                 if wait > 0:
@@ -221,10 +219,16 @@ class Scheduler:
         if wait_for_transport:
             waits.add(asyncio.ensure_future(self.transport.wait_until_available()))
         try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for waiter in waits:
                 waiter.cancel()
+        if wait_for_transport and done and not self._wakeup.is_set():
+            # The transport says something changed; never let a transport that keeps
+            # saying so turn this loop into a busy one.
+            await asyncio.sleep(MIN_SCAN_GAP)
 
     def _idle_time(self) -> float:
         until_scan = self._scan_due_at - time.monotonic()

@@ -31,14 +31,16 @@ async def make(
     """Harnesses whose transport is SmtpTransport pointed at the fake."""
     harnesses: list[Harness] = []
 
-    def build(**upstream: object) -> Harness:
+    def build(retry: dict | None = None, **upstream: object) -> Harness:
         upstream = {
             "rate_limit_per_minute": 0,
             "timeout": "5s",
             "throttle_pause": "0.3s",
             **upstream,
         }
-        overrides = deep_merge(exchange.relay_config(ca_file, **upstream), {"retry": FAST_RETRY})
+        overrides = deep_merge(
+            exchange.relay_config(ca_file, **upstream), {"retry": retry or FAST_RETRY}
+        )
         settings = load_settings(tmp_path, overrides)
         harness = Harness(settings, lambda s, metrics: SmtpTransport(s, metrics, standin_tokens))
         harnesses.append(harness)
@@ -151,6 +153,19 @@ async def test_refused_fresh_token_defers_everything_and_never_bounces(
     standin_tokens.refuse_all = False
     await eventually(lambda: h.queued() == 0, 10)
     assert len(exchange.messages) == 3 and standin_tokens.state == auth.OK
+
+
+async def test_new_sign_in_ends_the_auth_pause_at_once(
+    make, exchange: FakeExchange, standin_tokens: StandInTokens
+) -> None:
+    standin_tokens.refuse_all = True
+    h = await make(retry={"min_delay": "10m", "max_delay": "1h"}).start()
+    queue_id = await h.queue()
+    await eventually(lambda: standin_tokens.state == auth.REJECTED, 5)
+    await eventually(lambda: h.scheduler.circuit_open, 5)  # paused for 10 minutes ...
+    standin_tokens.make_available()  # ... until somebody signs in again
+    await eventually(lambda: len(exchange.messages) == 1, 5)
+    await eventually(lambda: h.settled(queue_id), 5)
 
 
 async def test_smtp_auth_disabled_is_explained_and_mail_waits(

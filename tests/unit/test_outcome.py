@@ -10,6 +10,7 @@ import pytest
 from relayd.config import RetrySettings
 from relayd.outcome import (
     AUTH,
+    AUTH_RECHECK,
     CONNECTION,
     DEFERRED,
     DELIVERED,
@@ -148,10 +149,10 @@ def test_relay_own_problems_never_expire_into_a_bounce(reason: str) -> None:
     assert result.action == DEFERRED and not result.newly_failed
 
 
-def test_auth_deferral_comes_back_after_the_minimum_delay() -> None:
+def test_auth_deferral_is_due_again_at_once_the_transport_holds_it_back() -> None:
     attempt = Attempt.deferred_all(("a@x.org",), AUTH, "535 5.7.3")
     result = settle(message(("a@x.org",), age=86400), attempt, NOW, RETRY)
-    assert result.next_attempt == NOW + RETRY.min_delay
+    assert result.next_attempt == NOW + AUTH_RECHECK
 
 
 def test_not_attempted_is_released_without_counting() -> None:
