@@ -58,6 +58,9 @@ class Harness:
             self.scheduler.notify(queue_id)
         return queue_id
 
+    async def queue_many(self, count: int, **kwargs: Any) -> list[str]:
+        return [await self.queue(**kwargs) for _ in range(count)]
+
     def settled(self, queue_id: str, state: str | None = None) -> bool:
         """``queue_id`` is in ``state`` (None: gone) and nothing is being delivered."""
         return self.scheduler.active_count == 0 and self.state_of(queue_id) == state

@@ -113,8 +113,7 @@ async def test_a_fourth_connection_is_throttled_and_nothing_is_lost(
 ) -> None:
     exchange.reply_delay = 0.01
     h = await make(max_connections=5).start()  # misconfigured: Exchange allows 3
-    for _ in range(20):
-        await h.queue()
+    await h.queue_many(20)
     await eventually(lambda: h.queued() == 0, 30)
     assert len(exchange.messages) == 20
     assert exchange.stats.auth_failures >= 1  # 432 4.3.2 at AUTH
@@ -269,8 +268,7 @@ async def test_every_second_connection_dropped_still_delivers_everything(
 ) -> None:
     exchange.drop_every = 2
     h = await make().start()
-    for _ in range(6):
-        await h.queue()
+    await h.queue_many(6)
     await eventually(lambda: h.queued() == 0, 20)
     assert len(exchange.messages) == 6
     assert h.metric("relayd_messages_failed_total", reason="rejected") == 0
@@ -281,8 +279,7 @@ async def test_outage_ends_with_everything_delivered_and_nothing_failed(
 ) -> None:
     h = await make().start()
     await exchange.go_down()
-    for _ in range(10):
-        await h.queue(sender=SENDER)
+    await h.queue_many(10, sender=SENDER)
     await eventually(lambda: h.scheduler.circuit_open, 5)
     await asyncio.sleep(1.5)  # the outage (30 s in production terms; same logic)
     assert exchange.messages == []

@@ -104,21 +104,21 @@ async def test_a_cancelled_waiter_passes_its_turn_on() -> None:
     assert got is session
 
 
-async def test_close_quits_idle_sessions() -> None:
-    factory = Factory()
-    connections = pool(factory, limit=3)
+async def three_idle_sessions() -> tuple[ConnectionPool, list[Session]]:
+    connections = pool(Factory(), limit=3)
     sessions = [(await connections.acquire())[0] for _ in range(3)]
     for session in sessions:
         connections.release(session, reusable=True)
+    return connections, sessions
+
+
+async def test_close_quits_idle_sessions() -> None:
+    connections, sessions = await three_idle_sessions()
     await connections.close()
     assert all(s.quit_sent for s in sessions) and connections.open_count == 0
 
 
 async def test_lower_limit_closes_surplus_idle_sessions() -> None:
-    factory = Factory()
-    connections = pool(factory, limit=3)
-    sessions = [(await connections.acquire())[0] for _ in range(3)]
-    for session in sessions:
-        connections.release(session, reusable=True)
+    connections, _ = await three_idle_sessions()
     connections.reconfigure(1, 60)
     await eventually(lambda: connections.open_count == 1, 2)

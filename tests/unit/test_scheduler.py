@@ -261,8 +261,7 @@ async def test_stop_lets_transactions_in_flight_finish(make) -> None:
 async def test_rate_limit_keeps_the_excess_in_the_spool(make) -> None:
     h = make(ScriptedTransport(rate_limited=True), upstream={"rate_limit_per_minute": 3})
     await h.scheduler.start()
-    for _ in range(5):
-        await h.queue()
+    await h.queue_many(5)
     await eventually(lambda: len(h.transport.calls) == 3)
     await asyncio.sleep(0.3)
     assert len(h.transport.calls) == 3
@@ -274,8 +273,7 @@ async def test_rate_limit_keeps_the_excess_in_the_spool(make) -> None:
 async def test_rate_limit_off_with_zero(make) -> None:
     h = make(ScriptedTransport(rate_limited=True), upstream={"rate_limit_per_minute": 0})
     await h.scheduler.start()
-    for _ in range(40):
-        await h.queue()
+    await h.queue_many(40)
     await eventually(lambda: len(h.transport.calls) == 40)
 
 
@@ -335,8 +333,7 @@ async def test_active_set_stays_bounded(make) -> None:
     h = make(ScriptedTransport(concurrency=2))
     h.transport.gate = asyncio.Event()
     await h.scheduler.start()
-    for _ in range(10):
-        await h.queue()
+    await h.queue_many(10)
     await eventually(lambda: len(h.transport.calls) == 4)
     await asyncio.sleep(0.1)
     assert h.scheduler.active_count == 4 and h.spool.census().messages["incoming"] == 6
@@ -347,8 +344,7 @@ async def test_active_set_stays_bounded(make) -> None:
 async def test_reconfigure_applies_a_new_rate_limit(make) -> None:
     h = make(ScriptedTransport(rate_limited=True), upstream={"rate_limit_per_minute": 1})
     await h.scheduler.start()
-    for _ in range(3):
-        await h.queue()
+    await h.queue_many(3)
     await eventually(lambda: len(h.transport.calls) == 1)
     h.scheduler.reconfigure(
         load_settings(
