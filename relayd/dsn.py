@@ -32,12 +32,15 @@ class Reporter:
 
 def dsn_envelope(message: QueuedMessage, now: float) -> Envelope:
     """The envelope of the DSN: null sender, to the original sender."""
+    sender = message.envelope.sender
     return Envelope(
         sender="",
-        recipients=(message.envelope.sender,),
+        recipients=(sender,),
         client="relayd",
         helo="",
         received_at=now,
+        # RFC 6531: an internationalized address needs SMTPUTF8 on the way out too.
+        mail_options=() if sender.isascii() else ("SMTPUTF8",),
     )
 
 

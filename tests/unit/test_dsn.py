@@ -73,3 +73,9 @@ def test_non_ascii_headers_travel_base64_encoded() -> None:
     assert content.isascii()
     part = list(parse(content).iter_parts())[2]
     assert part.get_payload(decode=True) == original
+
+
+def test_dsn_to_an_internationalized_sender_asks_for_smtputf8() -> None:
+    envelope = dsn.dsn_envelope(queued(sender="jörg@example.de"), NOW)
+    assert envelope.mail_options == ("SMTPUTF8",)
+    assert dsn.dsn_envelope(queued(), NOW).mail_options == ()
