@@ -67,7 +67,11 @@ def machine() -> str:
 
 def batch(count: int, size: int) -> list[tuple[str, list[str], bytes]]:
     return [
-        (MAILBOX, [f"user{n % 10}@example.org"], make_message(n, sender=MAILBOX, size=size))
+        (
+            MAILBOX,
+            [f"user{n % 10}@example.org"],
+            make_message(f"message {n}", body_size=size, sender=MAILBOX),
+        )
         for n in range(count)
     ]
 

@@ -52,7 +52,7 @@ class Harness:
         queue_id = new_queue_id()
         envelope = Envelope(sender=sender, recipients=recipients, received_at=time.time())
         if content is None:
-            content = make_message(1, sender=sender or "app@example.com")
+            content = make_message(sender=sender or "app@example.com", recipients=recipients)
         await self.spool.commit(queue_id, envelope, content)
         if notify:
             self.scheduler.notify(queue_id)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
@@ -155,24 +154,31 @@ def running_relay(config_path: Path, **kwargs: Any) -> Iterator[RelayProcess]:
 
 
 def make_message(
-    number: int,
+    subject: str = "test",
+    body: str | None = None,
     *,
+    body_size: int = 100,
     sender: str = "app@example.com",
-    to: str = "user@example.org",
-    size: int = 0,
-    extra_headers: str = "",
+    recipients: tuple[str, ...] = ("user@example.com",),
+    message_id: str | None = None,
 ) -> bytes:
-    """A well-formed message (Date and Message-ID included, CRLF) of about ``size`` bytes."""
-    head = (
-        f"From: Application <{sender}>\r\nTo: <{to}>\r\nSubject: message {number}\r\n"
-        f"Date: {formatdate(localtime=True)}\r\nMessage-ID: {make_msgid(str(number))}\r\n"
-        f"{extra_headers}\r\n"
-    ).encode()
-    body = f"This is message {number}.\r\n".encode()
-    line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n"
-    while len(head) + len(body) + len(line) <= size:
-        body += line
-    return head + body
+    """A plain RFC 5322 message with CRLF line ends. It has Date: and Message-ID: (by
+    default derived from the subject), so relayd prepends only its Received: field. The
+    body is ``body`` or text lines adding up to about ``body_size`` bytes."""
+    message_id = message_id or f"<{subject.replace(' ', '.')}@test.example>"
+    headers = [
+        f"From: <{sender}>",
+        f"To: {', '.join(f'<{r}>' for r in recipients)}",
+        f"Subject: {subject}",
+        "Date: Wed, 01 May 2024 10:00:00 +0000",
+        f"Message-ID: {message_id}",
+    ]
+    if body is None:
+        line = "The quick brown fox jumps over the lazy dog. 0123456789\r\n"
+        body = line * max(1, round(body_size / len(line)))  # whole CRLF lines
+    else:
+        body += "\r\n"
+    return ("\r\n".join(headers) + "\r\n\r\n" + body).encode()
 
 
 async def send_messages(

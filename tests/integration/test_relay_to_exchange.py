@@ -58,7 +58,7 @@ async def test_thousand_messages_arrive_exactly_once_and_byte_identical(
     originals = {}
     batch = []
     for number in range(1000):
-        content = make_message(number, sender=exchange.mailbox, size=2048)
+        content = make_message(f"message {number}", body_size=2048, sender=exchange.mailbox)
         originals[MESSAGE_ID.search(content).group(1)] = content
         batch.append((exchange.mailbox, [f"user{number % 7}@example.org"], content))
     replies = await send_messages(r.port, batch, connections=4)
@@ -84,7 +84,9 @@ async def test_rate_limit_holds_and_the_excess_waits_in_the_spool(
     relay, exchange: FakeExchange
 ) -> None:
     r = await relay(rate_limit_per_minute=5)
-    batch = [(exchange.mailbox, ["user@example.org"], make_message(n)) for n in range(8)]
+    batch = [
+        (exchange.mailbox, ["user@example.org"], make_message(f"message {n}")) for n in range(8)
+    ]
     await send_messages(r.port, batch)
     await eventually(lambda: len(exchange.messages) == 5, 10)
     await asyncio.sleep(0.5)
@@ -100,7 +102,7 @@ async def test_strict_sender_policy_refuses_at_end_of_data(relay, exchange: Fake
             await client.sendmail(
                 "billing@apps.example.net",
                 ["user@example.org"],
-                make_message(1, sender="billing@apps.example.net"),
+                make_message(sender="billing@apps.example.net"),
             )
     assert refused.value.code == 550
     assert "billing@apps.example.net" in refused.value.message
@@ -117,8 +119,8 @@ async def test_permanent_refusal_gives_one_dsn_and_a_null_sender_none(
     await send_messages(
         r.port,
         [
-            ("app@example.com", ["user@example.org"], make_message(1)),
-            ("", ["user@example.org"], make_message(2)),  # MAIL FROM:<>
+            ("app@example.com", ["user@example.org"], make_message("one")),
+            ("", ["user@example.org"], make_message("two")),  # MAIL FROM:<>
         ],
     )
     await eventually(lambda: r.spool.census().messages["failed"] == 2, 10)
