@@ -77,6 +77,7 @@ class Scheduler:
         upstream = settings.upstream
         self.rate = SlidingWindow(upstream.rate_limit_per_minute, 60.0)
         self.daily = SlidingWindow(upstream.daily_recipient_limit, 86_400.0)
+        self._fqdn = settings.hostname  # resolved once: getfqdn() may block on DNS
         self._apply_settings(settings)
         self._active: dict[str, asyncio.Task] = {}
         self._settling: set[asyncio.Task] = set()
@@ -176,7 +177,7 @@ class Scheduler:
     def _apply_settings(self, settings: Settings) -> None:
         self.settings = settings
         self.policy = SenderPolicy(settings.upstream)
-        hostname = settings.hostname
+        hostname = settings.listen.hostname or self._fqdn
         smtp = settings.upstream.transport == "smtp"
         self._reporter = dsn.Reporter(
             hostname=hostname,
