@@ -114,6 +114,11 @@ class Scheduler:
     def active_count(self) -> int:
         return len(self._active)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing claimed, being delivered or being recorded right now."""
+        return not self._active and self._claiming is None and not self._settling
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="scheduler")
 
@@ -238,7 +243,9 @@ class Scheduler:
         return max(MIN_SCAN_GAP, until_scan)
 
     async def _next_queue_id(self) -> str | None:
-        if not self._ready and self._scan_needed():
+        # Retries that came due are looked for even while new mail is waiting, and go
+        # first: a steady flow of new mail must not starve them.
+        if self._scan_needed() and (not self._ready or self._deferred_due()):
             await self._scan()
         if not self._ready:
             return None
@@ -250,8 +257,10 @@ class Scheduler:
         now = time.monotonic()
         if now - self._last_scan < MIN_SCAN_GAP:
             return False
-        due = self._next_deferred is not None and self._next_deferred <= time.time()
-        return due or now >= self._scan_due_at
+        return self._deferred_due() or now >= self._scan_due_at
+
+    def _deferred_due(self) -> bool:
+        return self._next_deferred is not None and self._next_deferred <= time.time()
 
     async def _scan(self) -> None:
         exclude = set(self._active) | set(self._ready)
@@ -263,16 +272,22 @@ class Scheduler:
         self._last_scan = time.monotonic()
         # A message that finished while the scan ran may have been deferred already;
         # taking it now would ignore its next-attempt time.
-        for queue_id in found:
-            if queue_id not in finished and queue_id not in self._active:
-                self._ready[queue_id] = None
+        found = [q for q in found if q not in finished and q not in self._active]
+        self._ready = {**dict.fromkeys(found), **self._ready}
         self._next_deferred = next_deferred
         more_waiting = len(found) >= SCAN_BATCH
         self._scan_due_at = 0.0 if more_waiting else self._last_scan + RESCAN_INTERVAL
 
     def _find_due(self, exclude: set[str]) -> tuple[list[str], float | None]:
+        """In a thread: due ids, and when the next deferred one not among them is due."""
         found = self.spool.due(time.time(), SCAN_BATCH, exclude)
-        return found, self.spool.next_deferred_time()
+        taken = exclude.union(found)
+        upcoming = (
+            entry.next_attempt
+            for entry in self.spool.entries(("deferred",))
+            if entry.queue_id not in taken and entry.next_attempt is not None
+        )
+        return found, min(upcoming, default=None)
 
     # --- one message -------------------------------------------------------------------
 

@@ -72,8 +72,14 @@ class Harness:
         return None
 
     def queued(self) -> int:
-        """Messages still to be delivered (incoming, active, deferred)."""
-        return sum(1 for _ in self.spool.entries(("incoming", "active", "deferred")))
+        """Messages still to be delivered (incoming, active, deferred), from the spool's
+        counters: a directory listing can miss a file that moves while it is read."""
+        census = self.spool.census()
+        return sum(census.messages[state] for state in ("incoming", "active", "deferred"))
+
+    def drained(self) -> bool:
+        """Nothing left to deliver and nothing in flight."""
+        return self.scheduler.idle and self.queued() == 0
 
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0

@@ -100,7 +100,7 @@ async def test_pool_never_opens_more_than_three_connections(make, exchange: Fake
     exchange.reply_delay = 0.005  # keep sessions busy so the pool fills up
     h = await make().start()
     ids = [await h.queue(("user@example.org",)) for _ in range(40)]
-    await eventually(lambda: h.queued() == 0, 30)
+    await eventually(lambda: h.drained(), 30)
     assert len(exchange.messages) == 40
     assert exchange.stats.peak_connections == 3
     assert exchange.stats.connections_total == 3  # reused, never re-opened
@@ -114,7 +114,7 @@ async def test_a_fourth_connection_is_throttled_and_nothing_is_lost(
     exchange.reply_delay = 0.01
     h = await make(max_connections=5).start()  # misconfigured: Exchange allows 3
     await h.queue_many(20)
-    await eventually(lambda: h.queued() == 0, 30)
+    await eventually(lambda: h.drained(), 30)
     assert len(exchange.messages) == 20
     assert exchange.stats.auth_failures >= 1  # 432 4.3.2 at AUTH
     assert h.metric("relayd_upstream_replies_total", code="4.3.2") >= 1
@@ -150,7 +150,7 @@ async def test_refused_fresh_token_defers_everything_and_never_bounces(
     assert h.metric("relayd_dsn_sent_total") == 0
     # A person fixes it: the next probe succeeds and the queue drains.
     standin_tokens.refuse_all = False
-    await eventually(lambda: h.queued() == 0, 10)
+    await eventually(lambda: h.drained(), 10)
     assert len(exchange.messages) == 3 and standin_tokens.state == auth.OK
 
 
@@ -268,7 +268,7 @@ async def test_every_second_connection_dropped_still_delivers_everything(
     exchange.drop_every = 2
     h = await make().start()
     await h.queue_many(6)
-    await eventually(lambda: h.queued() == 0, 20)
+    await eventually(lambda: h.drained(), 20)
     assert len(exchange.messages) == 6
     assert h.metric("relayd_messages_failed_total", reason="rejected") == 0
 
@@ -283,7 +283,7 @@ async def test_outage_ends_with_everything_delivered_and_nothing_failed(
     await asyncio.sleep(1.5)  # the outage (30 s in production terms; same logic)
     assert exchange.messages == []
     await exchange.come_up()
-    await eventually(lambda: h.queued() == 0, 20)
+    await eventually(lambda: h.drained(), 20)
     assert len(exchange.messages) == 10
     assert h.metric("relayd_messages_failed_total", reason="expired") == 0
     assert h.metric("relayd_messages_failed_total", reason="rejected") == 0

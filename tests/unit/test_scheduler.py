@@ -100,7 +100,7 @@ async def test_messages_already_queued_are_found_at_start(make) -> None:
     h = make()
     ids = [await h.queue(notify=False) for _ in range(3)]
     await h.scheduler.start()
-    await eventually(lambda: h.queued() == 0)
+    await eventually(h.drained)
     assert sorted(c.queue_id for c in h.transport.calls) == sorted(ids)
 
 
@@ -338,7 +338,7 @@ async def test_active_set_stays_bounded(make) -> None:
     await asyncio.sleep(0.1)
     assert h.scheduler.active_count == 4 and h.spool.census().messages["incoming"] == 6
     h.transport.gate.set()
-    await eventually(lambda: h.queued() == 0)
+    await eventually(h.drained)
 
 
 async def test_reconfigure_applies_a_new_rate_limit(make) -> None:
@@ -372,3 +372,23 @@ async def test_stop_during_a_claim_gives_the_message_back(make) -> None:
     await h.scheduler.stop(1)
     await asyncio.sleep(0.4)  # long enough for an orphaned claim thread to finish
     assert h.state_of(queue_id) == "incoming" and h.transport.calls == []
+
+
+async def test_due_retries_are_not_starved_by_new_mail(make) -> None:
+    h = make(ScriptedTransport(concurrency=1))
+    h.transport.script = [temporary]
+    h.transport.gate = asyncio.Event()
+    await h.scheduler.start()
+    retried = await h.queue()
+    await eventually(lambda: len(h.transport.calls) == 1)
+    h.transport.gate.set()
+    await eventually(lambda: h.state_of(retried) == "deferred")
+    h.transport.gate.clear()
+    newer = await h.queue_many(30)  # a backlog of new mail, already notified
+    await asyncio.sleep(0.3)  # the retry comes due (retry.max_delay 0.2s)
+    h.transport.gate.set()
+    await eventually(lambda: h.settled(retried), 10)
+    order = [call.queue_id for call in h.transport.calls]
+    assert order.index(retried, 1) < len(order) - 1  # not left until the backlog was gone
+    await eventually(h.drained)
+    assert set(newer) <= {call.queue_id for call in h.transport.calls}
