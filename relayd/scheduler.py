@@ -315,7 +315,7 @@ class Scheduler:
             if wait > 0:
                 text = f"daily recipient limit ({self.daily.limit}) reached; room in {wait:.0f}s"
                 postponed = Attempt.not_attempted(submission.recipients, DAILY_LIMIT, text, wait)
-                self._track(message.queue_id, self._settle(message, postponed, b""))
+                self._track(message.queue_id, self._conclude(message, postponed, b""))
                 return
             self.daily.spend(wanted)
             self.rate.spend(1)
@@ -379,8 +379,11 @@ class Scheduler:
         except Exception as error:
             log.exception("unexpected delivery error", queue_id=message.queue_id)
             attempt = Attempt.deferred_all(submission.recipients, LOCAL, f"internal error: {error}")
-        # Once the outcome is known it is recorded even if shutdown cancels us now.
-        settling = asyncio.ensure_future(self._settle(message, attempt, original_headers))
+        await self._conclude(message, attempt, original_headers)
+
+    async def _conclude(self, message: QueuedMessage, attempt: Attempt, original: bytes) -> None:
+        """Record the outcome; once it is known, even a shutdown does not interrupt that."""
+        settling = asyncio.ensure_future(self._settle(message, attempt, original))
         self._settling.add(settling)
         settling.add_done_callback(self._settling.discard)
         await asyncio.shield(settling)
