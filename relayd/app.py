@@ -1,7 +1,13 @@
 """Wiring and lifecycle of the daemon (uvicorn's shape: start-up, main loop, shutdown).
 
-Start order: spool recovery → listener → scheduler → READY=1. Signals only set flags; the main
-coroutine does the work, so a signal can never interrupt a half-done step.
+Start order: pid file lock → health endpoint → spool recovery → tokens → listener →
+scheduler → READY=1. The health endpoint comes before recovery so that /healthz
+answers and /readyz says "recovering" during a long recovery. Stop order: the
+listener first, then the scheduler (deliveries in flight may finish), the tokens,
+the health endpoint last. Signals only set
+flags or schedule work on the loop, so a signal never interrupts a half-done step:
+SIGTERM/SIGINT stop gracefully, SIGHUP reloads the configuration, SIGUSR1 (sent by
+`relayd queue` after a change) rescans the spool.
 """
 
 from __future__ import annotations
@@ -14,20 +20,28 @@ from pathlib import Path
 
 import structlog
 
-from relayd import config
+from relayd import config, sdnotify
 from relayd import logging as relay_logging
 from relayd.config import ConfigError, Settings
 from relayd.delivery import build_transport
+from relayd.health import HealthServer, readiness_report
 from relayd.listener import Listener, RelayHandler
 from relayd.metrics import Metrics
+from relayd.pidfile import PID_FILE_NAME, AlreadyRunning, PidFile
+from relayd.reload import merge_reload
 from relayd.scheduler import Scheduler
 from relayd.sdnotify import Notifier
 from relayd.spool import Envelope, Spool
+from relayd.tokens import TokenManager
 
 log = structlog.get_logger("relayd.app")
 
 CENSUS_INTERVAL = 30.0  # recount the spool from disk to see `relayd queue` changes
 GAUGE_INTERVAL = 1.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start (spool in use, port taken); the text says what to fix."""
 
 
 class Relay:
@@ -46,9 +60,6 @@ class Relay:
         self.metrics = metrics or Metrics()
         self.notifier = notifier or Notifier()
         self.spool = Spool(settings.spool.directory, min_free_space=settings.spool.min_free_space)
-        # self.tokens comes from the token module (None with the maildir transport).
-        transport = build_transport(settings, self.metrics, getattr(self, "tokens", None))
-        self.scheduler = Scheduler(self.spool, transport, settings, self.metrics)
         self.handler = RelayHandler(
             settings.listen,
             self.spool,
@@ -58,7 +69,18 @@ class Relay:
             content_policy=self._content_policy,
         )
         self.listener = Listener(self.handler, settings.listen, settings.hostname)
-        self.ready = False
+        self.tokens = (
+            TokenManager(settings, self.metrics, config_path=config_path)
+            if settings.upstream.transport == "smtp"
+            else None
+        )
+        transport = build_transport(settings, self.metrics, self.tokens)
+        self.scheduler = Scheduler(self.spool, transport, settings, self.metrics)
+        self.health = self._health_server(settings) if settings.metrics.enabled else None
+        self.pid_file = PidFile(self.spool.directory / PID_FILE_NAME)
+        self.ready = False  # listener bound and spool recovered
+        self.phase = "starting"  # → recovering → ready → stopping (shown by /readyz)
+        _register_secrets(settings)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -75,6 +97,10 @@ class Relay:
 
     async def start(self) -> None:
         started = time.monotonic()
+        await asyncio.to_thread(self._lock_spool)
+        if self.health is not None:
+            await self.health.start()
+        self.phase = "recovering"
         report = await asyncio.to_thread(self.spool.recover)
         census = self.spool.census()
         log.info(
@@ -83,11 +109,14 @@ class Relay:
             **report,
             queued=sum(census.messages[s] for s in ("incoming", "deferred", "hold")),
         )
-        await self.listener.start()
+        if self.tokens is not None:
+            await self.tokens.start()
+        await self._start_listener()
         await self.scheduler.start()
         self._tasks.append(asyncio.create_task(self._update_gauges(), name="gauges"))
-        self.ready = True
+        self.ready, self.phase = True, "ready"
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+        self._start_systemd_tasks()
         log.info(
             "relayd ready",
             listen=f"{self.settings.listen.address}:{self.listener.bound_port}",
@@ -95,49 +124,112 @@ class Relay:
         )
 
     async def shutdown(self) -> None:
+        self.ready, self.phase = False, "stopping"
         self.notifier.notify("STOPPING=1")
         log.info("shutting down", grace_seconds=self.settings.listen.shutdown_grace)
         await self.listener.stop(self.settings.listen.shutdown_grace)
         await self.scheduler.stop(self.settings.listen.shutdown_grace)
+        if self.tokens is not None:
+            await self.tokens.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._refresh_gauges()
+        if self.health is not None:
+            await self.health.stop()
+        self.pid_file.release()
         log.info("stopped")
+        self.notifier.close()
 
     def request_stop(self) -> None:
         self._stop.set()
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config file; apply what can change safely, keep the rest."""
+        """SIGHUP: re-read the config file; apply what can change safely, keep the rest.
+
+        A file that does not load (bad YAML, a bad value) changes nothing at all.
+        """
         if self.config_path is None:
             log.warning("reload ignored: no configuration file (sandbox or defaults)")
             return
         try:
-            new = config.load(self.config_path)
+            loaded = config.load(self.config_path)
         except ConfigError as error:
             log.error("reload refused; keeping the running configuration", error=str(error))
             return
+        new, kept = merge_reload(self.settings, loaded)
+        if kept:
+            log.warning("these settings need a restart; keeping the running values", keys=kept)
+        _register_secrets(new)
         relay_logging.set_level(new.logging.level)
         self.listener.reconfigure(new.listen)
         self.scheduler.reconfigure(new)
         self.settings = new
-        log.info("configuration reloaded", file=str(self.config_path), level=new.logging.level)
+        log.info("configuration reloaded", file=str(self.config_path), log_level=new.logging.level)
+
+    def rescan(self) -> None:
+        """SIGUSR1 (from `relayd queue`): the operator changed the spool; look again."""
+        self._tasks = [task for task in self._tasks if not task.done()]
+        self._tasks.append(asyncio.create_task(self._rescan(), name="rescan"))
 
     def status_line(self) -> str:
         census = self.spool.census()
-        queued = sum(census.messages[s] for s in ("incoming", "active", "deferred"))
-        return f"queue {queued}, hold {census.messages['hold']}, failed {census.messages['failed']}"
+        held, failed = census.messages["hold"], census.messages["failed"]
+        auth = self.tokens.state if self.tokens is not None else "n/a"
+        return f"queue {census.pending}, hold {held}, failed {failed}, auth {auth}"
 
     # --- internals ---------------------------------------------------------------
+
+    def _health_server(self, settings: Settings) -> HealthServer:
+        return HealthServer(
+            settings.metrics.address,
+            settings.metrics.port,
+            registry=self.metrics.registry,
+            readiness=lambda: readiness_report(self),
+            before_scrape=self._refresh_gauges_if_recovered,
+        )
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.rescan)
+
+    def _lock_spool(self) -> None:
+        """Before recovery: recovery moves active/ back, which must never happen under
+        another daemon's feet."""
+        self.spool.ensure_layout()
+        try:
+            self.pid_file.acquire()
+        except AlreadyRunning as error:
+            raise StartupError(str(error)) from None
+
+    async def _start_listener(self) -> None:
+        listen = self.settings.listen
+        try:
+            await self.listener.start()
+        except OSError as error:
+            where = f"{listen.address}:{listen.port}"
+            raise StartupError(f"cannot listen on {where} (listen.address/port): {error}") from None
+
+    def _start_systemd_tasks(self) -> None:
+        if not self.notifier.enabled:
+            return
+        status = sdnotify.send_status(self.notifier, self.status_line)
+        self._tasks.append(asyncio.create_task(status, name="sd-status"))
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            watchdog = sdnotify.send_watchdog(self.notifier, interval)
+            self._tasks.append(asyncio.create_task(watchdog, name="sd-watchdog"))
+
+    async def _rescan(self) -> None:
+        census = await asyncio.to_thread(self.spool.take_census)
+        self._refresh_gauges()
+        self.scheduler.wake()
+        log.info("spool rescanned on request", **census.messages)
 
     def _queued(self, queue_id: str) -> None:
         """A message was committed; delivery is started from here."""
@@ -156,6 +248,11 @@ class Relay:
                 last_census = time.monotonic()
             self._refresh_gauges()
 
+    def _refresh_gauges_if_recovered(self) -> None:
+        """Before a scrape: exact queue gauges, but never a half-recovered spool's."""
+        if self.phase in ("ready", "stopping"):
+            self._refresh_gauges()
+
     def _refresh_gauges(self) -> None:
         census = self.spool.census()
         for state, count in census.messages.items():
@@ -163,5 +260,10 @@ class Relay:
         self.metrics.queue_bytes.set(
             sum(size for state, size in census.bytes.items() if state != "failed")
         )
-        oldest = census.oldest_received_at
-        self.metrics.queue_oldest_age.set(max(0.0, time.time() - oldest) if oldest else 0.0)
+        self.metrics.queue_oldest_age.set(census.oldest_age(time.time()))
+
+
+def _register_secrets(settings: Settings) -> None:
+    """The client secret must never be printed, whatever path a line takes."""
+    if settings.oauth.client_secret:
+        relay_logging.redactor.register(settings.oauth.client_secret.reveal(), permanent=True)

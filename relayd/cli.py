@@ -51,10 +51,104 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_auth_commands(commands: argparse._SubParsersAction) -> None:
     """`relayd auth login|import|status|refresh|logout` (tokens)."""
+    auth = commands.add_parser("auth", help="sign in to Microsoft 365 and manage the tokens")
+    actions = auth.add_subparsers(dest="action", metavar="ACTION", required=True)
+    login = actions.add_parser(
+        "login",
+        help="sign in as upstream.mailbox (browser on any machine, or --device-code)",
+    )
+    login.add_argument(
+        "--device-code",
+        action="store_true",
+        help="show a code to enter at the Microsoft device login page (public client)",
+    )
+    login.set_defaults(auth_action=lambda commands, args: commands.login(args.device_code))
+    migrate = actions.add_parser(
+        "import", help="redeem a refresh token read from standard input (migration)"
+    )
+    migrate.set_defaults(auth_action=lambda commands, args: commands.import_token())
+    status = actions.add_parser(
+        "status", help="show the account, token expiry and health; exit 1 when unusable"
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(auth_action=lambda commands, args: commands.status(args.json))
+    refresh = actions.add_parser("refresh", help="redeem the refresh token now")
+    refresh.set_defaults(auth_action=lambda commands, args: commands.refresh())
+    logout = actions.add_parser("logout", help="remove the account and its tokens from the cache")
+    logout.set_defaults(auth_action=lambda commands, args: commands.logout())
+    for parser in (login, migrate, status, refresh, logout):
+        _add_config_option(parser)
+        parser.set_defaults(handler=_auth)
+
+
+def _auth(args: argparse.Namespace) -> int:
+    from relayd.signin import AuthCommands  # imported late: MSAL is slow to import
+
+    settings = _load_settings(args.config)
+    relay_logging.configure(settings.logging.format, settings.logging.level)
+    return args.auth_action(AuthCommands(settings, args.config), args)
 
 
 def _add_queue_commands(commands: argparse._SubParsersAction) -> None:
     """`relayd queue list|show|retry|hold|release|delete|purge-failed` (operations)."""
+    queue = commands.add_parser(
+        "queue",
+        help="list and manage queued mail (safe while relayd runs)",
+        description="List and manage queued mail, like Postfix's postqueue/postsuper. "
+        "Safe while relayd runs: a message being delivered (state active) cannot be "
+        "held or deleted; the running daemon is told to rescan after every change.",
+    )
+    actions = queue.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def action(name: str, help_text: str, run: Callable) -> argparse.ArgumentParser:
+        parser = actions.add_parser(name, help=help_text, description=help_text)
+        _add_config_option(parser)
+        parser.set_defaults(handler=_queue_handler(run))
+        return parser
+
+    listing = action("list", "list queued messages", lambda q, a: q.list(as_json=a.json))
+    listing.add_argument("--json", action="store_true", help="a JSON array, one object each")
+    show = action(
+        "show", "envelope, delivery state and headers of one message", lambda q, a: q.show(a.id)
+    )
+    show.add_argument("id", metavar="ID")
+    retry = action("retry", "make deferred messages due now; requeue failed ones", _retry)
+    retry.add_argument("queue_ids", metavar="ID", nargs="*")
+    retry.add_argument("--all", action="store_true", help="every deferred message")
+    retry.add_argument(
+        "--include-failed", action="store_true", help="with --all: failed messages too"
+    )
+    hold = action("hold", "keep messages from delivery", lambda q, a: q.hold(a.queue_ids))
+    hold.add_argument("queue_ids", metavar="ID", nargs="+")
+    release = action("release", "put held messages back", lambda q, a: q.release(a.queue_ids))
+    release.add_argument("queue_ids", metavar="ID", nargs="+")
+    delete = action(
+        "delete", "delete messages for good", lambda q, a: q.delete(a.queue_ids, yes=a.yes)
+    )
+    delete.add_argument("queue_ids", metavar="ID", nargs="+")
+    delete.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
+    purge = action(
+        "purge-failed", "delete every failed message", lambda q, a: q.purge_failed(yes=a.yes)
+    )
+    purge.add_argument("--yes", action="store_true", help="do not ask (needed without a TTY)")
+
+
+def _queue_handler(run: Callable) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        from relayd import queueadmin  # imported late: keeps `relayd --help` fast
+
+        return queueadmin.run(_load_settings(args.config), lambda admin: run(admin, args))
+
+    return handler
+
+
+def _retry(admin, args: argparse.Namespace) -> int:
+    if args.all == bool(args.queue_ids) or (args.include_failed and not args.all):
+        print("relayd queue retry: give message IDs, or --all [--include-failed]", file=sys.stderr)
+        return 2
+    if args.all:
+        return admin.retry_all(include_failed=args.include_failed)
+    return admin.retry(args.queue_ids)
 
 
 def _add_send_test_command(commands: argparse._SubParsersAction) -> None:
@@ -70,11 +164,17 @@ def _load_settings(path: Path) -> config.Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from relayd.app import Relay  # imported late: keeps `relayd --help` fast
+    from relayd.app import Relay, StartupError  # imported late: keeps `relayd --help` fast
 
     settings = _load_settings(args.config)
     relay_logging.configure(settings.logging.format, settings.logging.level)
-    asyncio.run(Relay(settings, config_path=args.config).run())
+    try:
+        asyncio.run(Relay(settings, config_path=args.config).run())
+    except StartupError as error:
+        print(f"relayd: cannot start: {error}", file=sys.stderr)
+        return 1
+    except config.ConfigError as error:  # found at start-up, e.g. an unsafe token cache
+        config.fail(error)
     return 0
 
 

@@ -221,6 +221,12 @@ class OAuthSettings:
     # Renew the access token when less than this is left.
     refresh_margin: float = _duration(600)
     http_timeout: float = _duration(30)
+    # How often the daemon looks at the cache file for a sign-in done by `relayd auth`.
+    cache_poll_interval: float = _duration(5)
+    # Backoff between token refresh attempts while Entra ID fails (network, 5xx). MSAL
+    # itself answers retries from cache for Retry-After (default 5 s) after a 5xx.
+    retry_min_delay: float = _duration(15)
+    retry_max_delay: float = _duration(900)
 
     @property
     def effective_authority(self) -> str:
@@ -370,6 +376,12 @@ def _check_consistency(settings: Settings, source: str) -> None:
         raise ConfigError(source, "oauth.authority", "must be an https:// URL")
     if retry.min_delay > retry.max_delay:
         raise ConfigError(source, "retry.min_delay", "must not be longer than retry.max_delay")
+    if oauth.retry_min_delay > oauth.retry_max_delay:
+        raise ConfigError(
+            source, "oauth.retry_min_delay", "must not be longer than oauth.retry_max_delay"
+        )
+    if oauth.cache_poll_interval <= 0:
+        raise ConfigError(source, "oauth.cache_poll_interval", "must be longer than 0s")
     for section, key in (("upstream", "ca_file"), ("oauth", "ca_file")):
         path = getattr(getattr(settings, section), key)
         if path is not None and not path.is_file():

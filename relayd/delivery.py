@@ -55,6 +55,7 @@ log = structlog.get_logger("relayd.delivery")
 # the token module is already retrying the token endpoint by itself.
 _WAITING_STATES = (auth.NO_TOKEN, auth.REAUTH_REQUIRED, auth.UNAVAILABLE)
 _USABLE_STATES = (auth.OK, auth.REFRESHING)
+AUTH_STATE_POLL = 1.0  # seconds between looks at the token state during an auth pause
 _CONNECTION_ERRORS = (aiosmtplib.SMTPException, OSError, ssl.SSLError, asyncio.TimeoutError)
 
 
@@ -162,10 +163,18 @@ class SmtpTransport:
         return None
 
     async def wait_until_available(self) -> None:
-        """Returns when the token module is usable again; a pause simply runs out (the
-        scheduler's own timeout)."""
-        if self.tokens is not None and self.tokens.state not in _USABLE_STATES:
+        """Returns when the token state may let deliveries go again; a pause otherwise
+        simply runs out (the scheduler's own timeout)."""
+        if self.tokens is None:
+            await asyncio.Event().wait()
+        state = self.tokens.state
+        if state in _WAITING_STATES:
             await self.tokens.wait_until_usable()
+        elif self.breaker.reason == AUTH and self.breaker.is_open:
+            # After a rejection the token module counts as usable already; a new
+            # sign-in only shows as a change of state (TokenSource has no event for it).
+            while self.tokens.state == state:  # noqa: ASYNC110
+                await asyncio.sleep(AUTH_STATE_POLL)
         else:
             await asyncio.Event().wait()
 

@@ -6,8 +6,9 @@ looks at the header block as bytes and only ever prepends fields.
 
 from __future__ import annotations
 
+import functools
+import random
 import re
-import secrets
 from dataclasses import dataclass
 from email.utils import formatdate
 
@@ -40,14 +41,20 @@ def field_names(block: bytes) -> list[bytes]:
 
 def field_value(block: bytes, name: bytes) -> bytes | None:
     """The unfolded value of the first field called ``name`` (case-insensitive)."""
-    pattern = re.compile(
-        rb"^" + re.escape(name) + rb"[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)",
-        re.MULTILINE | re.IGNORECASE,
-    )
-    match = pattern.search(block)
+    match = _field_pattern(name).search(block)
     if not match:
         return None
     return re.sub(rb"\r\n(?=[ \t])", b"", match.group(1)).strip()
+
+
+@functools.cache
+def _field_pattern(name: bytes) -> re.Pattern[bytes]:
+    # [^\r\n], not ".": "." matches the CR, and a folded field was then cut at its
+    # first line.
+    return re.compile(
+        rb"^" + re.escape(name) + rb"[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)",
+        re.MULTILINE | re.IGNORECASE,
+    )
 
 
 def summarize(content: bytes) -> HeaderSummary:
@@ -107,6 +114,6 @@ def missing_fields(
     if not summary.has_date:
         added += f"Date: {formatdate(when, localtime=True)}\r\n".encode()
     if not summary.has_message_id:
-        message_id = f"<{queue_id}.{secrets.token_hex(4)}@{trace_token(hostname)}>"
+        message_id = f"<{queue_id}.{random.getrandbits(32):08x}@{trace_token(hostname)}>"
         added += f"Message-ID: {message_id}\r\n".encode()
     return added, message_id

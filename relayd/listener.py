@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import re
 import time
@@ -63,8 +64,9 @@ class RelaySMTP(SMTP):
 
     def __init__(self, handler: RelayHandler, **kwargs: Any) -> None:
         settings = handler.settings
-        # aiosmtpd sizes its StreamReader from this attribute in __init__.
-        self.line_length_limit = settings.max_line_length + 3  # CRLF and a stuffed dot
+        # aiosmtpd sizes its StreamReader from this attribute in __init__. DATA is read
+        # in chunks of up to this size; command lines are still held to 512 octets.
+        self.line_length_limit = max(_READ_CHUNK, settings.max_line_length + 3)
         super().__init__(handler, **kwargs)
         self.relay = handler
 
@@ -87,17 +89,31 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         raw = status.encode("utf-8", "replace") if isinstance(status, str) else status
-        await super().push(_reword(raw))
+        # aiosmtpd echoes some client text in replies; a control character there would
+        # make a malformed reply (RFC 5321 §4.2) or inject a line.
+        await super().push(_CONTROL.sub(b"?", _reword(raw)))
 
     # --- envelope ----------------------------------------------------------------
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        # aiosmtpd refuses the null reverse-path "<>" that bounces and DSNs must use
-        # (RFC 5321 §4.5.5); hand it on as "<>" and let the MAIL hook store "".
-        stripped = arg.lstrip()
-        if stripped.startswith("<>"):
-            return "<>", stripped[2:]
-        return super()._getaddr(arg)
+        """Split "<address> params" as the client wrote it, without reinterpreting it.
+
+        aiosmtpd's RFC 5322 parser is lenient (it turns <a b@x> into "a b"@x) and
+        refuses the null reverse-path <> that bounces must use (RFC 5321 §4.5.5).
+        The MAIL/RCPT hooks validate the raw text and answer with the right code.
+        """
+        stripped = arg.strip()
+        if not stripped:
+            return "", ""  # aiosmtpd answers 501 syntax
+        if stripped.startswith("<"):
+            address, closed, rest = stripped[1:].partition(">")
+            if not closed:
+                return stripped, ""
+        else:
+            address, _, rest = stripped.partition(" ")
+        if address.startswith("@") and ":" in address:
+            address = address.split(":", 1)[1]  # RFC 5321 §4.1.2: ignore a source route
+        return (address or "<>"), rest.strip()
 
     # --- DATA ----------------------------------------------------------------------
 
@@ -122,37 +138,53 @@ class RelaySMTP(SMTP):
         await self.push(status)
 
     async def _read_data(self) -> _DataResult:
-        """Read up to the line "." (CRLF.CRLF). Only CRLF ends a line (RFC 5321 §2.3.8),
-        so <LF>.<LF> and its cousins are content, never the end of the message."""
+        """Read up to the line "." (CRLF.CRLF), in chunks rather than line by line.
+
+        Only CRLF ends a line (RFC 5321 §2.3.8), so <LF>.<LF> and its cousins are
+        content, never the end of the message. Past the size limit the data is read
+        and dropped, so a huge message cannot fill memory.
+        """
         limit = self.data_size_limit or 0
-        lines: list[bytes] = []
+        data = bytearray()
+        last5 = b""  # the stream's last five bytes: is ".\r\n" at a line start?
         size = 0
-        problem: str | None = None
-        in_long_line = False
         while True:
             try:
-                line = await self._reader.readuntil(b"\r\n")
+                chunk = await self._reader.readuntil(_DOT_LINE)
+                candidate = True
             except asyncio.LimitOverrunError as overrun:
-                size += len(await self._reader.read(overrun.consumed))
-                problem = problem or "line_too_long"
-                in_long_line, lines = True, []
-                continue
-            if in_long_line:  # the tail of an overlong line, never the end marker
-                in_long_line = False
-                continue
-            if line == b".\r\n":
+                chunk = await self._reader.read(overrun.consumed)
+                candidate = False
+            size += len(chunk)
+            last5 = (last5 + chunk)[-5:]
+            if not limit or size <= limit + len(_DOT_LINE):
+                data += chunk
+            if candidate and (size == len(_DOT_LINE) or last5[:2] == b"\r\n"):
                 break
-            size += len(line)
-            if problem is None and limit and size > limit:
-                problem, lines = "too_big", []
-            if problem is None:
-                lines.append(line[1:] if line.startswith(b".") else line)  # §4.5.2
-        content = b"".join(lines)
-        if problem is None and _has_bare_line_ending(content):
-            problem = "bare_line_ending"
-            if self.relay.settings.bare_line_endings == "normalize":
-                content, problem = _normalize_line_endings(content), None
-        return _DataResult(content, problem)
+        if limit and size > limit + len(_DOT_LINE):
+            return _DataResult(b"", "too_big")
+        return self._check_content(bytes(data[: -len(_DOT_LINE)]))
+
+    def _check_content(self, content: bytes) -> _DataResult:
+        if _has_bare_line_ending(content):
+            if self.relay.settings.bare_line_endings != "normalize":
+                return _DataResult(b"", "bare_line_ending")
+            content = _normalize_line_endings(content)
+        content = _STUFFED_DOT.sub(b"", content)  # RFC 5321 §4.5.2 transparency
+        if _long_line(self.relay.settings.max_line_length).search(content):
+            return _DataResult(b"", "line_too_long")
+        return _DataResult(content, None)
+
+
+_DOT_LINE = b".\r\n"
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_READ_CHUNK = 64 * 1024
+_STUFFED_DOT = re.compile(rb"(?:^|(?<=\r\n))\.")
+
+
+@functools.cache
+def _long_line(maximum: int) -> re.Pattern[bytes]:
+    return re.compile(rb"[^\r\n]{%d}" % (maximum + 1))
 
 
 def _has_bare_line_ending(content: bytes) -> bool:
@@ -168,7 +200,7 @@ def _reword(reply: bytes) -> bytes:
     if reply in _REWORDED:
         return _REWORDED[reply]
     if reply.startswith(b'500 Error: command "'):
-        return b"500 5.5.1 Command" + reply[len(b"500 Error: command") :]
+        return b"500 5.5.1 Command not recognized"
     if reply.startswith(b"501 Syntax: "):
         return b"501 5.5.4 Syntax: " + reply[len(b"501 Syntax: ") :]
     return reply
@@ -194,6 +226,7 @@ class RelayHandler:
         self.on_queued = on_queued
         self.content_policy = content_policy
         self.sessions: set[RelaySMTP] = set()
+        self.closing = False  # set at shutdown: finish transactions, start no new ones
 
     # --- connection --------------------------------------------------------------
 
@@ -205,6 +238,9 @@ class RelayHandler:
             log.warning("connection refused", client=str(address), reason="not in allowed_clients")
             # RFC 5321 §3.1: a server may answer 554 instead of 220 and close.
             return f"554 5.7.1 Access denied: {address} may not relay through this host"
+        if self.closing:
+            # RFC 5321 §3.8: 421 when the service is shutting down.
+            return "421 4.3.2 relayd is shutting down; try again later"
         if len(self.sessions) >= self.settings.max_connections:
             self.metrics.reject("too_many_connections")
             log.warning("connection refused", client=str(address), reason="too many connections")
@@ -225,6 +261,9 @@ class RelayHandler:
     async def handle_MAIL(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
     ) -> str:
+        if self.closing:
+            # RFC 5321 §3.8: a transaction under way may finish; a new one gets 421.
+            return "421 4.3.2 relayd is shutting down; try again later"
         # The null reverse-path stays "<>" during the session (aiosmtpd tests the
         # sender for truth) and becomes "" in the spool.
         if address != "<>" and not _valid_mailbox(address, options):
@@ -463,6 +502,7 @@ class Listener:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let sessions in a transaction finish, then close the rest."""
+        self.handler.closing = True
         if self._server is not None:
             self._server.close()
         deadline = time.monotonic() + grace

@@ -134,11 +134,12 @@ class Metrics:
         )
         self.queue_oldest_age = Gauge(
             "relayd_queue_oldest_message_age_seconds",
-            "Age of the oldest message still to be delivered (0 when the queue is empty)",
+            "Age of the oldest message waiting for delivery (incoming, active, deferred;"
+            " held messages wait for the operator and do not count); 0 when none waits",
             registry=r,
         )
         self.queue_bytes = Gauge(
-            "relayd_queue_bytes", "Bytes of messages in the queue (failed excluded)", registry=r
+            "relayd_queue_bytes", "Bytes of queue files, failed ones excluded", registry=r
         )
 
         # Tokens

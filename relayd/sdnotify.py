@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Callable
+
+STATUS_INTERVAL = 1.0  # how often the STATUS= line is recomputed (sent only when it changes)
 
 
 class Notifier:
@@ -18,6 +22,9 @@ class Notifier:
         self._socket: socket.socket | None = None
         if address:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Called from the event loop: a full receive queue must drop a datagram,
+            # never block the loop (and with it every SMTP session).
+            self._socket.setblocking(False)
 
     @property
     def enabled(self) -> bool:
@@ -44,3 +51,27 @@ class Notifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+async def send_watchdog(notifier: Notifier, interval: float) -> None:
+    """WATCHDOG=1 every ``interval`` seconds, from the event loop itself.
+
+    A loop that is stuck (a blocking call, a busy coroutine) stops the pings, and
+    systemd restarts the service after WatchdogSec=: exactly the failure to catch.
+    """
+    while True:
+        notifier.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+async def send_status(
+    notifier: Notifier, status: Callable[[], str], interval: float = STATUS_INTERVAL
+) -> None:
+    """STATUS=<line> for `systemctl status`, sent whenever the line changes."""
+    last = None
+    while True:
+        line = status()
+        if line != last:
+            notifier.notify(f"STATUS={line}")
+            last = line
+        await asyncio.sleep(interval)

@@ -29,8 +29,8 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
-import secrets
 import threading
 import time
 import zlib
@@ -38,6 +38,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NoReturn
 
 import structlog
 
@@ -45,9 +46,13 @@ log = structlog.get_logger("relayd.spool")
 
 FORMAT_VERSION = 1
 QUEUED_STATES = ("incoming", "active", "deferred", "hold")
+# Waiting to be delivered: what queue depth and the oldest message's age are about
+# (held messages wait for the operator, not for the upstream).
+PENDING_STATES = ("incoming", "active", "deferred")
 STATES = (*QUEUED_STATES, "failed")
 _DIRECTORIES = ("tmp", *STATES, "corrupt", "meta")
 _QUEUE_ID = re.compile(r"^[0-9A-F]{19}$")
+FREE_SPACE_TTL = 0.5
 
 
 class SpoolError(Exception):
@@ -60,6 +65,10 @@ class SpoolFull(SpoolError):
 
 class NotFound(SpoolError):
     """No queued message has that id (or it is in a state that does not allow the action)."""
+
+
+class InDelivery(NotFound):
+    """The message is in active/: a delivery worker owns it until the attempt ends."""
 
 
 class CorruptMessage(SpoolError):
@@ -141,10 +150,20 @@ class Census:
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     oldest_received_at: float | None = None
 
+    @property
+    def pending(self) -> int:
+        return sum(self.messages[state] for state in PENDING_STATES)
+
+    def oldest_age(self, now: float) -> float:
+        """Seconds the oldest pending message has waited (0 when none is pending)."""
+        oldest = self.oldest_received_at
+        return max(0.0, now - oldest) if oldest else 0.0
+
 
 def new_queue_id(now: float | None = None) -> str:
     micros = int((time.time() if now is None else now) * 1_000_000)
-    return f"{micros:013X}{secrets.randbits(24):06X}"
+    # Uniqueness, not secrecy: the clock plus 24 random bits (no syscall per message).
+    return f"{micros:013X}{random.getrandbits(24):06X}"
 
 
 def received_at_from_id(queue_id: str) -> float:
@@ -155,6 +174,23 @@ def is_queue_id(name: str) -> bool:
     return bool(_QUEUE_ID.match(name))
 
 
+def _check_queue_id(queue_id: str) -> None:
+    """Ids reach paths: anything else (say "../x") is refused before it gets there."""
+    if not is_queue_id(queue_id):
+        raise NotFound(
+            f"{queue_id!r} is not a queue id (19 hex digits, as `relayd queue list` shows)"
+        )
+
+
+_OPERATOR_HINTS = {
+    ("hold", "retried"): "; release it (relayd queue release ID)",
+    ("failed", "held"): "; retry or delete it",
+    ("failed", "released"): "; it is not on hold: retry it to try again",
+    ("incoming", "released"): "; it is not on hold",
+    ("deferred", "released"): "; it is not on hold",
+}
+
+
 class Spool:
     """All queue file operations. Methods are blocking unless marked async."""
 
@@ -162,6 +198,9 @@ class Spool:
         self.directory = Path(directory)
         self.min_free_space = min_free_space
         self._committer: _GroupCommitter | None = None
+        self._fsync_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-fsync")
+        self._free_bytes = 0
+        self._free_checked_at = -FREE_SPACE_TTL
         self._lock = threading.Lock()  # guards the counters below
         self._census = Census()
 
@@ -207,7 +246,16 @@ class Spool:
         return stats.f_bavail * stats.f_frsize
 
     def has_room_for(self, size: int = 0) -> bool:
-        return self.free_space() - size >= self.min_free_space
+        """Whether ``size`` more bytes leave at least min_free_space free.
+
+        statvfs runs at most every FREE_SPACE_TTL seconds; bytes committed since are
+        subtracted from the last reading, so a burst cannot overshoot the minimum.
+        """
+        now = time.monotonic()
+        if now - self._free_checked_at > FREE_SPACE_TTL:
+            self._free_bytes = self.free_space()
+            self._free_checked_at = now
+        return self._free_bytes - size >= self.min_free_space
 
     async def commit(self, queue_id: str, envelope: Envelope, content: bytes) -> None:
         """Store a message durably. When this returns, the listener may answer 250.
@@ -222,17 +270,19 @@ class Spool:
         await self._committer.submit(_Job(queue_id, envelope, content))
 
     def _write_batch(self, jobs: list[_Job]) -> list[BaseException | None]:
-        """Runs in the commit thread: write + fsync each, rename each, fsync the dir."""
+        """Runs in the commit thread: write + fsync each file (the fsyncs in parallel, so
+        they share the filesystem's journal commits), rename each, fsync the directory."""
+        written = list(self._fsync_pool.map(self._write_tmp, jobs))  # file size or error
         results: list[BaseException | None] = []
-        for job in jobs:
+        for job, outcome in zip(jobs, written, strict=True):
+            if isinstance(outcome, SpoolError):
+                results.append(outcome)
+                continue
             try:
-                self._write_tmp(job)
                 os.rename(self.path("tmp", job.queue_id), self.path("incoming", job.queue_id))
                 results.append(None)
             except OSError as error:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.path("tmp", job.queue_id))
-                results.append(SpoolError(f"cannot write queue file: {error.strerror}"))
+                results.append(SpoolError(f"cannot queue the file: {error.strerror}"))
         try:
             self._fsync_directory(self.path("incoming"))
         except OSError as error:
@@ -244,20 +294,30 @@ class Spool:
                         os.unlink(self.path("incoming", job.queue_id))
             failure = SpoolError(f"cannot sync the spool directory: {error.strerror}")
             return [failure for _ in jobs]
-        for job, result in zip(jobs, results, strict=True):
+        for job, size, result in zip(jobs, written, results, strict=True):
             if result is None:
-                self._count("incoming", +1, len(job.content), job.envelope.received_at)
+                self._free_bytes -= size
+                self._count("incoming", +1, size, job.envelope.received_at)
         return results
 
-    def _write_tmp(self, job: _Job) -> None:
+    def _write_tmp(self, job: _Job) -> int | SpoolError:
+        """Write and fsync one file under tmp/: its size (as take_census() counts it),
+        or the error instead of raising it (this runs in a pool)."""
+        path = self.path("tmp", job.queue_id)
         header = _encode_header(job.queue_id, job.envelope, job.content)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(self.path("tmp", job.queue_id), flags, 0o600)
         try:
-            os.writev(fd, [header, job.content])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(path, flags, 0o600)
+            try:
+                os.writev(fd, [header, job.content])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return SpoolError(f"cannot write queue file: {error.strerror}")
+        return len(header) + len(job.content)
 
     # --- delivery ----------------------------------------------------------------
 
@@ -341,10 +401,21 @@ class Spool:
                         next_attempt=stat.st_mtime if state == "deferred" else None,
                     )
 
+    def peek(self, entry: QueueEntry) -> tuple[Envelope | None, DeliveryState]:
+        """Envelope and delivery state for `relayd queue list`, reading only the file's
+        first line (cheap even for a 35 MiB message). The envelope is None when the
+        file cannot be read (gone meanwhile, or damaged)."""
+        try:
+            with open(self.path(entry.state, entry.queue_id), "rb") as handle:
+                header = json.loads(handle.readline(1_000_000))
+            envelope: Envelope | None = _envelope_from_header(header, entry.queue_id)
+        except (OSError, ValueError, CorruptMessage):
+            envelope = None
+        return envelope, self._read_meta(entry.queue_id)
+
     def find(self, queue_id: str) -> tuple[str, QueuedMessage]:
         """The state and parsed message for an id, wherever it is."""
-        if not is_queue_id(queue_id):
-            raise NotFound(f"{queue_id!r} is not a queue id")
+        _check_queue_id(queue_id)
         for state in STATES:
             path = self.path(state, queue_id)
             with contextlib.suppress(FileNotFoundError):
@@ -366,6 +437,7 @@ class Spool:
         self, queue_id: str, states: Iterable[str] = ("incoming", "deferred", "hold", "failed")
     ) -> str:
         """Remove a message for good; never one that is being delivered (active/)."""
+        _check_queue_id(queue_id)
         for state in states:
             path = self.path(state, queue_id)
             try:
@@ -376,7 +448,90 @@ class Spool:
             self._remove_meta(queue_id)
             self._count(state, -1, -size)
             return state
-        raise NotFound(f"no message {queue_id} that can be deleted (it may be in delivery)")
+        self._refuse(queue_id, "deleted")
+
+    def hold(self, queue_id: str) -> str:
+        """Keep a waiting message from delivery until released. Returns its old state."""
+        _check_queue_id(queue_id)
+        if self.path("hold", queue_id).exists():
+            return "hold"
+        for source in ("incoming", "deferred"):
+            with contextlib.suppress(NotFound):
+                self.move(queue_id, source, "hold")
+                return source
+        self._refuse(queue_id, "held")
+
+    def release(self, queue_id: str) -> str:
+        """Put a held message back: due now in deferred/ if delivery has tried it
+        before (its recipients already done stay done), else in incoming/. Returns
+        the state it went to."""
+        _check_queue_id(queue_id)
+        target = "deferred" if self._meta_path(queue_id).exists() else "incoming"
+        try:
+            self.move(queue_id, "hold", target)
+        except NotFound:
+            self._refuse(queue_id, "released")
+        return target
+
+    def retry(self, queue_id: str) -> str:
+        """Make a message due now; returns the state it was in.
+
+        Deferred: its next attempt (mtime) becomes now. Failed: back to deferred, due
+        now, with its permanently failed recipients to be tried again (recipients
+        already delivered stay done, so nobody gets it twice). Incoming: already due.
+        """
+        _check_queue_id(queue_id)
+        now = time.time()
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path("deferred", queue_id), (now, now))
+            return "deferred"
+        if self.path("failed", queue_id).exists():
+            # failed/ is the operator's: the daemon never touches it, so the state can
+            # be rewritten before the message moves where delivery will see it.
+            state = self._read_meta(queue_id)
+            self._write_meta(queue_id, replace(state, failed_recipients=()))
+            self.move(queue_id, "failed", "deferred")
+            return "failed"
+        if self.path("incoming", queue_id).exists():
+            return "incoming"
+        self._refuse(queue_id, "retried")
+
+    def retry_all(self, include_failed: bool = False) -> int:
+        """Every deferred message (and failed ones if asked) due now; how many."""
+        count = 0
+        now = time.time()
+        for name in self._names("deferred"):
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.path("deferred", name), (now, now))
+                count += 1
+        if include_failed:
+            for name in self._names("failed"):
+                with contextlib.suppress(NotFound):
+                    self.retry(name)
+                    count += 1
+        return count
+
+    def purge_failed(self) -> int:
+        """Delete every message in failed/; how many."""
+        count = 0
+        for name in self._names("failed"):
+            with contextlib.suppress(NotFound):
+                self.delete(name, states=("failed",))
+                count += 1
+        return count
+
+    def _refuse(self, queue_id: str, action: str) -> NoReturn:
+        """Explain why an operator action found nothing to act on."""
+        if self.path("active", queue_id).exists():
+            raise InDelivery(
+                f"{queue_id} is being delivered right now (active/) and cannot be {action};"
+                " try again when this attempt ends"
+            )
+        for state in STATES:
+            if self.path(state, queue_id).exists():
+                hint = _OPERATOR_HINTS.get((state, action), "")
+                raise NotFound(f"{queue_id} is in {state}/ and cannot be {action}{hint}")
+        raise NotFound(f"no message {queue_id} in the queue")
 
     # --- counting ----------------------------------------------------------------
 
@@ -387,7 +542,7 @@ class Spool:
         for entry in self.entries():
             census.messages[entry.state] += 1
             census.bytes[entry.state] += entry.size
-            if entry.state != "failed" and (oldest is None or entry.received_at < oldest):
+            if entry.state in PENDING_STATES and (oldest is None or entry.received_at < oldest):
                 oldest = entry.received_at
         census.oldest_received_at = oldest
         with self._lock:
@@ -407,11 +562,11 @@ class Spool:
         with self._lock:
             self._census.messages[state] += delta
             self._census.bytes[state] += size
-            if delta > 0 and received_at and state != "failed":
+            if delta > 0 and received_at and state in PENDING_STATES:
                 oldest = self._census.oldest_received_at
                 if oldest is None or received_at < oldest:
                     self._census.oldest_received_at = received_at
-            if sum(self._census.messages[s] for s in QUEUED_STATES) == 0:
+            if self._census.pending == 0:
                 self._census.oldest_received_at = None
 
     # --- helpers -----------------------------------------------------------------
@@ -506,7 +661,12 @@ def _encode_header(queue_id: str, envelope: Envelope, content: bytes) -> bytes:
     header = {
         "v": FORMAT_VERSION,
         "id": queue_id,
-        **asdict(envelope),
+        "sender": envelope.sender,
+        "recipients": envelope.recipients,
+        "client": envelope.client,
+        "helo": envelope.helo,
+        "received_at": envelope.received_at,
+        "mail_options": envelope.mail_options,
         "size": len(content),
         "crc32": zlib.crc32(content),
     }
@@ -514,12 +674,18 @@ def _encode_header(queue_id: str, envelope: Envelope, content: bytes) -> bytes:
 
 
 def _decode_header(header: object, queue_id: str, content: bytes) -> Envelope:
+    envelope = _envelope_from_header(header, queue_id)
+    assert isinstance(header, dict)  # checked by _envelope_from_header
+    if header.get("size") != len(content) or header.get("crc32") != zlib.crc32(content):
+        raise CorruptMessage(f"{queue_id}: content is truncated or damaged")
+    return envelope
+
+
+def _envelope_from_header(header: object, queue_id: str) -> Envelope:
     if not isinstance(header, dict) or header.get("v") != FORMAT_VERSION:
         raise CorruptMessage(f"{queue_id}: not a relayd queue file")
     if header.get("id") != queue_id:
         raise CorruptMessage(f"{queue_id}: file name does not match its id")
-    if header.get("size") != len(content) or header.get("crc32") != zlib.crc32(content):
-        raise CorruptMessage(f"{queue_id}: content is truncated or damaged")
     try:
         return Envelope(
             sender=str(header["sender"]),

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.fakes.entra import entra  # noqa: F401 (the fake Entra ID fixture)
 from tests.fakes.exchange import MAILBOX, FakeExchange
 from tests.fakes.tokens import StandInTokens
 

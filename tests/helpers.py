@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import json
 import os
+import re
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -16,10 +20,12 @@ from typing import Any
 
 import aiosmtplib
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from relayd import config
 
 REPO = Path(__file__).resolve().parent.parent
+QUEUED_AS = re.compile(rb"queued as ([0-9A-F]{19})")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,6 +55,24 @@ def base_config(tmp_path: Path) -> dict[str, Any]:
     }
 
 
+def unreachable_upstream(tmp_path: Path) -> dict[str, Any]:
+    """Overrides for an SMTP upstream nobody can reach and no sign-in: mail stays queued."""
+    return {
+        "upstream": {
+            "transport": "smtp",
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "mailbox": "relay@example.com",
+        },
+        "oauth": {
+            "tenant_id": "tenant",
+            "client_id": "client",
+            "authority": f"https://127.0.0.1:{free_port()}/tenant",
+            "token_cache": str(tmp_path / "token_cache.json"),
+        },
+    }
+
+
 def load_settings(tmp_path: Path, overrides: Mapping | None = None) -> config.Settings:
     """Validated settings from base_config() + overrides, as `relayd serve` would load them."""
     return config.from_mapping(deep_merge(base_config(tmp_path), overrides or {}), environ={})
@@ -70,6 +94,40 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.02)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def transact(
+    client: smtplib.SMTP,
+    content: bytes,
+    sender: str = "app@example.com",
+    recipients: tuple[str, ...] = ("user@example.com",),
+) -> str:
+    """One transaction on an open session; the queue id from the 250 reply."""
+    client.ehlo_or_helo_if_needed()
+    client.mail(sender)
+    for recipient in recipients:
+        client.rcpt(recipient)
+    code, reply = client.data(content)
+    match = QUEUED_AS.search(reply)
+    if code != 250 or match is None:
+        raise smtplib.SMTPDataError(code, reply)
+    return match.group(1).decode()
+
+
+def run_relayd(
+    *args: str, input: str | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m relayd ARGS` to completion (no terminal), its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "relayd", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+        timeout=60,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
 
 
 class RelayProcess:
@@ -114,6 +172,34 @@ class RelayProcess:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON log lines written so far (logging.format: json), parsed."""
+        return json_lines(self.output())
+
+    def wait_for_log(self, event: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+        """The first log record with this event and these field values, once it exists."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.log_records():
+                if record.get("event") == event and all(
+                    record.get(k) == v for k, v in fields.items()
+                ):
+                    return record
+            time.sleep(0.05)
+        raise TimeoutError(f"no log line {event!r} {fields} after {timeout}s:\n{self.output()}")
+
+    def wait_for_output(self, text: str, timeout: float = 10.0, count: int = 1) -> None:
+        """Until ``text`` has appeared ``count`` times in the output (a log line)."""
+        deadline = time.monotonic() + timeout
+        while self.output().count(text) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{text!r} not logged {count}x within {timeout}s:\n{self.output()}"
+                )
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"relayd exited ({self.process.returncode}):\n{self.output()}")
+            time.sleep(0.05)
+
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)
@@ -150,7 +236,100 @@ def running_relay(config_path: Path, **kwargs: Any) -> Iterator[RelayProcess]:
         relay.kill()
 
 
-# --- messages and clients ------------------------------------------------------------
+# --- messages as the tests send them and find them again ---------------------------
+
+
+def numbered_message(number: int, size: int = 2048, tag: str = "t") -> bytes:
+    """A message whose Message-ID names it, with a body of about ``size`` bytes."""
+    return make_message(
+        f"message {number}", body_size=size, message_id=f"<{tag}-{number}@relayd.test>"
+    )
+
+
+def message_number(content: bytes, tag: str = "t") -> int | None:
+    marker = f"Message-ID: <{tag}-".encode()
+    start = content.find(marker)
+    if start < 0:
+        return None
+    return int(content[start + len(marker) : content.index(b"@", start)])
+
+
+def without_trace_fields(stored: bytes) -> bytes:
+    """The message as the client sent it: drop the Received: field relayd prepended."""
+    assert stored.startswith(b"Received: "), stored[:80]
+    lines = stored.split(b"\r\n")
+    index = 1
+    while lines[index].startswith((b"\t", b" ")):
+        index += 1
+    return b"\r\n".join(lines[index:])
+
+
+def spooled_messages(spool_dir: Path) -> dict[str, bytes]:
+    """Every queued message's content by queue id, parsed and checked (crc, size)."""
+    from relayd.spool import STATES, Spool
+
+    spool = Spool(spool_dir)
+    found: dict[str, bytes] = {}
+    for state in STATES:
+        directory = spool.path(state)
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            _, message = spool.find(path.name)
+            found[path.name] = message.read_content()
+    return found
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Every line of ``text`` that is a JSON object (log output mixes in nothing else
+    when logging.format is json, but a traceback from a crash would not parse)."""
+    records = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def http_get(
+    port: int,
+    path: str,
+    *,
+    host: str = "127.0.0.1",
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers with lower-case names, body) of one HTTP request."""
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request(method, path, headers=dict(headers or {}))
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+    finally:
+        connection.close()
+
+
+class Scrape:
+    """One /metrics answer, parsed: ``scrape.value("relayd_queue_messages", state="incoming")``."""
+
+    def __init__(self, text: str) -> None:
+        self.samples = {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.samples.get((name, frozenset(labels.items())))
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> Scrape:
+    status, _, body = http_get(port, "/metrics", host=host)
+    assert status == 200, f"/metrics answered {status}: {body[:200]!r}"
+    return Scrape(body.decode())
 
 
 def make_message(
@@ -179,6 +358,23 @@ def make_message(
     else:
         body += "\r\n"
     return ("\r\n".join(headers) + "\r\n\r\n" + body).encode()
+
+
+def send_message(
+    port: int,
+    content: bytes | None = None,
+    sender: str = "app@example.com",
+    recipients: tuple[str, ...] = ("user@example.com",),
+    host: str = "127.0.0.1",
+) -> str:
+    """Send one message in a new session; returns the queue id from relayd's 250 reply.
+
+    Raises smtplib.SMTPResponseException (a subclass) when relayd refuses it.
+    """
+    content = content if content is not None else make_message(sender=sender, recipients=recipients)
+    with smtplib.SMTP(host, port, timeout=30) as client:
+        client.ehlo("client.example.com")
+        return transact(client, content, sender, recipients)
 
 
 async def send_messages(

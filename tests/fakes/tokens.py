@@ -30,7 +30,7 @@ class StandInTokens:
         self.rejections: list[str] = []  # replies given to token_rejected
         self.rejected_marks: list[str] = []  # replies given to mark_rejected
         self.accepted = 0
-        self._usable: asyncio.Event | None = None
+        self._usable: asyncio.Event | None = None  # made on first use, inside the loop
 
     # --- TokenSource ---------------------------------------------------------------
 
@@ -51,15 +51,17 @@ class StandInTokens:
 
     def mark_rejected(self, reply: str) -> None:
         self.rejected_marks.append(reply)
-        self._state = auth.REJECTED
+        self._set_state(auth.REJECTED)
 
     def mark_accepted(self) -> None:
         self.accepted += 1
-        self._state = auth.OK
+        self._set_state(auth.OK)
 
     async def wait_until_usable(self) -> None:
+        """As TokenManager: returns while the state is not one of BLOCKED_STATES."""
         if self._usable is None:
             self._usable = asyncio.Event()
+            self._set_state(self._state)
         await self._usable.wait()
 
     # --- for the fake Exchange -------------------------------------------------------
@@ -79,18 +81,22 @@ class StandInTokens:
 
     def make_unavailable(self, state: str = auth.REAUTH_REQUIRED) -> None:
         self.unavailable = state
-        self._state = state
-        if self._usable is not None:
-            self._usable.clear()
+        self._set_state(state)
 
     def make_available(self) -> None:
         """A person signed in again: a fresh token, state OK, waiters released."""
         self.unavailable = None
         self.refuse_all = False
         self._current = self._issue()
-        self._state = auth.OK
+        self._set_state(auth.OK)
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
         if self._usable is not None:
-            self._usable.set()
+            if state in auth.BLOCKED_STATES:
+                self._usable.clear()
+            else:
+                self._usable.set()
 
     def _issue(self) -> str:
         token = f"standin.{secrets.token_urlsafe(24)}"

@@ -1,0 +1,137 @@
+"""The token cache file and the auth state file beside it.
+
+Both hold secrets or facts about them, so both are written the same way: a private
+temporary file (0600), fsync, rename over the old one, fsync the directory. A reader
+therefore sees the old file or the new one, never half of either. A lock file beside
+the cache (``fcntl.flock``) serialises read-modify-write between the daemon and
+``relayd auth`` commands, so a sign-in and a refresh can never overwrite each other's
+rotated refresh token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PRIVATE_MODE = 0o600
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """Enough of stat() to notice that another process replaced the file."""
+
+    inode: int
+    mtime_ns: int
+    size: int
+
+
+def file_stamp(path: Path) -> FileStamp | None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return FileStamp(info.st_ino, info.st_mtime_ns, info.st_size)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``, mode 0600, durable on return."""
+    directory = path.parent
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:  # mkstemp creates it 0600
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _give_to_directory_owner(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
+
+
+def _give_to_directory_owner(path: Path) -> None:
+    """`relayd auth login` is often run as root while the daemon runs as its own user:
+    a file root creates in the daemon's directory must stay readable by the daemon."""
+    if os.geteuid() != 0:
+        return
+    owner = path.parent.stat()
+    if owner.st_uid != 0 or owner.st_gid != 0:
+        os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def exposure(path: Path) -> str | None:
+    """Why ``path`` is too open (group or others may access it), or None when private."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return None
+    if mode & 0o077:
+        return f"{path} is accessible by group or others (mode {mode:04o}); run: chmod 600 {path}"
+    return None
+
+
+class TokenStore:
+    """Paths and file operations for one token cache; holds no tokens itself."""
+
+    def __init__(self, cache_path: Path) -> None:
+        self.cache_path = cache_path
+        self.lock_path = cache_path.with_name(cache_path.name + ".lock")
+        self.state_path = cache_path.with_name(cache_path.name + ".state.json")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive cross-process lock for a read-modify-write of the cache (blocking)."""
+        self.cache_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_MODE)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # closing releases the lock
+
+    def stamp(self) -> FileStamp | None:
+        return file_stamp(self.cache_path)
+
+    def read_cache(self) -> tuple[str | None, FileStamp | None]:
+        """The serialized cache (None when nobody has signed in) and its stamp."""
+        try:
+            with open(self.cache_path, encoding="utf-8") as handle:
+                stamp = os.fstat(handle.fileno())
+                return handle.read(), FileStamp(stamp.st_ino, stamp.st_mtime_ns, stamp.st_size)
+        except FileNotFoundError:
+            return None, None
+
+    def write_cache(self, text: str) -> FileStamp | None:
+        write_private(self.cache_path, text.encode("utf-8"))
+        return self.stamp()
+
+    def read_state(self) -> dict[str, Any] | None:
+        """What the daemon last recorded, or None (never ran, or the file is damaged)."""
+        try:
+            document = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return None
+        return document if isinstance(document, dict) else None
+
+    def write_state(self, document: dict[str, Any]) -> None:
+        text = json.dumps(document, indent=2, sort_keys=True) + "\n"
+        write_private(self.state_path, text.encode("utf-8"))
+
+
+def stamp_to_json(stamp: FileStamp | None) -> list[int] | None:
+    return [stamp.inode, stamp.mtime_ns, stamp.size] if stamp else None
