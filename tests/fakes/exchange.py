@@ -238,14 +238,6 @@ class _Handler:
     async def auth_XOAUTH2(self, server: _ExchangeSMTP, args: list[str]) -> AuthResult:
         fake = self.fake
         fake.stats.auth_attempts += 1
-        override = fake.take("auth")
-        if override == DROP:
-            server.drop()
-            return AuthResult(success=False, handled=True)
-        if override:
-            return self._refuse(override)
-        if fake.stats.connections_now > fake.max_connections:
-            return self._refuse(TOO_MANY_CONNECTIONS)
         if len(args) > 1:
             initial = args[1]
         else:
@@ -254,6 +246,14 @@ class _Handler:
         user, token = _parse_xoauth2(initial)
         if token:
             fake.stats.tokens_seen.append(token)
+        override = fake.take("auth")
+        if override == DROP:
+            server.drop()
+            return AuthResult(success=False, handled=True)
+        if override:
+            return self._refuse(override)
+        if fake.stats.connections_now > fake.max_connections:
+            return self._refuse(TOO_MANY_CONNECTIONS)
         if user != fake.mailbox or not fake.validator(user, token):
             return self._refuse(BAD_TOKEN)
         return AuthResult(success=True, auth_data=user, message=AUTH_OK)
