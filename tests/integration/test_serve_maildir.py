@@ -39,15 +39,15 @@ def batch(count: int, size: int = 2048) -> list[tuple[str, list[str], bytes]]:
 
 async def test_messages_flow_into_the_maildir_exactly_once(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    messages = batch(300)
+    messages = batch(150)
     with RelayProcess(config) as relay:
         replies = await send_messages(relay.port, messages, connections=3)
         assert all(reply.startswith("2.0.0 Ok: queued as") for reply in replies)
-        await eventually(lambda: len(maildir_files(tmp_path)) >= 300, 30)
+        await eventually(lambda: len(maildir_files(tmp_path)) >= 150, 30)
         await asyncio.sleep(0.3)
         assert relay.stop() == 0
     files = maildir_files(tmp_path)
-    assert len(files) == 300
+    assert len(files) == 150
     by_id = {MESSAGE_ID.search(content).group(1): content for content in files}
     for sender, recipients, original in messages:
         stored = by_id[MESSAGE_ID.search(original).group(1)]
