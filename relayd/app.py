@@ -1,9 +1,10 @@
 """Wiring and lifecycle of the daemon (uvicorn's shape: start-up, main loop, shutdown).
 
 Start order: pid file lock → health endpoint → spool recovery → tokens → listener →
-READY=1 (the scheduler slots in as DESIGN.md orders it). The health endpoint comes
-before recovery so that /healthz answers and /readyz says "recovering" during a long
-recovery. Stop order: the listener first, the health endpoint last. Signals only set
+scheduler → READY=1. The health endpoint comes before recovery so that /healthz
+answers and /readyz says "recovering" during a long recovery. Stop order: the
+listener first, then the scheduler (deliveries in flight may finish), the tokens,
+the health endpoint last. Signals only set
 flags or schedule work on the loop, so a signal never interrupts a half-done step:
 SIGTERM/SIGINT stop gracefully, SIGHUP reloads the configuration, SIGUSR1 (sent by
 `relayd queue` after a change) rescans the spool.
@@ -22,13 +23,15 @@ import structlog
 from relayd import config, sdnotify
 from relayd import logging as relay_logging
 from relayd.config import ConfigError, Settings
+from relayd.delivery import build_transport
 from relayd.health import HealthServer, readiness_report
 from relayd.listener import Listener, RelayHandler
 from relayd.metrics import Metrics
 from relayd.pidfile import PID_FILE_NAME, AlreadyRunning, PidFile
 from relayd.reload import merge_reload
+from relayd.scheduler import Scheduler
 from relayd.sdnotify import Notifier
-from relayd.spool import Spool
+from relayd.spool import Envelope, Spool
 from relayd.tokens import TokenManager
 
 log = structlog.get_logger("relayd.app")
@@ -63,6 +66,7 @@ class Relay:
             self.metrics,
             hostname=settings.hostname,
             on_queued=self._queued,
+            content_policy=self._content_policy,
         )
         self.listener = Listener(self.handler, settings.listen, settings.hostname)
         self.tokens = (
@@ -70,6 +74,8 @@ class Relay:
             if settings.upstream.transport == "smtp"
             else None
         )
+        transport = build_transport(settings, self.metrics, self.tokens)
+        self.scheduler = Scheduler(self.spool, transport, settings, self.metrics)
         self.health = self._health_server(settings) if settings.metrics.enabled else None
         self.pid_file = PidFile(self.spool.directory / PID_FILE_NAME)
         self.ready = False  # listener bound and spool recovered
@@ -106,6 +112,7 @@ class Relay:
         if self.tokens is not None:
             await self.tokens.start()
         await self._start_listener()
+        await self.scheduler.start()
         self._tasks.append(asyncio.create_task(self._update_gauges(), name="gauges"))
         self.ready, self.phase = True, "ready"
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
@@ -121,6 +128,7 @@ class Relay:
         self.notifier.notify("STOPPING=1")
         log.info("shutting down", grace_seconds=self.settings.listen.shutdown_grace)
         await self.listener.stop(self.settings.listen.shutdown_grace)
+        await self.scheduler.stop(self.settings.listen.shutdown_grace)
         if self.tokens is not None:
             await self.tokens.stop()
         for task in self._tasks:
@@ -157,9 +165,7 @@ class Relay:
         _register_secrets(new)
         relay_logging.set_level(new.logging.level)
         self.listener.reconfigure(new.listen)
-        scheduler = getattr(self, "scheduler", None)
-        if scheduler is not None:
-            scheduler.reconfigure(new)
+        self.scheduler.reconfigure(new)
         self.settings = new
         log.info("configuration reloaded", file=str(self.config_path), log_level=new.logging.level)
 
@@ -222,13 +228,16 @@ class Relay:
     async def _rescan(self) -> None:
         census = await asyncio.to_thread(self.spool.take_census)
         self._refresh_gauges()
-        scheduler = getattr(self, "scheduler", None)
-        if scheduler is not None:
-            scheduler.wake()
+        self.scheduler.wake()
         log.info("spool rescanned on request", **census.messages)
 
     def _queued(self, queue_id: str) -> None:
         """A message was committed; delivery is started from here."""
+        self.scheduler.notify(queue_id)
+
+    def _content_policy(self, envelope: Envelope, content: bytes) -> str | None:
+        """End of DATA: the sender policy may refuse a From: it cannot send as."""
+        return self.scheduler.policy.refusal(envelope, content)
 
     async def _update_gauges(self) -> None:
         last_census = time.monotonic()

@@ -49,8 +49,11 @@ def field_value(block: bytes, name: bytes) -> bytes | None:
 
 @functools.cache
 def _field_pattern(name: bytes) -> re.Pattern[bytes]:
+    # [^\r\n], not ".": "." matches the CR, and a folded field was then cut at its
+    # first line.
     return re.compile(
-        rb"^" + re.escape(name) + rb"[ \t]*:(.*(?:\r\n[ \t].*)*)", re.MULTILINE | re.IGNORECASE
+        rb"^" + re.escape(name) + rb"[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)",
+        re.MULTILINE | re.IGNORECASE,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -13,12 +14,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
+from relayd import config
 
 REPO = Path(__file__).resolve().parent.parent
 QUEUED_AS = re.compile(rb"queued as ([0-9A-F]{19})")
@@ -67,6 +71,11 @@ def unreachable_upstream(tmp_path: Path) -> dict[str, Any]:
             "token_cache": str(tmp_path / "token_cache.json"),
         },
     }
+
+
+def load_settings(tmp_path: Path, overrides: Mapping | None = None) -> config.Settings:
+    """Validated settings from base_config() + overrides, as `relayd serve` would load them."""
+    return config.from_mapping(deep_merge(base_config(tmp_path), overrides or {}), environ={})
 
 
 def write_config(
@@ -397,3 +406,37 @@ def send_message(
     with smtplib.SMTP(host, port, timeout=30) as client:
         client.ehlo("client.example.com")
         return transact(client, content, sender, recipients)
+
+
+async def send_messages(
+    port: int,
+    messages: Iterable[tuple[str, list[str], bytes]],
+    *,
+    connections: int = 1,
+    host: str = "127.0.0.1",
+) -> list[str]:
+    """Send (sender, recipients, content) over ``connections`` parallel sessions; returns
+    the server's reply to each end of DATA, in order."""
+    queue = list(enumerate(messages))
+    replies: list[str] = [""] * len(queue)
+
+    async def session() -> None:
+        async with aiosmtplib.SMTP(hostname=host, port=port, start_tls=False) as client:
+            while queue:
+                index, (sender, recipients, content) = queue.pop(0)
+                _, reply = await client.sendmail(sender, recipients, content)
+                replies[index] = reply
+
+    await asyncio.gather(*(session() for _ in range(connections)))
+    return replies
+
+
+async def eventually(
+    condition: Callable[[], bool], timeout: float = 15.0, message: str = "condition"
+) -> None:
+    """Wait until ``condition()`` is true, polling; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} not reached within {timeout}s")
+        await asyncio.sleep(0.02)

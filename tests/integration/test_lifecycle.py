@@ -25,7 +25,12 @@ from tests.helpers import (
     write_config,
 )
 
-TRACE_PREFIX = re.compile(rb"\A(?:Received:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)+\Z")
+# relayd's Received: field; in the Maildir, the transport's Return-Path: and
+# Envelope-To: above it.
+TRACE_PREFIX = re.compile(
+    rb"\A(?:Return-Path: [^\r\n]*\r\nEnvelope-To: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)?"
+    rb"(?:Received:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)+\Z"
+)
 QUEUE_ID_IN_TRACE = re.compile(rb"\bid ([0-9A-F]{19})\b")
 SPOOL_STATES = ("incoming", "active", "deferred", "hold", "failed")
 

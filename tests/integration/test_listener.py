@@ -19,7 +19,7 @@ from relayd import config
 from relayd.app import Relay
 from relayd.metrics import Metrics
 from relayd.spool import Spool
-from tests.helpers import base_config, deep_merge
+from tests.helpers import base_config, deep_merge, unreachable_upstream
 
 MESSAGE = (
     b"From: App <app@example.com>\r\n"
@@ -72,7 +72,10 @@ class RunningRelay:
 
 @contextlib.contextmanager
 def relay(tmp_path: Path, **overrides: object) -> Iterator[RunningRelay]:
-    document = deep_merge(base_config(tmp_path), overrides)
+    # Nobody to deliver to: what the listener stored stays in incoming/ to be checked.
+    document = deep_merge(
+        deep_merge(base_config(tmp_path), unreachable_upstream(tmp_path)), overrides
+    )
     document["listen"]["port"] = 0  # the OS picks; no race with other tests
     with RunningRelay(config.from_mapping(document, "test.yaml", environ={})) as running:
         yield running

@@ -25,6 +25,7 @@ from tests.helpers import (
     run_relayd,
     running_relay,
     transact,
+    unreachable_upstream,
     write_config,
 )
 
@@ -58,7 +59,7 @@ def fill(relay: RelayProcess, count: int) -> list[str]:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[RelayProcess, Path, Spool]]:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, unreachable_upstream(tmp_path))
     with running_relay(config) as relay:
         yield relay, config, Spool(tmp_path / "spool")
 
@@ -221,7 +222,7 @@ def answer_on_terminal(config: Path, queue_id: str, answer: str) -> str:
 
 
 def test_a_stale_pid_file_never_signals_another_process(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, unreachable_upstream(tmp_path))
     with running_relay(config) as relay:
         (queue_id,) = fill(relay, 1)
     bystander = subprocess.Popen(["sleep", "60"])  # SIGUSR1 would kill it
@@ -244,7 +245,7 @@ def test_root_acts_as_the_spool_owner(tmp_path: Path) -> None:
     base = Path(tempfile.mkdtemp(prefix="relayd-owner-"))
     try:
         base.chmod(0o755)
-        config = write_config(base)
+        config = write_config(base, unreachable_upstream(base))
         with running_relay(config) as relay:
             (queue_id,) = fill(relay, 1)
         spool = Spool(base / "spool")

@@ -1,0 +1,118 @@
+"""In-process delivery set-ups: a real spool and Scheduler over a chosen transport,
+optionally behind the real listener (everything `relayd serve` runs, minus the token
+module and the process around it)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from relayd.config import Settings
+from relayd.delivery import Transport
+from relayd.listener import Listener, RelayHandler
+from relayd.metrics import Metrics
+from relayd.scheduler import Scheduler
+from relayd.spool import Envelope, Spool, new_queue_id
+from tests.helpers import make_message
+
+# Retries in tenths of a second, so outage and retry tests finish in seconds.
+FAST_RETRY = {"min_delay": "0.1s", "max_delay": "0.2s", "max_age": "1h"}
+
+
+class Harness:
+    """A spool, metrics and a Scheduler feeding ``transport``."""
+
+    def __init__(
+        self, settings: Settings, transport: Callable[[Settings, Metrics], Transport] | Any
+    ) -> None:
+        self.settings = settings
+        self.spool = Spool(settings.spool.directory)
+        self.spool.recover()
+        self.metrics = Metrics(process=False)
+        self.transport = transport(settings, self.metrics) if callable(transport) else transport
+        self.scheduler = Scheduler(self.spool, self.transport, settings, self.metrics)
+
+    async def start(self) -> Harness:
+        await self.scheduler.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.scheduler.stop(1)
+
+    async def queue(
+        self,
+        recipients: tuple[str, ...] = ("user@example.org",),
+        sender: str = "app@example.com",
+        *,
+        content: bytes | None = None,
+        notify: bool = True,
+    ) -> str:
+        """Commit a message to the spool as the listener would, and tell the scheduler."""
+        queue_id = new_queue_id()
+        envelope = Envelope(sender=sender, recipients=recipients, received_at=time.time())
+        if content is None:
+            content = make_message(sender=sender or "app@example.com", recipients=recipients)
+        await self.spool.commit(queue_id, envelope, content)
+        if notify:
+            self.scheduler.notify(queue_id)
+        return queue_id
+
+    async def queue_many(self, count: int, **kwargs: Any) -> list[str]:
+        return [await self.queue(**kwargs) for _ in range(count)]
+
+    def settled(self, queue_id: str, state: str | None = None) -> bool:
+        """``queue_id`` is in ``state`` (None: gone) and nothing is being delivered."""
+        return self.scheduler.active_count == 0 and self.state_of(queue_id) == state
+
+    def state_of(self, queue_id: str) -> str | None:
+        for entry in self.spool.entries():
+            if entry.queue_id == queue_id:
+                return entry.state
+        return None
+
+    def queued(self) -> int:
+        """Messages still to be delivered (incoming, active, deferred), from the spool's
+        counters: a directory listing can miss a file that moves while it is read."""
+        census = self.spool.census()
+        return sum(census.messages[state] for state in ("incoming", "active", "deferred"))
+
+    def drained(self) -> bool:
+        """Nothing left to deliver and nothing in flight."""
+        return self.scheduler.idle and self.queued() == 0
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+class InProcessRelay(Harness):
+    """The Harness behind the real listener, wired as relayd.app wires it."""
+
+    def __init__(
+        self, settings: Settings, transport: Callable[[Settings, Metrics], Transport]
+    ) -> None:
+        super().__init__(settings, transport)
+        self.handler = RelayHandler(
+            settings.listen,
+            self.spool,
+            self.metrics,
+            hostname="relay.test",
+            on_queued=self.scheduler.notify,
+            content_policy=lambda envelope, content: self.scheduler.policy.refusal(
+                envelope, content
+            ),
+        )
+        self.listener = Listener(self.handler, settings.listen, "relay.test")
+
+    @property
+    def port(self) -> int:
+        return self.listener.bound_port
+
+    async def start(self) -> InProcessRelay:
+        await self.listener.start()
+        await self.scheduler.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.listener.stop(1)
+        await super().stop()
