@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trustme
 
+from bench.measure import cpu_seconds, machine
 from relayd import config
 from relayd.spool import Envelope, Spool, new_queue_id
 from tests.auth_helpers import auth_overrides, sign_in
@@ -55,18 +55,6 @@ PATHS = {
 }
 
 
-def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown CPU",
-    )
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
-
-
 def batch(count: int, size: int) -> list[tuple[str, list[str], bytes]]:
     return [
         (
@@ -85,12 +73,6 @@ async def prefill(spool_directory: Path, count: int, size: int) -> None:
     for sender, recipients, content in batch(count, size):
         envelope = Envelope(sender=sender, recipients=tuple(recipients), received_at=time.time())
         await spool.commit(new_queue_id(), envelope, content)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(
@@ -163,7 +145,7 @@ async def main(args: argparse.Namespace) -> None:
         for drain in (False, True):
             with tempfile.TemporaryDirectory(prefix="relayd-bench-") as tmp:
                 rows.append(await run_row(Path(tmp), path, args, drain))
-    print(f"\nrelayd end-to-end delivery — {machine()}")
+    print(f"\nrelayd end-to-end delivery — {machine(Path(tempfile.gettempdir()))}")
     print(f"{args.messages} messages of {args.size} bytes, rate limit off\n")
     print(
         "| path | load | accepted msg/s | delivered msg/s | delivered | peak upstream conns"

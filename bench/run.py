@@ -11,6 +11,12 @@ Rows:
   asyncio one (bench/smtpload.py; it measures latency) and, when Postfix is
   installed, Postfix's smtp-source (C, rate only). With ``--with-postfix`` the same
   loads go to a private Postfix (bench/postfix.py) and the table shows relayd / Postfix.
+* end-to-end rate: clients → ``relayd serve`` → the fake Microsoft 365
+  (tests/fakes/exchange.py: STARTTLS + AUTH XOAUTH2, tokens from the fake Entra ID
+  through MSAL after a real sign-in), pool of 3 connections, rate limit off, 2 KiB
+  messages, counted when the fake has them (bench/e2e.py); and the same delivery
+  alone, draining a spool filled beforehand. The client and the fake run in this
+  process, on the same two cores: their CPU is shown too.
 * peak RSS of relayd idle, under that load, and with 100,000 messages queued; the time
   from the start of ``relayd serve`` to READY=1 (on a NOTIFY_SOCKET this script binds)
   with 100,000 messages queued.
@@ -40,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import postfix
+from bench import e2e, postfix
 from bench.measure import cpu_seconds, machine, peak_rss_mib
 from bench.queued import fill_spool, measure_startup
 from bench.smtpload import LoadResult, run_load
@@ -203,6 +209,34 @@ def run_accept(root: Path, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def run_end_to_end(root: Path, args: argparse.Namespace) -> list[Row]:
+    load = argparse.Namespace(messages=args.messages, clients=20, size=2 * 1024)
+    rows = []
+    for drain in (False, True):
+        label = "spool drain" if drain else "20 clients"
+        print(f"  end to end: {label}", file=sys.stderr)
+        results = []
+        for number in range(args.repeat):
+            directory = root / f"e2e-{label.replace(' ', '-')}-{number}"
+            directory.mkdir()
+            row = e2e.run_row(directory, "smtp", load, drain)
+            results.append(uvloop.run(row) if uvloop else asyncio.run(row))
+        rate = statistics.median(result["delivered_per_s"] for result in results)
+        cpu = statistics.median(result["cpu"][0] for result in results) * 1000 / args.messages
+        bench_cpu = statistics.median(result["cpu"][1] for result in results)
+        rows.append(
+            Row(
+                "end-to-end rate (delivered)" if not drain else "delivery alone (spool drain)",
+                f"{label}, 2 KiB, pool of 3",
+                "aiosmtplib (bench/e2e.py)" if not drain else "",
+                relayd=f"{rate:,.0f} msg/s",
+                relayd_cpu=f"{cpu:.2f}",
+                relayd_latency=f"(client + fake: {bench_cpu * 1000 / args.messages:.2f} ms/msg)",
+            )
+        )
+    return rows
+
+
 def run_queued(root: Path, args: argparse.Namespace) -> list[Row]:
     base = root / "queued"
     print(f"  filling the spool with {args.queued:,} messages", file=sys.stderr)
@@ -245,6 +279,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per load; medians shown")
     parser.add_argument("--queued", type=int, default=100_000, help="0 skips the queued rows")
     parser.add_argument("--with-postfix", action="store_true", help="compare with Postfix")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end rows")
     parser.add_argument("--base", type=Path, default=Path("/var/tmp"), help="where spools go")
     args = parser.parse_args()
     if args.with_postfix and not postfix.available():
@@ -256,6 +291,8 @@ def main() -> None:
         root.chmod(0o755)  # Postfix's daemons run as the postfix user
         _spread(root)
         rows = run_accept(root, args)
+        if not args.no_e2e:
+            rows += run_end_to_end(root, args)
         if args.queued:
             rows += run_queued(root, args)
         print("  removing the spools", file=sys.stderr)

@@ -204,6 +204,7 @@ class Spool:
         # plain strings, because a pathlib join costs microseconds each time.
         self._tmp_dir = os.path.join(self.directory, "tmp")
         self._incoming_dir = os.path.join(self.directory, "incoming")
+        self._state_directories = {name: self.directory / name for name in _DIRECTORIES}
         self._free_bytes = 0
         self._free_checked_at = -FREE_SPACE_TTL
         self._lock = threading.Lock()  # guards the counters below
@@ -212,7 +213,8 @@ class Spool:
     # --- set-up ------------------------------------------------------------------
 
     def path(self, state: str, queue_id: str = "") -> Path:
-        return self.directory / state / queue_id if queue_id else self.directory / state
+        directory = self._state_directories.get(state) or self.directory / state
+        return directory / queue_id if queue_id else directory
 
     def ensure_layout(self) -> None:
         for name in _DIRECTORIES:
@@ -365,17 +367,22 @@ class Spool:
         operator's hold/delete). A file that cannot be parsed is moved to corrupt/ and
         CorruptMessage is raised.
         """
+        active = self.path("active", queue_id)
         for state in ("incoming", "deferred"):
             try:
-                self._rename(queue_id, state, "active")
+                os.rename(self.path(state, queue_id), active)
             except FileNotFoundError:
                 continue
             try:
-                return self._read_message(self.path("active", queue_id), queue_id)
+                message = self._read_message(active, queue_id)
             except CorruptMessage:
-                self._count("active", -1, 0)
-                self._set_aside(self.path("active", queue_id), "cannot parse the queue file")
+                self._count(state, -1, -_size_or_zero(active))
+                self._set_aside(active, "cannot parse the queue file")
                 raise
+            # Counted after reading: the file's size is known then, without a stat.
+            self._count(state, -1, -message.size)
+            self._count("active", +1, message.size, received_at_from_id(queue_id))
+            return message
         return None
 
     def delivered(self, message: QueuedMessage) -> None:
@@ -690,6 +697,13 @@ class Spool:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 # --- file format ---------------------------------------------------------------------
