@@ -53,7 +53,9 @@ STATES = (*QUEUED_STATES, "failed")
 _DIRECTORIES = ("tmp", *STATES, "corrupt", "meta")
 _QUEUE_ID = re.compile(r"^[0-9A-F]{19}$")
 FREE_SPACE_TTL = 0.5
-_FSYNC_THREADS = 8  # files of one group commit written and fsynced in parallel
+# Threads that write and fsync one group commit's files in parallel: the commit thread
+# and a pool of the others.
+_WRITERS = 8
 
 
 class SpoolError(Exception):
@@ -199,7 +201,7 @@ class Spool:
         self.directory = Path(directory)
         self.min_free_space = min_free_space
         self._committer: _GroupCommitter | None = None
-        self._fsync_pool = ThreadPoolExecutor(_FSYNC_THREADS, thread_name_prefix="spool-fsync")
+        self._fsync_pool = ThreadPoolExecutor(_WRITERS - 1, thread_name_prefix="spool-fsync")
         # The commit path runs for every message with the GIL held between system calls:
         # plain strings, because a pathlib join costs microseconds each time.
         self._tmp_dir = os.path.join(self.directory, "tmp")
@@ -280,11 +282,14 @@ class Spool:
         """Runs in the commit thread: write + fsync each file (the fsyncs in parallel, so
         they share the filesystem's journal commits), rename each, fsync the directory.
 
-        The batch is cut into one slice per pool thread (not one task per file): each
-        task costs Python work under the GIL that the event loop is waiting for."""
-        per_thread = -(-len(jobs) // _FSYNC_THREADS)  # ceiling division
+        The batch is cut into one slice per thread (not one task per file): each task
+        costs Python work under the GIL that the event loop is waiting for. This thread
+        writes the first slice itself, so a batch of one (a single client) takes no
+        extra thread hop."""
+        per_thread = -(-len(jobs) // _WRITERS)  # ceiling division
         slices = [jobs[start : start + per_thread] for start in range(0, len(jobs), per_thread)]
-        parts = self._fsync_pool.map(self._write_slice, slices)
+        others = [self._fsync_pool.submit(self._write_slice, part) for part in slices[1:]]
+        parts = [self._write_slice(slices[0]), *(future.result() for future in others)]
         written = [size for part in parts for size in part]  # file size or error, in order
         results: list[BaseException | None] = []
         for job, outcome in zip(jobs, written, strict=True):
