@@ -154,10 +154,20 @@ class LocalPostfix:
             raise RuntimeError(f"Postfix did not start; see {self.base / 'maillog'}") from None
         return self
 
-    def delivered(self) -> int:
-        """Messages Postfix has relayed to the sink so far (from its log)."""
-        log = self.base / "maillog"
-        return log.read_text(errors="replace").count("status=sent") if log.exists() else 0
+    def settle(self, timeout: float = 600) -> None:
+        """Wait until Postfix has relayed everything it accepted: its deliveries must not
+        run on into the next measurement (of relayd or of itself)."""
+        deadline = time.monotonic() + timeout
+        while self._queued() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def _queued(self) -> bool:
+        queue = self.base / "queue"
+        return any(
+            files
+            for state in ("maildrop", "incoming", "active", "deferred")
+            for _, _, files in os.walk(queue / state)
+        )
 
     def __exit__(self, *exc: object) -> None:
         assert POSTFIX is not None and self.master is not None

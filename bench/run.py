@@ -106,21 +106,26 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+@dataclass(frozen=True)
+class Server:
+    port: int
+    pid: int | None = None  # to read its CPU time (relayd)
+    settle: Callable[[], None] | None = None  # until its work after a run is done
+
+
 def measure(
-    generator: str,
-    servers: dict[str, tuple[int, int | None]],
-    clients: int,
-    size: int,
-    messages: int,
-    repeat: int,
+    generator: str, servers: dict[str, Server], clients: int, size: int, messages: int, repeat: int
 ) -> dict[str, Measured]:
-    """Run the load ``repeat`` times against each server (port, pid to read CPU of)."""
+    """Run the load ``repeat`` times against each server; medians."""
     runs: dict[str, list[tuple[LoadResult, float | None]]] = {name: [] for name in servers}
     for _ in range(repeat):
-        for name, (port, pid) in servers.items():  # alternating: noise hits both alike
+        for name, server in servers.items():  # alternating: noise hits both alike
+            pid = server.pid
             cpu_before = cpu_seconds(pid) if pid else 0.0
-            result = _load_once(generator, port, clients, messages, size)
+            result = _load_once(generator, server.port, clients, messages, size)
             cpu = (cpu_seconds(pid) - cpu_before) * 1000 / result.sent if pid else None
+            if server.settle is not None:
+                server.settle()
             if result.failed:
                 print(f"  {name}: {result.failed} messages not accepted", file=sys.stderr)
             runs[name].append((result, cpu))
@@ -137,12 +142,12 @@ def measure(
 
 
 def accept_rows(
-    relay: RelayProcess, postfix_port: int | None, args: argparse.Namespace
+    relay: RelayProcess, local_postfix: postfix.LocalPostfix | None, args: argparse.Namespace
 ) -> Iterator[Row]:
     assert relay.process is not None
-    servers = {"relayd": (relay.port, relay.process.pid)}
-    if postfix_port:
-        servers["postfix"] = (postfix_port, None)
+    servers = {"relayd": Server(relay.port, relay.process.pid)}
+    if local_postfix is not None:
+        servers["postfix"] = Server(local_postfix.port, settle=local_postfix.settle)
     generators = [SMTPLOAD, SMTP_SOURCE] if postfix.SMTP_SOURCE else [SMTPLOAD]
     for size in SIZES:
         for clients in CLIENTS:
@@ -194,16 +199,15 @@ def _spread(directory: Path) -> None:
 def run_accept(root: Path, args: argparse.Namespace) -> list[Row]:
     rows = []
     with contextlib.ExitStack() as stack:
-        postfix_port = None
+        local = None
         if args.with_postfix:
             postfix.become_subreaper()
             sink = stack.enter_context(postfix.SmtpSink())
             local = stack.enter_context(postfix.LocalPostfix(root / "postfix", sink.port))
-            postfix_port = local.port
         relay = stack.enter_context(RelayProcess(_relay_config(root / "relayd")))
         assert relay.process is not None
         idle = peak_rss_mib(relay.process.pid)
-        rows.extend(accept_rows(relay, postfix_port, args))
+        rows.extend(accept_rows(relay, local, args))
         loaded = peak_rss_mib(relay.process.pid)
     rows.append(Row("peak RSS, idle", relayd=f"{idle:.1f} MiB"))
     rows.append(Row("peak RSS, under the loads above", relayd=f"{loaded:.1f} MiB"))
