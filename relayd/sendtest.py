@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 import smtplib
 import sys
@@ -28,9 +29,10 @@ from relayd import tokens as auth
 from relayd.config import ListenSettings, Settings
 from relayd.delivery import SmtpTransport, Submission
 from relayd.metrics import Metrics
-from relayd.outcome import reply_text
+from relayd.outcome import AUTH_DISABLED_EXPLANATION, SEND_AS_EXPLANATION, reply_text
 from relayd.policy import SenderPolicy
 from relayd.sendtrace import RELAY_HINTS, UPSTREAM_HINTS, Steps, TracedSMTP, hint, one_line
+from relayd.signin import AuthCommands, when
 from relayd.spool import Envelope, NotFound, QueuedMessage, Spool, SpoolError
 from relayd.units import format_duration
 
@@ -38,6 +40,9 @@ EXIT_OK, EXIT_FAILED = 0, 1
 POLL_INTERVAL = 0.2  # seconds between looks at the spool
 RELAY_TIMEOUT = 30.0  # seconds for each SMTP reply from the local relay
 QUEUED_AS = re.compile(r"queued as ([0-9A-F]{19})")
+DAEMON_EXPLANATIONS = (AUTH_DISABLED_EXPLANATION, SEND_AS_EXPLANATION)
+# Their failures are this command's steps; their log lines would only repeat them.
+QUIET_LOGGERS = ("relayd.delivery", "relayd.tokens")
 # Where the message is while it waits, as the follow-up prints it.
 _WAITING = {
     "incoming": "waits for its first delivery attempt",
@@ -203,28 +208,23 @@ class SendTest:
         return EXIT_OK
 
     def _stopped(self, state: str, message: QueuedMessage) -> int:
-        delivery = message.state
-        error = delivery.last_error or "no attempt yet: deliveries are paused"
-        self.steps.failed("queue", f"{message.queue_id} is {state}: {error}")
+        queue_id, delivery = message.queue_id, message.state
         if state == "hold":
+            self.steps.failed("queue", f"{queue_id} is on hold (hold/)")
             self.steps.failure(
-                f"{message.queue_id} is on hold",
-                f"an operator held it: relayd queue release {message.queue_id}",
+                f"{queue_id} was held by an operator", f"relayd queue release {queue_id}"
             )
             return EXIT_FAILED
         what = "failed for good" if state == "failed" else "was deferred; relayd retries it"
-        self.steps.failure(
-            f"{message.queue_id} {what} after {delivery.attempts} attempt(s): {error}",
-            hint(error, self.context, UPSTREAM_HINTS),
-        )
+        self.steps.failed("queue", f"{queue_id} {what} ({state}/, {delivery.attempts} attempts)")
+        error = delivery.last_error or "not attempted: relayd paused deliveries to the upstream"
+        self.steps.failure(error, hint(error, self.context, UPSTREAM_HINTS))
         return EXIT_FAILED
 
     def _daemon_auth_problem(self) -> str | None:
         """The sign-in problem the daemon recorded, if deliveries wait for a person."""
         if self.settings.upstream.transport != "smtp" or self.config_path is None:
             return None
-        from relayd.signin import AuthCommands  # imported late: MSAL is slow to import
-
         try:
             report = AuthCommands(self.settings, self.config_path).status_report()
         except (OSError, ValueError) as error:  # e.g. the cache is the daemon user's
@@ -272,6 +272,8 @@ class SendTest:
             self.steps.success(f"{upstream.host} accepted the message: {attempt.reply}")
             return EXIT_OK
         reply = attempt.failed[0][1] if attempt.failed else attempt.reply
+        for explanation in DAEMON_EXPLANATIONS:  # written for the queue: the hint says more
+            reply = reply.removesuffix(f" ({explanation})")
         self.steps.failure(reply, hint(reply, self.context, UPSTREAM_HINTS))
         return EXIT_FAILED
 
@@ -306,9 +308,8 @@ class ReportingTokens:
             self._steps.failed("token", str(error))
             raise
         document = self._tokens.state_document()
-        expires = document["access_token_expires_at"]
-        left = f", valid for {format_duration(round(expires - time.time()))}" if expires else ""
-        self._steps.step("token", f"access token for {document['account']}{left}")
+        expires = f", valid until {when(document['access_token_expires_at'])}"
+        self._steps.step("token", f"access token for {document['account']}{expires}")
         return token
 
     async def token_rejected(self, token: str, reply: str) -> None:
@@ -351,6 +352,8 @@ def _reply(code: int, text: bytes | str) -> str:
 
 
 def run(settings: Settings, config_path: Path | None, *, direct: bool, **options) -> int:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     test = SendTest(settings, config_path=config_path, **options)
     if direct:
         return asyncio.run(test.direct())

@@ -77,7 +77,7 @@ class TracedSMTP(aiosmtplib.SMTP):
             self._greeted = True
             host, port = self.get_transport_info("peername")[:2]
             self._steps.step("connect", f"connected to {host} port {port}")
-            if self.get_transport_info("sslobject") is not None:  # implicit TLS
+            if self.get_transport_info("ssl_object") is not None:  # implicit TLS
                 self._report_tls()
         response = await self._traced("EHLO", str(self.local_hostname), super().ehlo(**options))
         offered = [name.upper() for name in self.esmtp_extensions if name != "auth"]
@@ -123,7 +123,7 @@ class TracedSMTP(aiosmtplib.SMTP):
         return response
 
     def _report_tls(self) -> None:
-        tls: ssl.SSLObject = self.get_transport_info("sslobject")
+        tls: ssl.SSLObject = self.get_transport_info("ssl_object")
         certificate = tls.getpeercert() or {}
         subject = _distinguished_name(certificate.get("subject", ()))
         issuer = _distinguished_name(certificate.get("issuer", ()))

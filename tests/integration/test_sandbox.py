@@ -92,7 +92,8 @@ def test_queue_send_test_and_metrics_show_a_message_that_cannot_be_stored(
 
     sent = sandbox_command(tmp_path, sandbox, "send-test", "--to", "someone@example.org")
     assert sent.returncode == 1, sent.stdout
-    assert "was deferred; relayd retries it after 1 attempt(s): 451 4.3.0" in sent.stdout
+    assert "was deferred; relayd retries it (deferred/, 1 attempts)" in sent.stdout
+    assert "FAILED: 451 4.3.0 cannot write to" in sent.stdout
 
     (maildir / "tmp").unlink()
     (maildir / "tmp").mkdir()
