@@ -335,12 +335,14 @@ def relay_address(listen: ListenSettings) -> tuple[str, int]:
 
 
 def _find(spool: Spool, queue_id: str) -> tuple[str, QueuedMessage]:
-    """The message's state; NotFound only when it is gone for sure. Moves go forward
-    through the directories spool.find() looks at, except a retry's deferred/ → active/,
-    which a single look can miss: a second look settles it."""
+    """The message's state; NotFound only when it is gone (delivered). spool.find() looks
+    in incoming/, active/, deferred/… in turn; most moves go the same way, but a claim
+    (deferred/ → active/) or a release (active/ → incoming/) during one look can hide the
+    message from it: a second look a moment later settles it."""
     try:
         return spool.find(queue_id)
     except NotFound:
+        time.sleep(POLL_INTERVAL)
         return spool.find(queue_id)
 
 
