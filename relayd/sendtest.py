@@ -156,7 +156,15 @@ class SendTest:
     def _follow(self, queue_id: str, auth_problem: str | None) -> int:
         """Watch the spool until the message is gone (delivered), deferred or failed."""
         spool = Spool(self.settings.spool.directory)
-        if not spool.path("incoming").is_dir():
+        try:
+            found = spool.path("incoming").is_dir()
+        except OSError as error:  # e.g. the spool belongs to the daemon's user
+            self.steps.failure(
+                f"queued as {queue_id}, but the spool cannot be read: {error}",
+                "run send-test as the daemon's user (sudo -u relayd relayd send-test …)",
+            )
+            return EXIT_FAILED
+        if not found:
             self.steps.failure(
                 f"queued as {queue_id}, but there is no spool at {spool.directory} to follow"
                 f" it (spool.directory in {self.context['config']}): is this the"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import yaml
 
 from relayd import config
+from relayd.app import Relay
+from relayd.metrics import Metrics
 
 
 def test_defaults_need_no_microsoft_account_and_live_under_the_sandbox_directory(
@@ -63,3 +66,27 @@ def test_a_bad_file_is_reported_with_its_name_and_key(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError) as raised:
         config.sandbox(path, environ={})
     assert (raised.value.source, raised.value.key) == (str(path), "upstream")
+
+
+def test_sighup_reloads_through_the_sandbox_so_the_file_may_lack_an_account(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RELAYD_SANDBOX_DIR", str(tmp_path / "box"))
+    path = tmp_path / "staging.yaml"
+    path.write_text(yaml.safe_dump({"upstream": {"transport": "smtp"}}))  # no mailbox, no oauth
+    relay = Relay(
+        config.sandbox(path),
+        config_path=path,
+        loader=config.sandbox,
+        metrics=Metrics(process=False),
+    )
+    root_level = logging.getLogger().level
+    try:
+        path.write_text(
+            yaml.safe_dump({"upstream": {"transport": "smtp"}, "logging": {"level": "debug"}})
+        )
+        relay.reload()  # config.load would refuse this file: smtp needs upstream.mailbox
+    finally:
+        logging.getLogger().setLevel(root_level)
+    assert relay.settings.logging.level == "debug"
+    assert relay.settings.upstream.transport == "maildir"
