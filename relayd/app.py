@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -52,11 +53,13 @@ class Relay:
         settings: Settings,
         *,
         config_path: Path | None = None,
+        loader: Callable[[Path], Settings] = config.load,
         metrics: Metrics | None = None,
         notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
         self.config_path = config_path
+        self._load_config = loader  # SIGHUP; the sandbox's keeps the maildir transport
         self.metrics = metrics or Metrics()
         self.notifier = notifier or Notifier()
         self.spool = Spool(settings.spool.directory, min_free_space=settings.spool.min_free_space)
@@ -97,6 +100,13 @@ class Relay:
 
     async def start(self) -> None:
         started = time.monotonic()
+        if self.settings.upstream.transport == "maildir":
+            log.info(
+                "mail goes into a local Maildir, never to Microsoft 365",
+                maildir=str(self.settings.upstream.maildir),
+                spool=str(self.spool.directory),
+                config=self.settings.source,
+            )
         await asyncio.to_thread(self._lock_spool)
         if self.health is not None:
             await self.health.start()
@@ -155,7 +165,7 @@ class Relay:
             log.warning("reload ignored: no configuration file (sandbox or defaults)")
             return
         try:
-            loaded = config.load(self.config_path)
+            loaded = self._load_config(self.config_path)
         except ConfigError as error:
             log.error("reload refused; keeping the running configuration", error=str(error))
             return

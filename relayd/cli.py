@@ -9,18 +9,27 @@ from pathlib import Path
 
 from relayd import __version__, config
 from relayd import logging as relay_logging
+from relayd.units import parse_duration
 
 DEFAULT_CONFIG = Path("/etc/relayd/relayd.yaml")
 
 
-def _add_config_option(parser: argparse.ArgumentParser) -> None:
+def _add_config_option(parser: argparse.ArgumentParser, *, sandbox: bool = False) -> None:
     parser.add_argument(
         "-c",
         "--config",
         type=Path,
-        default=DEFAULT_CONFIG,
+        default=None if sandbox else DEFAULT_CONFIG,
         help=f"configuration file (default: {DEFAULT_CONFIG})",
     )
+    if sandbox:
+        parser.add_argument(
+            "--sandbox",
+            action="store_true",
+            help="the sandbox's settings: no Microsoft account, spool and Maildir under "
+            f"./{config.SANDBOX_DIR} (or ${config.SANDBOX_DIR_ENV}); with -c, that file's "
+            "settings apply, but the transport stays maildir",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,13 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = commands.add_parser("serve", help="run the relay in the foreground")
-    _add_config_option(serve)
+    _add_config_option(serve, sandbox=True)
     serve.set_defaults(handler=_serve)
 
     check = commands.add_parser(
         "check-config", help="validate the configuration and print the effective settings"
     )
-    _add_config_option(check)
+    _add_config_option(check, sandbox=True)
     check.set_defaults(handler=_check_config)
 
     _add_auth_commands(commands)
@@ -101,7 +110,7 @@ def _add_queue_commands(commands: argparse._SubParsersAction) -> None:
 
     def action(name: str, help_text: str, run: Callable) -> argparse.ArgumentParser:
         parser = actions.add_parser(name, help=help_text, description=help_text)
-        _add_config_option(parser)
+        _add_config_option(parser, sandbox=True)
         parser.set_defaults(handler=_queue_handler(run))
         return parser
 
@@ -136,7 +145,7 @@ def _queue_handler(run: Callable) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         from relayd import queueadmin  # imported late: keeps `relayd --help` fast
 
-        return queueadmin.run(_load_settings(args.config), lambda admin: run(admin, args))
+        return queueadmin.run(_settings(args), lambda admin: run(admin, args))
 
     return handler
 
@@ -152,6 +161,84 @@ def _retry(admin, args: argparse.Namespace) -> int:
 
 def _add_send_test_command(commands: argparse._SubParsersAction) -> None:
     """`relayd send-test` (operations)."""
+    description = (
+        "Send a short test message through the running relay and wait until it is "
+        "delivered, deferred or failed; or, with --direct, straight to the upstream with "
+        "the current token. Prints each step, and a hint for every known failure. "
+        "Exit status 0 only when the message was delivered."
+    )
+    send_test = commands.add_parser(
+        "send-test", help="send a test message and show each step", description=description
+    )
+    _add_config_option(send_test, sandbox=True)
+    send_test.add_argument("--to", required=True, metavar="ADDRESS", help="the recipient")
+    send_test.add_argument(
+        "--from",
+        dest="sender",
+        metavar="ADDRESS",
+        help="the sender (default: upstream.mailbox)",
+    )
+    send_test.add_argument(
+        "--direct",
+        action="store_true",
+        help="straight to upstream.host as upstream.mailbox, not through the relay",
+    )
+    send_test.add_argument(
+        "--wait",
+        type=_duration,
+        default=60.0,
+        metavar="DURATION",
+        help="how long to wait for the delivery through the relay (default: 60s)",
+    )
+    send_test.set_defaults(handler=_send_test)
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _send_test(args: argparse.Namespace) -> int:
+    from relayd import sendtest  # imported late: keeps `relayd --help` fast
+
+    settings = _settings(args)
+    # Steps go to standard output; the log only says what the steps cannot.
+    relay_logging.configure(settings.logging.format, "error")
+    try:
+        return sendtest.run(
+            settings,
+            args.config,
+            direct=args.direct,
+            to=args.to,
+            sender=args.sender,
+            wait=args.wait,
+        )
+    except config.ConfigError as error:  # found on the way, e.g. an unsafe token cache
+        config.fail(error)
+        raise  # unreachable: fail() exits
+
+
+def _settings(args: argparse.Namespace) -> config.Settings:
+    """The settings of a command with -c and --sandbox. Without --sandbox, ``args.config``
+    is set to the file that was read (the default one when -c was not given)."""
+    if getattr(args, "sandbox", False):
+        try:
+            return config.sandbox(args.config)
+        except config.ConfigError as error:
+            config.fail(error)
+            raise  # unreachable: fail() exits
+    given = args.config is not None
+    args.config = args.config or DEFAULT_CONFIG
+    if not given and not args.config.exists() and hasattr(args, "sandbox"):
+        print(
+            f"relayd: no configuration at {args.config}: give one with -c FILE, or add"
+            " --sandbox to use the sandbox's (relayd serve --sandbox)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return _load_settings(args.config)
 
 
 def _load_settings(path: Path) -> config.Settings:
@@ -165,10 +252,11 @@ def _load_settings(path: Path) -> config.Settings:
 def _serve(args: argparse.Namespace) -> int:
     from relayd.app import Relay, StartupError, run  # imported late: keeps --help fast
 
-    settings = _load_settings(args.config)
+    settings = _settings(args)
     relay_logging.configure(settings.logging.format, settings.logging.level)
+    loader = config.sandbox if args.sandbox else config.load
     try:
-        run(Relay(settings, config_path=args.config))
+        run(Relay(settings, config_path=args.config, loader=loader))
     except StartupError as error:
         print(f"relayd: cannot start: {error}", file=sys.stderr)
         return 1
@@ -178,8 +266,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    settings = _load_settings(args.config)
-    print(f"# {args.config}: configuration is valid. Effective settings (secrets redacted):")
+    settings = _settings(args)
+    print(f"# {settings.source}: configuration is valid. Effective settings (secrets redacted):")
     print(config.dump(settings), end="")
     return 0
 

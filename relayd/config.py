@@ -24,6 +24,8 @@ from relayd.units import format_duration, format_size, parse_duration, parse_siz
 
 ENV_PREFIX = "RELAYD_"
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # systemd LoadCredential=
+SANDBOX_DIR_ENV = "RELAYD_SANDBOX_DIR"
+SANDBOX_DIR = Path("relayd-sandbox")
 
 
 class ConfigError(Exception):
@@ -278,6 +280,10 @@ SECTIONS: dict[str, type] = {
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
     """Read, merge and validate the configuration file. Raises ConfigError."""
+    return from_mapping(_read_document(path), str(path), environ)
+
+
+def _read_document(path: str | Path) -> object:
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -289,7 +295,55 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "(file)"
         raise ConfigError(source, where, f"not valid YAML: {error}") from None
-    return from_mapping(document or {}, source, environ)
+    return document or {}
+
+
+def sandbox_directory(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the sandbox keeps its spool and Maildir: $RELAYD_SANDBOX_DIR or
+    ./relayd-sandbox, made absolute so that messages in logs name a findable place."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get(SANDBOX_DIR_ENV) or SANDBOX_DIR).expanduser().absolute()
+
+
+def sandbox(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """`relayd serve --sandbox`: built-in defaults and no Microsoft account.
+
+    The spool and the Maildir live under ``sandbox_directory()``; the listener and the
+    metrics keep their usual defaults (127.0.0.1:2525 and :2526). With ``path``, that
+    file's settings apply on top, and environment overrides apply as always, except
+    that the transport stays ``maildir``: a sandbox never sends real mail.
+    """
+    environ = os.environ if environ is None else environ
+    directory = sandbox_directory(environ)
+    document: object = {
+        "spool": {"directory": str(directory / "spool")},
+        "upstream": {"maildir": str(directory / "maildir")},
+        "oauth": {"token_cache": str(directory / "token_cache.json")},
+    }
+    source = f"sandbox ({directory})"
+    if path is not None:
+        document, source = _layered(document, _read_document(path)), str(path)
+    if isinstance(document, dict) and isinstance(document.get("upstream"), dict):
+        document["upstream"]["transport"] = "maildir"
+    transport_variable = f"{ENV_PREFIX}UPSTREAM_TRANSPORT"
+    environ = {name: value for name, value in environ.items() if name != transport_variable}
+    return from_mapping(document, source, environ)
+
+
+def _layered(base: dict[str, dict], top: object) -> object:
+    """``top``'s sections over ``base``'s, key by key. Whatever is not a mapping is
+    passed on as it is, for from_mapping to report."""
+    if not isinstance(top, dict):
+        return top
+    merged: dict[object, object] = {name: dict(section) for name, section in base.items()}
+    for name, section in top.items():
+        section = {} if section is None else section
+        below = merged.get(name)
+        if isinstance(section, dict) and isinstance(below, dict):
+            merged[name] = {**below, **section}
+        else:
+            merged[name] = section
+    return merged
 
 
 def from_mapping(

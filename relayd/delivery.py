@@ -19,6 +19,7 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -132,10 +133,19 @@ class SmtpTransport:
 
     rate_limited = True
 
-    def __init__(self, settings: Settings, metrics: Metrics, tokens: TokenSource | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        tokens: TokenSource | None,
+        *,
+        session_factory: Callable[..., aiosmtplib.SMTP] = aiosmtplib.SMTP,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.tokens = tokens
+        # `relayd send-test --direct` passes a subclass that prints each step.
+        self.session_factory = session_factory
         self.breaker = CircuitBreaker(start_probing=True)
         self._tls: tuple[Path | None, ssl.SSLContext] | None = None
         self._auth_state_at_pause = auth.OK  # token state when auth paused the upstream
@@ -290,7 +300,7 @@ class SmtpTransport:
             return value
 
         implicit = upstream.tls == "implicit"
-        return aiosmtplib.SMTP(
+        return self.session_factory(
             hostname=upstream.host,
             port=upstream.port,
             use_tls=implicit,

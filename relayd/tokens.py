@@ -168,6 +168,16 @@ class TokenManager:
 
     async def start(self) -> None:
         """Check and load the cache (no network), then start the refresher."""
+        await self.load()
+        self._tasks = [
+            asyncio.create_task(self._refresher(), name="token-refresher"),
+            asyncio.create_task(self._state_writer(), name="auth-state-writer"),
+        ]
+
+    async def load(self) -> None:
+        """Check and load the cache (no network), without the background tasks: alone,
+        for one-off commands (`relayd send-test --direct`), which must neither refresh
+        in the background nor write the daemon's auth state file."""
         problem = exposure(self.store.cache_path)
         if problem:
             raise ConfigError(self._source, "oauth.token_cache", f"refusing to start: {problem}")
@@ -180,10 +190,6 @@ class TokenManager:
             and view.account
         ):  # the last run saw Entra refuse this very cache: do not redeem it again
             self._fail(Outcome(REAUTH, previous.get("detail", ""), previous.get("aadsts")))
-        self._tasks = [
-            asyncio.create_task(self._refresher(), name="token-refresher"),
-            asyncio.create_task(self._state_writer(), name="auth-state-writer"),
-        ]
 
     async def stop(self) -> None:
         """Stop the refresher; the cache is already persisted after every change."""

@@ -131,34 +131,48 @@ def run_relayd(
 
 
 class RelayProcess:
-    """`python -m relayd serve -c CONFIG` as a child process, its output in a file."""
+    """`python -m relayd serve -c CONFIG` as a child process, its output in a file.
+
+    Without a config file (``relayd serve --sandbox``) the ports come from the
+    RELAYD_LISTEN_PORT and RELAYD_METRICS_PORT environment overrides.
+    """
 
     def __init__(
-        self, config_path: Path, *, env: Mapping[str, str] | None = None, args: tuple = ()
+        self,
+        config_path: Path | None,
+        *,
+        env: Mapping[str, str] | None = None,
+        args: tuple = (),
+        cwd: Path = REPO,
     ) -> None:
         self.config_path = config_path
-        self.config = yaml.safe_load(config_path.read_text())
-        self.log_path = config_path.with_suffix(f".{time.monotonic_ns()}.log")
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.args = args
+        self.config = yaml.safe_load(config_path.read_text()) if config_path else {}
+        stamp = time.monotonic_ns()
+        self.log_path = (
+            config_path.with_suffix(f".{stamp}.log") if config_path else cwd / f"relayd.{stamp}.log"
+        )
+        # PYTHONPATH: this checkout's relayd, whatever the working directory.
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **(env or {})}
+        self.args = ("-c", str(config_path), *args) if config_path else args
+        self.cwd = cwd
         self.process: subprocess.Popen | None = None
 
     @property
     def port(self) -> int:
-        return int(self.config["listen"]["port"])
+        return int(self.env.get("RELAYD_LISTEN_PORT") or self.config["listen"]["port"])
 
     @property
     def metrics_port(self) -> int:
-        return int(self.config["metrics"]["port"])
+        return int(self.env.get("RELAYD_METRICS_PORT") or self.config["metrics"]["port"])
 
     def start(self, wait: bool = True) -> RelayProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 (closed in wait())
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "relayd", "serve", "-c", str(self.config_path), *self.args],
+            [sys.executable, "-m", "relayd", "serve", *self.args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
-            cwd=REPO,
+            cwd=self.cwd,
         )
         log.close()
         if wait:

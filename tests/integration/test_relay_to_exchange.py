@@ -118,7 +118,8 @@ async def test_strict_sender_policy_refuses_at_end_of_data(relay, exchange: Fake
 async def test_permanent_refusal_gives_one_dsn_and_a_null_sender_none(
     relay, exchange: FakeExchange
 ) -> None:
-    exchange.fail("data", "554 5.6.0 Corrupt message content", times=2)
+    # Refused by recipient, not by the n-th DATA: the DSN's own DATA may come between.
+    exchange.refuse_recipient("user@example.org", "550 5.1.1 Recipient address rejected")
     r = await relay()
     await send_messages(
         r.port,

@@ -11,7 +11,6 @@ from email import policy as email_policy
 from pathlib import Path
 
 import pytest
-import trustme
 
 from relayd import config
 from tests.auth_helpers import auth_overrides, sign_in
@@ -30,15 +29,6 @@ from tests.helpers import (
 
 SENDER = "app@example.com"
 MESSAGE_ID = re.compile(rb"^Message-ID: (\S+)\r\n", re.MULTILINE)
-
-
-@pytest.fixture
-async def upstream(ca: trustme.CA, entra: FakeEntra) -> AsyncIterator[FakeExchange]:
-    """The fake Exchange, accepting exactly the access tokens the fake Entra ID issued."""
-    fake = FakeExchange(ca, validator=entra.is_valid_access_token, mailbox=MAILBOX)
-    await fake.start()
-    yield fake
-    await fake.stop()
 
 
 @pytest.fixture

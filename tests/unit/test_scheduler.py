@@ -14,9 +14,10 @@ import pytest
 
 from relayd.delivery import Blocked, Submission
 from relayd.outcome import AUTH, DAILY_LIMIT, TEMPORARY, THROTTLED, Attempt
+from relayd.scheduler import INLINE_CLAIM_LIMIT
 from relayd.spool import new_queue_id
 from tests.harness import FAST_RETRY, Harness
-from tests.helpers import eventually, load_settings
+from tests.helpers import eventually, load_settings, make_message
 
 Step = Callable[[Submission], Attempt]
 
@@ -366,7 +367,9 @@ async def test_stop_during_a_claim_gives_the_message_back(make) -> None:
         return claim(queue_id)
 
     h.spool.claim = slow_claim
-    queue_id = await h.queue(notify=False)
+    # Big enough to be claimed in a thread (small ones are claimed on the loop, at once).
+    big = make_message(body_size=INLINE_CLAIM_LIMIT + 1024)
+    queue_id = await h.queue(content=big, notify=False)
     await h.scheduler.start()
     await asyncio.to_thread(claiming.wait, 5)
     await h.scheduler.stop(1)
