@@ -25,7 +25,6 @@ a message's age is readable from its name.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import structlog
+
+from relayd.batch import ThreadBatcher
 
 log = structlog.get_logger("relayd.spool")
 
@@ -200,7 +201,8 @@ class Spool:
     def __init__(self, directory: Path, *, min_free_space: int = 0) -> None:
         self.directory = Path(directory)
         self.min_free_space = min_free_space
-        self._committer: _GroupCommitter | None = None
+        # Concurrent commits share a thread hop and a directory fsync (_write_batch).
+        self._committer = ThreadBatcher(self._write_batch, "spool-commit")
         self._fsync_pool = ThreadPoolExecutor(_WRITERS - 1, thread_name_prefix="spool-fsync")
         # The commit path runs for every message with the GIL held between system calls:
         # plain strings, because a pathlib join costs microseconds each time.
@@ -272,8 +274,6 @@ class Spool:
         Concurrent commits are grouped: one thread writes and fsyncs a batch of files,
         renames them and fsyncs incoming/ once for the whole batch.
         """
-        if self._committer is None:
-            self._committer = _GroupCommitter(self)
         if not self.has_room_for(len(content)):
             raise SpoolFull("insufficient free space in the spool")
         await self._committer.submit(_Job(queue_id, envelope, content))
@@ -764,53 +764,6 @@ class _Job:
     queue_id: str
     envelope: Envelope
     content: bytes
-
-
-class _GroupCommitter:
-    """Batches concurrent commits so many messages share one directory fsync.
-
-    While a batch is being written in the commit thread, new commits wait in the next
-    batch. With one client a batch is one message; with twenty, the fsync cost is
-    shared, which is what lets the listener answer quickly under load.
-    """
-
-    def __init__(self, spool: Spool) -> None:
-        self._spool = spool
-        self._pending: list[tuple[_Job, asyncio.Future]] = []
-        self._draining = False
-        self._drain_task: asyncio.Task | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-commit")
-
-    async def submit(self, job: _Job) -> None:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._pending.append((job, future))
-        if not self._draining:
-            self._draining = True
-            self._drain_task = loop.create_task(self._drain())
-        await future
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                jobs = [job for job, _ in batch]
-                try:
-                    results = await loop.run_in_executor(
-                        self._thread, self._spool._write_batch, jobs
-                    )
-                except BaseException as error:  # never leave a client waiting
-                    results = [SpoolError(f"commit failed: {error}")] * len(batch)
-                for (_, future), result in zip(batch, results, strict=True):
-                    if future.done():
-                        continue
-                    if result is None:
-                        future.set_result(None)
-                    else:
-                        future.set_exception(result)
-        finally:
-            self._draining = False
 
 
 def with_state(message: QueuedMessage, **changes: object) -> DeliveryState:
