@@ -11,6 +11,7 @@ import trustme
 from tests.fakes.entra import entra  # noqa: F401 (the fake Entra ID fixture)
 from tests.fakes.exchange import MAILBOX, FakeExchange
 from tests.fakes.tokens import StandInTokens
+from tests.serving import serve, upstream  # noqa: F401 (relayd serve → fake Microsoft 365)
 
 
 @pytest.fixture(scope="session")

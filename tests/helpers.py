@@ -134,13 +134,20 @@ class RelayProcess:
     """`python -m relayd serve -c CONFIG` as a child process, its output in a file."""
 
     def __init__(
-        self, config_path: Path, *, env: Mapping[str, str] | None = None, args: tuple = ()
+        self,
+        config_path: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        args: tuple = (),
+        prefix: tuple[str, ...] = (),
     ) -> None:
+        """``prefix`` runs the daemon under another command (e.g. ``setpriv ... --``)."""
         self.config_path = config_path
         self.config = yaml.safe_load(config_path.read_text())
         self.log_path = config_path.with_suffix(f".{time.monotonic_ns()}.log")
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.args = args
+        self.prefix = prefix
         self.process: subprocess.Popen | None = None
 
     @property
@@ -153,8 +160,9 @@ class RelayProcess:
 
     def start(self, wait: bool = True) -> RelayProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 (closed in wait())
+        command = [sys.executable, "-m", "relayd", "serve", "-c", str(self.config_path)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "relayd", "serve", "-c", str(self.config_path), *self.args],
+            [*self.prefix, *command, *self.args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -401,11 +409,15 @@ async def send_messages(
 
 
 async def eventually(
-    condition: Callable[[], bool], timeout: float = 15.0, message: str = "condition"
+    condition: Callable[[], bool],
+    timeout: float = 15.0,
+    message: str = "condition",
+    interval: float = 0.02,
 ) -> None:
-    """Wait until ``condition()`` is true, polling; fail after ``timeout`` seconds."""
+    """Wait until ``condition()`` is true, polling every ``interval`` seconds; fail after
+    ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not reached within {timeout}s")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(interval)
