@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,7 @@ from tests.helpers import RelayProcess, eventually, numbered_message, scrape, se
 from tests.serving import Served, arrivals, until_delivered, waiting_and_failed
 
 COUNT = 20  # messages sent while each fault lasts
-OUTAGE = 2.0  # seconds each fault lasts (minutes or hours in production; the same logic)
+OUTAGE = 1.5  # seconds each fault lasts (minutes or hours in production; the same logic)
 UPSTREAM_TIMEOUT = 1.0  # upstream.timeout; the slow upstream answers slower than this
 SENDER = "app@example.com"
 
@@ -75,8 +76,7 @@ def check_nothing_lost_or_failed(relay: RelayProcess, upstream: FakeExchange, to
     assert len(counts) == total, f"{total - len(counts)} messages never arrived"
     assert set(counts.values()) == {1}, "a message arrived twice"
     assert waiting_and_failed(relay) == (0, 0)
-    spool = relay.config_path.parent / "spool"
-    assert list((spool / "failed").iterdir()) == []
+    assert list((Path(relay.config["spool"]["directory"]) / "failed").iterdir()) == []
 
 
 def deferred(relay: RelayProcess, reason: str) -> float:
