@@ -18,6 +18,7 @@ import pytest
 import trustme
 
 from relayd import config
+from relayd.spool import PENDING_STATES
 from tests.auth_helpers import auth_overrides, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra
 from tests.fakes.exchange import FakeExchange, ReceivedMessage
@@ -25,8 +26,6 @@ from tests.harness import FAST_RETRY
 from tests.helpers import RelayProcess, deep_merge, eventually, scrape, write_config
 
 MESSAGE_ID = re.compile(rb"^Message-ID: (\S+)\r\n", re.MULTILINE | re.IGNORECASE)
-# Queue states whose messages still wait for delivery.
-WAITING = ("incoming", "active", "deferred")
 
 
 def serve_config(
@@ -110,7 +109,7 @@ def message_id_of(content: bytes) -> bytes:
 def waiting_and_failed(relay: RelayProcess) -> tuple[float, float]:
     """(messages still waiting for delivery, messages failed for good) from a scrape."""
     metrics = scrape(relay.metrics_port)
-    waiting = sum(metrics.value("relayd_queue_messages", state=s) for s in WAITING)
+    waiting = sum(metrics.value("relayd_queue_messages", state=s) for s in PENDING_STATES)
     failed = sum(
         value
         for (name, _), value in metrics.samples.items()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from relayd.spool import Envelope, Spool, new_queue_id
+from tests.auth_helpers import wait_until
 from tests.helpers import (
     RelayProcess,
     json_lines,
@@ -40,13 +41,6 @@ def maildir_count(tmp_path: Path) -> int:
 
 def spool_files(tmp_path: Path, state: str) -> list[str]:
     return sorted(os.listdir(tmp_path / "spool" / state))
-
-
-def wait_until(check, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
-        time.sleep(0.05)
 
 
 def test_free_space_below_min_free_space_gets_452_and_nothing_is_queued(
