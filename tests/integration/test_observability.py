@@ -297,6 +297,7 @@ async def test_revocation_shows_in_the_auth_gauges_and_a_new_login_drains_the_qu
     assert metrics.value("relayd_queue_bytes") == 0
     assert metrics.value("relayd_queue_oldest_message_age_seconds") == 0
     assert metrics.value("relayd_messages_delivered_total") == 6
+    assert metrics.value("relayd_queue_messages", state="failed") == 0
     assert relay.process.poll() is None
 
 
