@@ -5,55 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import email
-import re
-from collections.abc import AsyncIterator, Callable
 from email import policy as email_policy
 from pathlib import Path
 
-import pytest
-
-from relayd import config
-from tests.auth_helpers import auth_overrides, sign_in
 from tests.fakes import exchange as fake_exchange
 from tests.fakes.entra import MAILBOX, FakeEntra
 from tests.fakes.exchange import FakeExchange
-from tests.harness import FAST_RETRY
-from tests.helpers import (
-    RelayProcess,
-    eventually,
-    make_message,
-    send_messages,
-    without_trace_fields,
-    write_config,
-)
+from tests.helpers import eventually, make_message, send_messages, without_trace_fields
+from tests.serving import MESSAGE_ID
 
 SENDER = "app@example.com"
-MESSAGE_ID = re.compile(rb"^Message-ID: (\S+)\r\n", re.MULTILINE)
-
-
-@pytest.fixture
-async def serve(
-    tmp_path: Path, entra: FakeEntra, upstream: FakeExchange, ca_file: Path
-) -> AsyncIterator[Callable[..., RelayProcess]]:
-    """Start `relayd serve` after a sign-in (the token cache holds a refresh token)."""
-    started: list[RelayProcess] = []
-
-    def start(**upstream_settings: object) -> RelayProcess:
-        settings = {"rate_limit_per_minute": 0, "throttle_pause": "0.5s", **upstream_settings}
-        overrides = {
-            "upstream": upstream.relay_config(ca_file, **settings)["upstream"],
-            "oauth": auth_overrides(tmp_path, entra, ca_file)["oauth"],
-            "retry": FAST_RETRY,
-        }
-        path = write_config(tmp_path, overrides)
-        assert sign_in(config.load(path), ca_file).ok
-        relay = RelayProcess(path).start()
-        started.append(relay)
-        return relay
-
-    yield start
-    for relay in started:
-        relay.kill()
 
 
 def files_in(directory: Path) -> list[str]:
