@@ -256,10 +256,11 @@ def running_relay(config_path: Path, **kwargs: Any) -> Iterator[RelayProcess]:
 # --- messages as the tests send them and find them again ---------------------------
 
 
-def numbered_message(number: int, size: int = 2048, tag: str = "t") -> bytes:
-    """A message whose Message-ID names it, with a body of about ``size`` bytes."""
+def numbered_message(number: int, size: int = 2048, tag: str = "t", **fields: Any) -> bytes:
+    """A message whose Message-ID names it, with a body of about ``size`` bytes
+    (``fields`` go to make_message, e.g. ``sender``)."""
     return make_message(
-        f"message {number}", body_size=size, message_id=f"<{tag}-{number}@relayd.test>"
+        f"message {number}", body_size=size, message_id=f"<{tag}-{number}@relayd.test>", **fields
     )
 
 

@@ -4,8 +4,10 @@ Microsoft 365 (STARTTLS + XOAUTH2 with real MSAL tokens, rate and daily limits o
 Shared by tests/integration/test_soak.py (a CI-sized run in the default test command)
 and bench/soak.py (20,000 messages from 50 clients). ``SoakResult.check`` asserts:
 
-- every message was accepted and delivered exactly once (by Message-ID); nothing is
-  left in the queue and nothing failed;
+- every message was accepted and delivered exactly once (by Message-ID), byte-identical
+  apart from relayd's Received: field; nothing is left in the queue and nothing failed;
+- never more than 3 upstream connections at once (Exchange Online's limit), and no
+  token or secret the fake Entra ID issued appears in relayd's output;
 - the daemon's open file descriptors are exactly back at their starting count once the
   queue has drained and the idle upstream sessions have closed;
 - its resident memory after the drain is at most ``RSS_MARGIN_MIB`` above the starting
@@ -33,7 +35,13 @@ import trustme
 
 from tests.fakes.entra import MAILBOX, FakeEntra
 from tests.fakes.exchange import FakeExchange
-from tests.helpers import RelayProcess, eventually, numbered_message, send_messages
+from tests.helpers import (
+    RelayProcess,
+    eventually,
+    numbered_message,
+    send_messages,
+    without_trace_fields,
+)
 from tests.serving import message_id_of, serve_config, waiting_and_failed
 
 RSS_MARGIN_MIB = 10.0
@@ -83,6 +91,9 @@ class SoakResult:
     start: ProcessFigures | None = None
     end: ProcessFigures | None = None
     complaints: list[dict[str, Any]] = field(default_factory=list)  # warning/error log lines
+    altered: int = 0  # messages that arrived with other bytes than were sent
+    peak_connections: int = 0
+    leaked_secrets: int = 0  # issued tokens / the client secret found in relayd's output
 
     @property
     def accepted(self) -> int:
@@ -107,7 +118,8 @@ class SoakResult:
                 f" {self.total_seconds:.1f} s ({self.messages / self.total_seconds:.0f}/s)",
                 f"  delivered {sum(self.arrivals.values())} (warm-up excluded),"
                 f" missing {len(self.missing)}, duplicates {self.duplicates},"
-                f" left in queue {self.waiting:.0f}, failed {self.failed:.0f}",
+                f" left in queue {self.waiting:.0f}, failed {self.failed:.0f},"
+                f" altered {self.altered}, peak upstream connections {self.peak_connections}",
                 f"  open fds: {start.fds} at start, {end.fds} after the drain",
                 f"  RSS: {start.rss_mib:.1f} MiB at start, {end.rss_mib:.1f} MiB after the drain"
                 f" (+{end.rss_mib - start.rss_mib:.1f}, allowed +{RSS_MARGIN_MIB:.0f}),"
@@ -124,6 +136,9 @@ class SoakResult:
         assert not self.missing, f"{len(self.missing)} never delivered"
         assert self.duplicates == 0, f"{self.duplicates} delivered twice"
         assert (self.waiting, self.failed) == (0, 0)
+        assert self.altered == 0, f"{self.altered} arrived changed"
+        assert self.peak_connections <= 3, f"{self.peak_connections} upstream connections"
+        assert self.leaked_secrets == 0, "a token or the client secret was printed"
         assert self.end.fds == self.start.fds, "file descriptors leaked"
         assert self.end.rss_mib <= self.start.rss_mib + RSS_MARGIN_MIB, "memory grew"
         assert self.complaints == [], self.complaints[:3]
@@ -141,9 +156,12 @@ async def soak(workdir: Path, messages: int, clients: int, size: int = 2048) -> 
             path = serve_config(workdir, entra, fake, ca_file, SETTINGS, **UPSTREAM)
             relay = RelayProcess(path).start()
             try:
-                return await _run(relay, fake, SoakResult(messages, clients, size))
+                result = await _run(relay, fake, SoakResult(messages, clients, size))
             finally:
                 relay.stop()
+            output = relay.output()
+            result.leaked_secrets = sum(secret in output for secret in entra.issued_secrets())
+            return result
         finally:
             await fake.stop()
 
@@ -155,7 +173,8 @@ async def _run(relay: RelayProcess, fake: FakeExchange, result: SoakResult) -> S
     result.start = ProcessFigures.of(pid)
 
     batch = [_message(n, result.size) for n in range(result.messages)]
-    result.expected = {message_id_of(content) for _, _, content in batch}
+    sent = {message_id_of(content): content for _, _, content in batch}
+    result.expected = set(sent)
     started = time.monotonic()
     result.replies = await send_messages(relay.port, batch, connections=result.clients)
     result.accept_seconds = time.monotonic() - started
@@ -169,13 +188,21 @@ async def _run(relay: RelayProcess, fake: FakeExchange, result: SoakResult) -> S
     result.end = ProcessFigures.of(pid)
     arrived = (message_id_of(m.content) for m in fake.messages)
     result.arrivals = collections.Counter(m for m in arrived if m != WARM_UP_ID)
+    result.altered = sum(
+        without_trace_fields(m.content) != sent[message_id_of(m.content)]
+        for m in fake.messages
+        if message_id_of(m.content) in sent
+    )
+    result.peak_connections = fake.stats.peak_connections
     result.waiting, result.failed = waiting_and_failed(relay)
     result.complaints = [r for r in relay.log_records() if r["level"] in ("warning", "error")]
     return result
 
 
 def _message(number: int, size: int) -> tuple[str, list[str], bytes]:
-    return (MAILBOX, [f"user{number % 10}@example.org"], numbered_message(number, size, TAG))
+    # From: the mailbox, so the sender policy leaves every byte as it is.
+    content = numbered_message(number, size, TAG, sender=MAILBOX)
+    return (MAILBOX, [f"user{number % 10}@example.org"], content)
 
 
 WARM_UP_ID = message_id_of(_message(WARM_UP, 100)[2])

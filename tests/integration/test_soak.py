@@ -1,6 +1,7 @@
 """The soak at CI size: 2,000 messages from 50 concurrent clients through `relayd serve`
-to the fake Microsoft 365, with the invariants of tests/soak.py. The full size (20,000)
-is `python3 bench/soak.py`."""
+to the fake Microsoft 365, with the invariants of tests/soak.py (each message exactly
+once and byte-identical, at most 3 upstream connections, no secret printed, fds and
+memory given back). The full size (20,000) is `python3 bench/soak.py`."""
 
 from __future__ import annotations
 
