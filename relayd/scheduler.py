@@ -213,11 +213,19 @@ class Scheduler:
         to wait for the transport to become usable."""
         while len(self._active) < self.active_limit and not self._stopping:
             blocked = self.transport.blocked()
-            self._note_pause(blocked.reason if blocked else None, blocked.detail if blocked else "")
+            daily_wait = self.daily.wait_time(1) if self.transport.rate_limited else 0.0
             if blocked is not None:
+                self._note_pause(blocked.reason, blocked.detail)
                 return blocked.seconds or RESCAN_INTERVAL, True
+            if daily_wait > 0:
+                # Exchange Online's daily budget is spent: mail waits, loudly (an operator
+                # who expected it to flow must see why it does not).
+                detail = f"{self.daily.limit} recipients in 24 h; room again in {daily_wait:.0f}s"
+                self._note_pause(DAILY_LIMIT, f"daily recipient limit reached ({detail})")
+                return daily_wait, False
+            self._note_pause(None, "")
             if self.transport.rate_limited:
-                wait = max(self.rate.wait_time(1), self.daily.wait_time(1))
+                wait = self.rate.wait_time(1)
                 if wait > 0:
                     return wait, False
             queue_id = await self._next_queue_id()

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.fakes import entra as fake_entra
 from tests.fakes.entra import entra  # noqa: F401 (the fake Entra ID fixture)
 from tests.fakes.exchange import MAILBOX, FakeExchange
 from tests.fakes.tokens import StandInTokens
+from tests.serving import serve, upstream  # noqa: F401 (relayd serve → fake Microsoft 365)
 
 
 @pytest.fixture(scope="session")
@@ -37,17 +37,5 @@ def standin_tokens() -> StandInTokens:
 async def exchange(ca: trustme.CA, standin_tokens: StandInTokens) -> AsyncIterator[FakeExchange]:
     """A running fake Exchange Online SMTP server on loopback (STARTTLS + XOAUTH2)."""
     fake = await FakeExchange(ca, validator=standin_tokens.is_valid_access_token).start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-async def upstream(
-    ca: trustme.CA,
-    entra: fake_entra.FakeEntra,  # noqa: F811 (the fixture imported above)
-) -> AsyncIterator[FakeExchange]:
-    """The fake Exchange, accepting exactly the access tokens the fake Entra ID issued."""
-    fake = FakeExchange(ca, validator=entra.is_valid_access_token, mailbox=fake_entra.MAILBOX)
-    await fake.start()
     yield fake
     await fake.stop()

@@ -144,7 +144,9 @@ class RelayProcess:
         env: Mapping[str, str] | None = None,
         args: tuple = (),
         cwd: Path = REPO,
+        prefix: tuple[str, ...] = (),
     ) -> None:
+        """``prefix`` runs the daemon under another command (e.g. ``setpriv ... --``)."""
         self.config_path = config_path
         self.config = yaml.safe_load(config_path.read_text()) if config_path else {}
         stamp = time.monotonic_ns()
@@ -155,6 +157,7 @@ class RelayProcess:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **(env or {})}
         self.args = ("-c", str(config_path), *args) if config_path else args
         self.cwd = cwd
+        self.prefix = prefix
         self.process: subprocess.Popen | None = None
 
     @property
@@ -168,7 +171,7 @@ class RelayProcess:
     def start(self, wait: bool = True) -> RelayProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 (closed in wait())
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "relayd", "serve", *self.args],
+            [*self.prefix, sys.executable, "-m", "relayd", "serve", *self.args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -284,10 +287,11 @@ def running_relay(config_path: Path, **kwargs: Any) -> Iterator[RelayProcess]:
 # --- messages as the tests send them and find them again ---------------------------
 
 
-def numbered_message(number: int, size: int = 2048, tag: str = "t") -> bytes:
-    """A message whose Message-ID names it, with a body of about ``size`` bytes."""
+def numbered_message(number: int, size: int = 2048, tag: str = "t", **fields: Any) -> bytes:
+    """A message whose Message-ID names it, with a body of about ``size`` bytes
+    (``fields`` go to make_message, e.g. ``sender``)."""
     return make_message(
-        f"message {number}", body_size=size, message_id=f"<{tag}-{number}@relayd.test>"
+        f"message {number}", body_size=size, message_id=f"<{tag}-{number}@relayd.test>", **fields
     )
 
 
@@ -446,11 +450,15 @@ async def send_messages(
 
 
 async def eventually(
-    condition: Callable[[], bool], timeout: float = 15.0, message: str = "condition"
+    condition: Callable[[], bool],
+    timeout: float = 15.0,
+    message: str = "condition",
+    interval: float = 0.02,
 ) -> None:
-    """Wait until ``condition()`` is true, polling; fail after ``timeout`` seconds."""
+    """Wait until ``condition()`` is true, polling every ``interval`` seconds; fail after
+    ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not reached within {timeout}s")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(interval)

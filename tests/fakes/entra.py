@@ -438,8 +438,7 @@ class _TLSServer(ThreadingHTTPServer):
 
     def finish_request(self, request, client_address) -> None:  # type: ignore[override]
         if self.fake.down:  # "down": the connection is reset before any answer
-            request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            request.close()
+            _reset(request)
             return
         try:
             tls = self.context.wrap_socket(request, server_side=True)
@@ -447,6 +446,12 @@ class _TLSServer(ThreadingHTTPServer):
             request.close()
             return
         super().finish_request(tls, client_address)
+
+
+def _reset(connection: socket.socket) -> None:
+    """Close with a TCP reset, as a host with nothing behind the port would."""
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.close()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -460,7 +465,18 @@ class _Handler(BaseHTTPRequestHandler):
     def fake(self) -> FakeEntra:
         return self.server.fake
 
+    def hung_up(self) -> bool:
+        """While "down", a request on a kept-alive connection is not answered either:
+        MSAL's requests.Session reuses connections, so a daemon would never notice."""
+        if not self.fake.down:
+            return False
+        self.close_connection = True
+        _reset(self.connection)
+        return True
+
     def do_GET(self) -> None:
+        if self.hung_up():
+            return
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
         tenant = f"/{self.fake.tenant_id}"
@@ -476,6 +492,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found", {"Content-Type": "text/plain"})
 
     def do_POST(self) -> None:
+        if self.hung_up():
+            return
         length = int(self.headers.get("Content-Length", "0"))
         form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
         path = urllib.parse.urlsplit(self.path).path

@@ -72,6 +72,7 @@ class Stats:
     connections_total: int = 0
     connections_now: int = 0
     peak_connections: int = 0
+    dropped: int = 0  # connections closed without a reply (drop, drop_every)
     auth_attempts: int = 0
     auth_failures: int = 0
     tokens_seen: list[str] = field(default_factory=list)
@@ -342,7 +343,15 @@ class _ExchangeSMTP(SMTP):
             if self.transport is not None:
                 self.transport.close()
             return
-        await super()._handle_client()
+        try:
+            await super()._handle_client()
+        except asyncio.CancelledError:
+            # A client hung up. aiosmtpd closes the connection only when that happens in
+            # its command loop; during a (slowed) greeting it would stay open, half
+            # closed, and count against max_connections until aiosmtpd's 5-minute timeout.
+            if self.transport is not None:
+                self.transport.close()
+            raise
 
     def answer(self, reply: str) -> str:
         if reply == DROP:
@@ -350,6 +359,8 @@ class _ExchangeSMTP(SMTP):
         return reply
 
     def drop(self) -> None:
+        if not self._dropped:
+            self.fake.stats.dropped += 1
         self._dropped = True
         if self.transport is not None:
             self.transport.close()

@@ -3,12 +3,14 @@
 The main relay here forwards over SMTP to a port where nothing listens, with no OAuth
 token: nothing can be delivered, so the queue figures stay what the test put in,
 whatever the delivery engine does with them (it must defer: auth problems never
-bounce mail). "Queue back to zero after delivery" and the auth gauges before and
-after a revocation need the delivery and token branches and the fake Microsoft 365.
+bounce mail). The delivery log lines, the auth gauges around a revocation and the
+queue gauges back at zero after delivery come from relays in front of the fake
+Microsoft 365 (the ``serve`` fixture).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -23,8 +25,15 @@ import pytest
 import yaml
 
 from relayd.spool import PENDING_STATES, new_queue_id
+from relayd.tokens import AUTH_STATES
+from tests.auth_helpers import login_by_pasting
+from tests.fakes import exchange as fake_exchange
+from tests.fakes.entra import FakeEntra
+from tests.fakes.exchange import FakeExchange
 from tests.helpers import (
     RelayProcess,
+    Scrape,
+    eventually,
     free_port,
     http_get,
     make_message,
@@ -32,6 +41,7 @@ from tests.helpers import (
     send_message,
     write_config,
 )
+from tests.serving import Served, until_delivered, waiting_and_failed
 
 MAX_MESSAGE_SIZE = 64 * 1024
 
@@ -181,15 +191,19 @@ def test_unknown_paths_and_bad_requests_are_refused(relay: RelayProcess) -> None
 
 # --- lifecycle log lines -------------------------------------------------------------------
 
-# Each lifecycle event and the fields its line carries besides queue_id. The delivery
-# branch adds "delivered" (reply, upstream id, attempts, delay), "deferred" (reason,
-# next attempt) and "failed" (reason), with the scenario that leads to each.
+# Each lifecycle event and the fields its line carries besides queue_id. "received"
+# comes from the module's relay; "deferred", "delivered" and "failed" from the scenario
+# in test_delivery_events_have_log_lines_with_their_fields.
 LIFECYCLE_FIELDS = {
     "received": {"client", "sender", "recipients", "size", "message_id"},
+    "deferred": {"reason", "next_attempt", "recipients", "error", "attempts", "delay"},
+    "delivered": {"reply", "recipients", "attempts", "delay"},
+    "failed": {"reason", "recipients", "error", "attempts", "delay"},
 }
+DELIVERY_EVENTS = ("deferred", "delivered", "failed")
 
 
-@pytest.mark.parametrize("event", sorted(LIFECYCLE_FIELDS))
+@pytest.mark.parametrize("event", sorted(set(LIFECYCLE_FIELDS) - set(DELIVERY_EVENTS)))
 def test_each_lifecycle_event_has_a_log_line_with_the_queue_id(
     relay: RelayProcess, sent: Sent, event: str
 ) -> None:
@@ -211,6 +225,80 @@ def test_one_queue_id_greps_one_message_story(relay: RelayProcess, sent: Sent) -
 
         assert [r["event"] for r in story][:1] == ["received"]
         assert len({r["queue_id"] for r in story}) == 1
+
+
+async def test_delivery_events_have_log_lines_with_their_fields(
+    serve: Served, upstream: FakeExchange
+) -> None:
+    upstream.fail("data", fake_exchange.TRY_LATER, times=1)  # the first message, once
+    upstream.refuse_recipient("gone@example.org", "550 5.1.1 Recipient address rejected")
+    relay = serve()
+    retried = send_message(relay.port, make_message("retried"))
+    await asyncio.to_thread(relay.wait_for_log, "delivered", 20, queue_id=retried)
+    refused = send_message(relay.port, make_message("refused"), recipients=("gone@example.org",))
+    await asyncio.to_thread(relay.wait_for_log, "failed", 20, queue_id=refused)
+
+    stories = {
+        queue_id: [
+            r
+            for r in relay.log_records()
+            if r.get("queue_id") == queue_id and r["event"] in LIFECYCLE_FIELDS
+        ]
+        for queue_id in (retried, refused)
+    }
+    assert [r["event"] for r in stories[retried]] == ["received", "deferred", "delivered"]
+    assert [r["event"] for r in stories[refused]] == ["received", "failed"]  # + "dsn queued"
+    deferred, delivered = stories[retried][1:]
+    failed = stories[refused][1]
+    for event, record in (("deferred", deferred), ("delivered", delivered), ("failed", failed)):
+        assert LIFECYCLE_FIELDS[event] <= set(record), record
+        assert record["logger"] == "relayd.scheduler"
+    assert (deferred["reason"], deferred["attempts"]) == ("temporary", 1)
+    assert deferred["error"] == fake_exchange.TRY_LATER
+    assert delivered["attempts"] == 2 and delivered["reply"].startswith("250 2.0.0 OK <")
+    assert (failed["reason"], failed["recipients"]) == ("rejected", 1)
+    assert "550 5.1.1" in failed["error"]
+
+
+def auth_gauges(metrics: Scrape) -> dict[str, float]:
+    states = {s: metrics.value("relayd_auth_state", state=s) for s in AUTH_STATES}
+    return {"healthy": metrics.value("relayd_auth_healthy"), **states}
+
+
+async def test_revocation_shows_in_the_auth_gauges_and_a_new_login_drains_the_queue(
+    serve: Served, upstream: FakeExchange, entra: FakeEntra, ca_file: Path
+) -> None:
+    relay = serve({"oauth": {"keepalive_interval": "1s"}})  # notices a revocation soon
+    send_message(relay.port)
+    await until_delivered(relay, upstream, 1)
+
+    entra.revoke_refresh_tokens()
+    await eventually(
+        lambda: auth_gauges(scrape(relay.metrics_port))["reauth_required"] == 1, 20, interval=0.1
+    )
+    revoked = auth_gauges(scrape(relay.metrics_port))
+    for number in range(5):
+        send_message(relay.port, make_message(f"while revoked {number}"))
+    await eventually(lambda: waiting_and_failed(relay) == (5, 0), 10, interval=0.1)
+    assert len(upstream.messages) == 1  # held for a sign-in, not bounced
+
+    login = await asyncio.to_thread(login_by_pasting, relay.config_path, ca_file)
+    assert login.process.returncode == 0, login.everything()
+    await until_delivered(relay, upstream, 6)  # no restart: the daemon saw the new cache
+    metrics = scrape(relay.metrics_port)
+
+    assert revoked["healthy"] == 0
+    assert [s for s in AUTH_STATES if revoked[s] == 1] == ["reauth_required"]
+    signed_in = auth_gauges(metrics)
+    assert signed_in["healthy"] == 1 and signed_in["reauth_required"] == 0
+    assert signed_in["ok"] + signed_in["refreshing"] == 1
+    for state in PENDING_STATES:
+        assert metrics.value("relayd_queue_messages", state=state) == 0
+    assert metrics.value("relayd_queue_bytes") == 0
+    assert metrics.value("relayd_queue_oldest_message_age_seconds") == 0
+    assert metrics.value("relayd_messages_delivered_total") == 6
+    assert metrics.value("relayd_queue_messages", state="failed") == 0
+    assert relay.process.poll() is None
 
 
 # --- readiness during recovery -------------------------------------------------------------

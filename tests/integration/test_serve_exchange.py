@@ -5,86 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import email
-import re
-from collections.abc import AsyncIterator, Callable
 from email import policy as email_policy
 from pathlib import Path
 
-import pytest
-
-from relayd import config
-from tests.auth_helpers import auth_overrides, sign_in
 from tests.fakes import exchange as fake_exchange
 from tests.fakes.entra import MAILBOX, FakeEntra
 from tests.fakes.exchange import FakeExchange
-from tests.harness import FAST_RETRY
-from tests.helpers import (
-    RelayProcess,
-    eventually,
-    make_message,
-    send_messages,
-    without_trace_fields,
-    write_config,
-)
+from tests.helpers import eventually, make_message, send_messages
 
 SENDER = "app@example.com"
-MESSAGE_ID = re.compile(rb"^Message-ID: (\S+)\r\n", re.MULTILINE)
-
-
-@pytest.fixture
-async def serve(
-    tmp_path: Path, entra: FakeEntra, upstream: FakeExchange, ca_file: Path
-) -> AsyncIterator[Callable[..., RelayProcess]]:
-    """Start `relayd serve` after a sign-in (the token cache holds a refresh token)."""
-    started: list[RelayProcess] = []
-
-    def start(**upstream_settings: object) -> RelayProcess:
-        settings = {"rate_limit_per_minute": 0, "throttle_pause": "0.5s", **upstream_settings}
-        overrides = {
-            "upstream": upstream.relay_config(ca_file, **settings)["upstream"],
-            "oauth": auth_overrides(tmp_path, entra, ca_file)["oauth"],
-            "retry": FAST_RETRY,
-        }
-        path = write_config(tmp_path, overrides)
-        assert sign_in(config.load(path), ca_file).ok
-        relay = RelayProcess(path).start()
-        started.append(relay)
-        return relay
-
-    yield start
-    for relay in started:
-        relay.kill()
 
 
 def files_in(directory: Path) -> list[str]:
     return [path.name for path in directory.iterdir()] if directory.is_dir() else []
-
-
-async def test_thousand_messages_arrive_once_byte_identical_through_three_connections(
-    serve, upstream: FakeExchange, entra: FakeEntra, tmp_path: Path
-) -> None:
-    relay = serve()
-    originals = {}
-    batch = []
-    for number in range(1000):
-        content = make_message(f"message {number}", body_size=2048, sender=MAILBOX)
-        originals[MESSAGE_ID.search(content).group(1)] = content
-        batch.append((MAILBOX, [f"user{number % 7}@example.org"], content))
-    replies = await send_messages(relay.port, batch, connections=4)
-    assert all(reply.startswith("2.0.0 Ok: queued as") for reply in replies)
-    await eventually(lambda: len(upstream.messages) >= 1000, 90)
-    await asyncio.sleep(0.5)
-    arrived = [MESSAGE_ID.search(m.content).group(1) for m in upstream.messages]
-    assert len(arrived) == 1000 and set(arrived) == set(originals)  # each exactly once
-    for message in upstream.messages:
-        original = originals[MESSAGE_ID.search(message.content).group(1)]
-        assert without_trace_fields(message.content) == original
-    assert upstream.stats.peak_connections <= 3
-    assert set(upstream.stats.tokens_seen) <= entra.issued_secrets()  # MSAL's tokens
-    assert relay.stop() == 0
-    output = relay.output()
-    assert not [secret for secret in entra.issued_secrets() if secret in output]
-    assert files_in(tmp_path / "spool" / "incoming") == []
 
 
 async def test_rate_limit_holds_and_the_excess_waits_in_the_spool(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +218,16 @@ def test_check_config_exits_non_zero_with_the_problem(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert f"{path}: listen.port: expected a whole number" in result.stderr
+
+
+def test_every_key_is_documented_in_the_readme_and_the_example() -> None:
+    readme = (REPO / "README.md").read_text()
+    example = EXAMPLE.read_text()
+    missing = []
+    for section, cls in config.SECTIONS.items():
+        for spec in dataclasses.fields(cls):
+            if f"`{spec.name}`" not in readme:
+                missing.append(f"README: {section}.{spec.name}")
+            if not re.search(rf"^\s+#?\s*{spec.name}:", example, re.MULTILINE):
+                missing.append(f"example: {section}.{spec.name}")
+    assert missing == []

@@ -11,6 +11,8 @@ from email import policy as email_policy
 from pathlib import Path
 
 import pytest
+import structlog
+import structlog.testing
 
 from relayd.delivery import Blocked, Submission
 from relayd.outcome import AUTH, DAILY_LIMIT, TEMPORARY, THROTTLED, Attempt
@@ -292,6 +294,21 @@ async def test_daily_budget_postpones_without_counting_an_attempt(make) -> None:
     assert entry.next_attempt is not None and entry.next_attempt > time.time() + 3600
     assert h.metric("relayd_messages_deferred_total", reason=DAILY_LIMIT) == 1
     assert h.metric("relayd_daily_recipients_used") == 2
+
+
+async def test_spent_daily_budget_is_logged_once_as_a_pause(make) -> None:
+    transport = ScriptedTransport(rate_limited=True)
+    h = make(transport, upstream={"rate_limit_per_minute": 0, "daily_recipient_limit": 1})
+    with structlog.testing.capture_logs() as logs:
+        await h.scheduler.start()
+        first = await h.queue()
+        await eventually(lambda: h.settled(first))
+        await h.queue()
+        await asyncio.sleep(0.3)  # several dispatch rounds while the budget is spent
+    pauses = [entry for entry in logs if entry["event"] == "deliveries paused"]
+    assert [entry["reason"] for entry in pauses] == [DAILY_LIMIT]
+    assert "daily recipient limit reached" in pauses[0]["detail"]
+    assert len(transport.calls) == 1
 
 
 async def test_paused_upstream_claims_nothing_until_it_resumes(make) -> None:

@@ -1,0 +1,176 @@
+"""Fault matrix, upstream side: `relayd serve` (a subprocess, signed in through the fake
+Entra ID with real MSAL) delivering to the fake Exchange Online while it is down,
+flapping, slow or throttling, and while the token endpoint is down.
+
+Everywhere: nothing is lost or failed, and once the fault ends every message arrives
+exactly once. While the upstream is unusable the circuit breaker lets one probe
+through per configured pause, so the connection attempts the fake counts during an
+outage stay under a bound computed from that pause and the outage's length (a slow
+machine only makes fewer attempts; nothing here asserts a speed).
+
+The rest of the matrix: SIGKILL in test_faults_kill.py, spool trouble in
+test_faults_spool.py, revocation and a new `relayd auth login` (with the auth gauges)
+in test_observability.py; ECONNREFUSED outages in test_serve_exchange.py and
+test_smtp_delivery.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from relayd import config
+from relayd.tokens import AUTH_STATES
+from tests.fakes.entra import FakeEntra
+from tests.fakes.exchange import SERVICE_UNAVAILABLE, TOO_MANY_CONNECTIONS, FakeExchange
+from tests.helpers import RelayProcess, eventually, numbered_message, scrape, send_messages
+from tests.serving import Served, arrivals, until_delivered, waiting_and_failed
+
+COUNT = 20  # messages sent while each fault lasts
+OUTAGE = 1.5  # seconds each fault lasts (minutes or hours in production; the same logic)
+UPSTREAM_TIMEOUT = 1.0  # upstream.timeout; the slow upstream answers slower than this
+SENDER = "app@example.com"
+
+
+@dataclass(frozen=True)
+class Fault:
+    start: Callable[[FakeExchange], None]
+    reason: str  # relayd_messages_deferred_total{reason} the fault must show up as
+    throttled: bool  # the pause between probes: upstream.throttle_pause, else retry.min_delay
+
+
+def _slow(fake: FakeExchange) -> None:
+    fake.reply_delay = UPSTREAM_TIMEOUT * 1.5  # the greeting too
+
+
+FAULTS = {
+    # Accepts and hangs up before the greeting: like a refused connection to relayd,
+    # but the fake can count every attempt.
+    "down": Fault(lambda fake: fake.drop("connect"), "connection", throttled=False),
+    "slow": Fault(_slow, "timeout", throttled=False),
+    "421": Fault(lambda fake: fake.fail("connect", SERVICE_UNAVAILABLE), "throttled", True),
+    "432 4.3.2": Fault(lambda fake: fake.fail("auth", TOO_MANY_CONNECTIONS), "throttled", True),
+}
+
+
+def batch(count: int, tag: str) -> list[tuple[str, list[str], bytes]]:
+    return [(SENDER, ["user@example.org"], numbered_message(n, 1024, tag)) for n in range(count)]
+
+
+async def deliver(relay: RelayProcess, upstream: FakeExchange, count: int, tag: str) -> None:
+    """Send ``count`` messages (each must get a 250) and wait until all have arrived."""
+    arrived = len(upstream.messages)
+    replies = await send_messages(relay.port, batch(count, tag))
+    assert all(reply.startswith("2.0.0 Ok: queued as") for reply in replies), replies
+    await until_delivered(relay, upstream, arrived + count)
+
+
+def check_nothing_lost_or_failed(relay: RelayProcess, upstream: FakeExchange, total: int) -> None:
+    counts = arrivals(upstream.messages)
+    assert len(counts) == total, f"{total - len(counts)} messages never arrived"
+    assert set(counts.values()) == {1}, "a message arrived twice"
+    assert waiting_and_failed(relay) == (0, 0)
+    assert list((Path(relay.config["spool"]["directory"]) / "failed").iterdir()) == []
+
+
+def deferred(relay: RelayProcess, reason: str) -> float:
+    return scrape(relay.metrics_port).value("relayd_messages_deferred_total", reason=reason)
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+async def test_upstream_fault_loses_nothing_and_is_probed_once_per_pause(
+    name: str, serve: Served, upstream: FakeExchange
+) -> None:
+    fault = FAULTS[name]
+    relay = serve(timeout=f"{UPSTREAM_TIMEOUT}s")
+    settings = config.load(relay.config_path)
+    await deliver(relay, upstream, 1, "warm-up")  # the pool now holds a session
+    # The upstream restarts into the fault: open sessions are cut, new ones meet it.
+    await upstream.go_down()
+    fault.start(upstream)
+    await upstream.come_up()
+    before, started = upstream.stats.connections_total, time.monotonic()
+
+    replies = await send_messages(relay.port, batch(COUNT, "fault"))
+    await asyncio.sleep(OUTAGE)
+    attempts, outage = upstream.stats.connections_total - before, time.monotonic() - started
+    assert upstream.messages[1:] == []  # nothing got through the fault
+    upstream.clear()
+    await until_delivered(relay, upstream, 1 + COUNT)
+
+    assert all(reply.startswith("2.0.0 Ok: queued as") for reply in replies), replies
+    check_nothing_lost_or_failed(relay, upstream, 1 + COUNT)
+    assert deferred(relay, fault.reason) >= 1  # the fault was met and understood
+    pause = settings.upstream.throttle_pause if fault.throttled else settings.retry.min_delay
+    # The first wave may use every pool slot; after that one probe per pause, at most.
+    bound = settings.upstream.max_connections + math.floor(outage / pause) + 1
+    unthrottled = COUNT * math.ceil(outage / settings.retry.min_delay)
+    print(
+        f"\n{name}: {attempts} connection attempts in a {outage:.1f}s outage (bound {bound},"
+        f" pause {pause}s); each message retried every retry.min_delay on its own:"
+        f" ~{unthrottled}"
+    )
+    assert 1 <= attempts <= bound
+
+
+async def test_flapping_upstream_loses_nothing_and_reconnects_only_to_replace(
+    serve: Served, upstream: FakeExchange
+) -> None:
+    relay = serve()
+    max_connections = config.load(relay.config_path).upstream.max_connections
+    await deliver(relay, upstream, 1, "warm-up")
+    # The upstream restarts flapping: every third connection is cut at the end of DATA.
+    await upstream.go_down()
+    upstream.drop_every = 3
+    upstream.reply_delay = 0.01  # deliveries overlap, so the pool opens all its sessions
+    await upstream.come_up()
+    connections, drops = upstream.stats.connections_total, upstream.stats.dropped
+
+    replies = await send_messages(relay.port, batch(2 * COUNT, "flapping"), connections=4)
+    await until_delivered(relay, upstream, 1 + 2 * COUNT)
+
+    assert all(reply.startswith("2.0.0 Ok: queued as") for reply in replies), replies
+    opened = upstream.stats.connections_total - connections
+    dropped = upstream.stats.dropped - drops
+    print(f"\nflapping: {dropped} connections dropped, {opened} opened for {2 * COUNT} messages")
+    assert dropped >= 1
+    # Sessions are reused; a new one only replaces one the server cut (no reconnect storm).
+    assert opened <= max_connections + dropped
+    assert deferred(relay, "connection") == dropped  # each cut message was retried
+    check_nothing_lost_or_failed(relay, upstream, 1 + 2 * COUNT)
+
+
+def auth_state(relay: RelayProcess) -> str:
+    metrics = scrape(relay.metrics_port)
+    (state,) = [s for s in AUTH_STATES if metrics.value("relayd_auth_state", state=s) == 1]
+    return state
+
+
+async def test_token_endpoint_down_then_back_deliveries_resume_by_themselves(
+    serve: Served, upstream: FakeExchange, entra: FakeEntra
+) -> None:
+    entra.access_token_lifetime = 4  # renewed every 2 s: an Entra ID outage soon shows
+    relay = serve()
+    await deliver(relay, upstream, 1, "warm-up")
+
+    entra.down = True
+    await eventually(lambda: auth_state(relay) == "unavailable", 20, interval=0.1)
+    replies = await send_messages(relay.port, batch(COUNT, "no-token"))
+    await asyncio.sleep(1)  # held back: no access token to authenticate with
+    assert upstream.messages[1:] == []
+    renewals = entra.requests["token:refresh_token"]
+
+    entra.down = False  # nobody signs in or restarts anything
+    await until_delivered(relay, upstream, 1 + COUNT)
+
+    assert all(reply.startswith("2.0.0 Ok: queued as") for reply in replies), replies
+    assert entra.requests["token:refresh_token"] > renewals
+    assert auth_state(relay) in ("ok", "refreshing")
+    assert relay.process.poll() is None  # the same process throughout
+    check_nothing_lost_or_failed(relay, upstream, 1 + COUNT)
