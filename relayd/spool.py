@@ -303,6 +303,8 @@ class Spool:
                 )
                 results.append(None)
             except OSError as error:
+                with contextlib.suppress(OSError):  # never leave it behind in tmp/
+                    os.unlink(os.path.join(self._tmp_dir, job.queue_id))
                 results.append(SpoolError(f"cannot queue the file: {error.strerror}"))
         try:
             self._fsync_directory(self._incoming_dir)
