@@ -9,8 +9,11 @@ warnings), passes through the same processors and is scrubbed twice on the way o
 2. ``Redactor`` scrubs the rendered line, which catches what the renderer built
    itself (reprs of bytes, exception tracebacks).
 
-A secret cannot reach the output by a path that forgets to scrub it, because there
-is no other path: the root logger has exactly one handler, and it ends in the scrub.
+A secret cannot reach the output by a path that forgets to scrub it. There are two
+paths and both end in the same processors: relayd's own events are rendered by
+structlog and written by ``_LineLogger`` (no trip through the logging module: a line is
+logged for every message, and that trip doubled its cost); the libraries' records go
+through the root logger's one handler, whose ProcessorFormatter runs the same chain.
 """
 
 from __future__ import annotations
@@ -75,7 +78,10 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 # skip the patterns, which cost ~60 µs a line (every accepted message logs one).
 # A new pattern must add its word here (tests/unit/test_logging.py checks it).
 _PATTERN_HINTS = ("eyj", "0.a", "1.a", "dxnlcj", "bearer", "code", *_OAUTH_FIELDS)
-_MAX_ROTATING_SECRETS = 256
+# Tokens rotate (an access token an hour, a refresh token a day); only recent ones can
+# still be held by code that might print them, and each kept form costs every line a
+# substring search. The patterns above catch token-shaped strings whatever their age.
+_MAX_ROTATING_SECRETS = 48
 
 
 class Redactor:
@@ -89,7 +95,8 @@ class Redactor:
     def __init__(self) -> None:
         self._permanent: set[str] = set()
         self._rotating: OrderedDict[str, None] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards registration; reading uses the snapshot
+        self._snapshot: tuple[str, ...] = ()
 
     def register(self, secret: str | None, *, permanent: bool = False) -> None:
         """Never print this string (nor its URL-encoded form) again."""
@@ -106,14 +113,14 @@ class Redactor:
                     self._rotating.move_to_end(form)
             while len(self._rotating) > _MAX_ROTATING_SECRETS:
                 self._rotating.popitem(last=False)
+            # Replaced whole, never mutated: a line being scrubbed needs no lock.
+            self._snapshot = (*self._permanent, *self._rotating)
 
     def __call__(self, text: str) -> str:
         if _may_match_a_pattern(text):
             for pattern, replacement in _PATTERNS:
                 text = pattern.sub(replacement, text)
-        with self._lock:
-            secrets = (*self._permanent, *self._rotating)
-        for secret in secrets:
+        for secret in self._snapshot:
             if secret in text:
                 text = text.replace(secret, REDACTED)
         return text
@@ -199,33 +206,97 @@ def resolve_format(fmt: str, stream: TextIO) -> str:
     return "console" if is_tty and not under_service else "json"
 
 
+class _Sink:
+    """Where relayd's own lines go: one stream, replaced by configure(), one lock."""
+
+    def __init__(self) -> None:
+        self.stream: TextIO = sys.stderr
+        self._lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):  # the stream is gone: nothing useful to do
+                pass
+
+
+_SINK = _Sink()
+
+
+class _LineLogger:
+    """structlog's final logger for relayd's own events: it writes the rendered,
+    scrubbed line. It carries the name given to structlog.get_logger()."""
+
+    def __init__(self, name: str = "relayd") -> None:
+        self.name = name
+
+    def _write(self, line: str) -> None:
+        _SINK.write(line)
+
+    debug = info = warning = warn = error = critical = fatal = msg = _write
+
+
+def _add_logger_name(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> Any:
+    event_dict["logger"] = getattr(logger, "name", "relayd")
+    return event_dict
+
+
+def _drop_below_threshold(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> Any:
+    """Level filter read at every call, so SIGHUP's set_level() applies at once."""
+    threshold = _logger_thresholds.get(getattr(logger, "name", ""), _threshold)
+    if _METHOD_LEVELS.get(name, logging.INFO) < threshold:
+        raise structlog.DropEvent
+    return event_dict
+
+
+_METHOD_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "msg": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
+_threshold = logging.INFO
+_logger_thresholds: dict[str, int] = {}  # per relayd logger (quiet_logger)
+
+
 def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Configure structlog and the standard library once, at start-up."""
+    """Configure structlog and the standard library once, at start-up.
+
+    relayd's own events are rendered by structlog and written straight to the stream
+    (half the cost of a trip through the logging module, on a line logged for every
+    message); the libraries' records come through the standard library's handler.
+    Both end in the same processors: the same format, the same two scrubs.
+    """
     stream = stream or sys.stderr
     fmt = resolve_format(fmt, stream)
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-    ]
+    rendering: list[Any] = []
     if fmt == "json":
         renderer: Any = structlog.processors.JSONRenderer(sort_keys=False)
-        shared.append(structlog.processors.format_exc_info)
+        rendering.append(structlog.processors.format_exc_info)
     else:
         # Plain tracebacks: a "pretty" formatter that shows local variables would
         # print whatever token a frame was holding.
         renderer = structlog.dev.ConsoleRenderer(
             colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
         )
+    finishing = [*rendering, redact_event, lead_with_essentials, _redacting(renderer)]
+    timestamp = structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts")
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            redact_event,
-            lead_with_essentials,
-            _redacting(renderer),
+        foreign_pre_chain=[
+            structlog.stdlib.ExtraAdder(),
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            timestamp,
         ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *finishing],
     )
     handler = _ScrubbedStreamHandler(stream)
     handler.setFormatter(formatter)
@@ -238,14 +309,19 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         library.handlers.clear()
         library.propagate = True
     logging.captureWarnings(True)
+    _SINK.stream = stream
     structlog.configure(
         processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            _drop_below_threshold,
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _add_logger_name,
+            timestamp,
+            *finishing,
         ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=_LineLogger,
+        # exception() adds the traceback; levels are filtered by _drop_below_threshold.
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         cache_logger_on_first_use=False,
     )
     set_level(level)
@@ -253,7 +329,16 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
 
 def set_level(level: str) -> None:
     """Change the level at runtime (SIGHUP); libraries stay quiet above debug."""
+    global _threshold
     numeric = LEVELS[level]
+    _threshold = numeric
     logging.getLogger().setLevel(numeric)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(numeric if numeric == logging.DEBUG else logging.WARNING)
+
+
+def quiet_logger(name: str, level: int = logging.CRITICAL) -> None:
+    """Show only ``level`` and above from one relayd logger (e.g. a CLI whose own
+    output already says what that logger would)."""
+    _logger_thresholds[name] = level
+    logging.getLogger(name).setLevel(level)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import re
 import smtplib
 import sys
@@ -25,6 +24,7 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import TextIO
 
+from relayd import logging as relay_logging
 from relayd import tokens as auth
 from relayd.config import ListenSettings, Settings
 from relayd.delivery import SmtpTransport, Submission
@@ -363,7 +363,7 @@ def _reply(code: int, text: bytes | str) -> str:
 
 def run(settings: Settings, config_path: Path | None, *, direct: bool, **options) -> int:
     for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+        relay_logging.quiet_logger(name)
     test = SendTest(settings, config_path=config_path, **options)
     if direct:
         return asyncio.run(test.direct())

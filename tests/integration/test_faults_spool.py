@@ -125,11 +125,11 @@ def test_corrupt_queue_files_are_set_aside_and_everything_else_flows(tmp_path: P
         wait_until(lambda: maildir_count(tmp_path) == 20, what="20 messages delivered")
         wait_until(lambda: len(spool_files(tmp_path, "corrupt")) == 2, what="both set aside")
         wait_for_port("127.0.0.1", relay.port)  # still serving
+        # A message is in the Maildir a moment before its spool file is removed.
+        wait_until(lambda: spool_files(tmp_path, "active") == [], what="active/ empty")
         records = json_lines(relay.output())
     assert spool_files(tmp_path, "corrupt") == sorted([garbage_id, damaged_id])
     assert (tmp_path / "spool" / "corrupt" / damaged_id).read_bytes() == damaged  # kept as found
-    # A message is in the Maildir a moment before its spool file is removed.
-    wait_until(lambda: spool_files(tmp_path, "active") == [], what="active/ empty")
     assert spool_files(tmp_path, "incoming") == spool_files(tmp_path, "active") == []
     set_aside = [r for r in records if r["event"] == "queue file is corrupt; set aside"]
     assert sorted(r["queue_id"] for r in set_aside) == sorted([garbage_id, damaged_id])

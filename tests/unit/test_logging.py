@@ -366,3 +366,20 @@ async def test_an_xoauth2_exchange_at_debug_level_shows_no_token(
     assert any("AUTH XOAUTH2" in r["event"] for r in library_lines)
     assert any(">>" in r["event"] and "<redacted>" in r["event"] for r in library_lines)
     assert leaks(output) == []
+
+
+def test_relayd_levels_change_at_runtime_and_per_logger(
+    capture: Callable[..., io.StringIO],
+) -> None:
+    stream = capture("json", "warning")
+    log = structlog.get_logger("relayd.test")
+    log.info("hidden at warning")
+    relay_logging.set_level("info")  # what SIGHUP does
+    log.info("shown at info", queue_id="0123456789ABCDEF012")
+    relay_logging.quiet_logger("relayd.quiet")
+    structlog.get_logger("relayd.quiet").error("a quieted logger's error")
+    relay_logging.quiet_logger("relayd.quiet", logging.NOTSET)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [r["event"] for r in records] == ["shown at info"]
+    assert records[0]["logger"] == "relayd.test" and records[0]["level"] == "info"
+    assert list(records[0])[:4] == ["ts", "level", "logger", "event"]
