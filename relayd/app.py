@@ -27,7 +27,7 @@ from relayd.config import ConfigError, Settings
 from relayd.delivery import build_transport
 from relayd.health import HealthServer, readiness_report
 from relayd.listener import Listener, RelayHandler
-from relayd.metrics import Metrics
+from relayd.metrics import NOT_USED, Metrics
 from relayd.pidfile import PID_FILE_NAME, AlreadyRunning, PidFile
 from relayd.reload import merge_reload
 from relayd.scheduler import Scheduler
@@ -77,6 +77,8 @@ class Relay:
             if settings.upstream.transport == "smtp"
             else None
         )
+        if self.tokens is None:
+            self.metrics.set_auth_state(NOT_USED)
         transport = build_transport(settings, self.metrics, self.tokens)
         self.scheduler = Scheduler(self.spool, transport, settings, self.metrics)
         self.health = self._health_server(settings) if settings.metrics.enabled else None

@@ -19,7 +19,13 @@ from prometheus_client import (
 )
 
 from relayd import __version__
-from relayd.tokens import AUTH_STATES
+from relayd.tokens import AUTH_STATES as TOKEN_STATES
+
+# "not_used": the maildir transport signs in nowhere, so there is nothing to be
+# unhealthy about (sandbox and staging systems must not page anyone for auth).
+NOT_USED = "not_used"
+AUTH_STATES = (*TOKEN_STATES, NOT_USED)
+HEALTHY_AUTH_STATES = ("ok", "refreshing", NOT_USED)
 
 # Fixed label values. Anything else is folded into "other".
 REJECT_REASONS = (
@@ -178,7 +184,7 @@ class Metrics:
     def set_auth_state(self, state: str) -> None:
         for known in AUTH_STATES:
             self.auth_state.labels(known).set(1 if known == state else 0)
-        self.auth_healthy.set(1 if state in ("ok", "refreshing") else 0)
+        self.auth_healthy.set(1 if state in HEALTHY_AUTH_STATES else 0)
 
 
 def enhanced_code_class(code: int, message: str) -> str:

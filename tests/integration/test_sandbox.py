@@ -68,6 +68,10 @@ def test_mail_flows_into_the_maildir_byte_for_byte(sandbox: RelayProcess, tmp_pa
     assert json.loads(listing.stdout) == []  # delivered: nothing left in the queue
     metrics = scrape(sandbox.metrics_port)
     assert metrics.value("relayd_messages_delivered_total") == 1
+    # No sign-in exists to be unhealthy: the auth alert must not fire on a sandbox.
+    assert metrics.value("relayd_auth_healthy") == 1
+    assert metrics.value("relayd_auth_state", state="not_used") == 1
+    assert metrics.value("relayd_auth_state", state="no_token") == 0
     assert sandbox.stop() == 0
 
 
