@@ -39,6 +39,7 @@ log = structlog.get_logger("relayd.app")
 
 CENSUS_INTERVAL = 30.0  # recount the spool from disk to see `relayd queue` changes
 GAUGE_INTERVAL = 1.0
+MIN_DELIVERY_GRACE = 1.0  # in-flight upstream transactions get at least this to finish
 
 
 class StartupError(Exception):
@@ -139,8 +140,12 @@ class Relay:
         self.ready, self.phase = False, "stopping"
         self.notifier.notify("STOPPING=1")
         log.info("shutting down", grace_seconds=self.settings.listen.shutdown_grace)
-        await self.listener.stop(self.settings.listen.shutdown_grace)
-        await self.scheduler.stop(self.settings.listen.shutdown_grace)
+        # One grace period for both: deliveries go on while the sessions finish, and
+        # systemd's TimeoutStopSec= is sized for one grace period, not two.
+        grace = self.settings.listen.shutdown_grace
+        deadline = time.monotonic() + grace
+        await self.listener.stop(grace)
+        await self.scheduler.stop(max(MIN_DELIVERY_GRACE, deadline - time.monotonic()))
         if self.tokens is not None:
             await self.tokens.stop()
         for task in self._tasks:
