@@ -33,12 +33,13 @@ from tests.fakes.exchange import FakeExchange
 from tests.helpers import (
     RelayProcess,
     Scrape,
+    deep_merge,
     eventually,
-    free_port,
     http_get,
     make_message,
     scrape,
     send_message,
+    unreachable_upstream,
     write_config,
 )
 from tests.serving import Served, until_delivered, waiting_and_failed
@@ -46,24 +47,12 @@ from tests.serving import Served, until_delivered, waiting_and_failed
 MAX_MESSAGE_SIZE = 64 * 1024
 
 
-def undeliverable_config(tmp_path: Path, **overrides: Any) -> Path:
+def undeliverable_config(tmp_path: Path) -> Path:
     """Upstream: SMTP to a closed loopback port, OAuth authority likewise, no token."""
-    document = {
-        "listen": {"max_message_size": MAX_MESSAGE_SIZE},
-        "upstream": {
-            "transport": "smtp",
-            "host": "127.0.0.1",
-            "port": free_port(),
-            "mailbox": "relay@example.com",
-        },
-        "oauth": {
-            "tenant_id": "contoso",
-            "client_id": "00000000-0000-4000-8000-000000000001",
-            "authority": f"https://127.0.0.1:{free_port()}/contoso",
-            "token_cache": str(tmp_path / "token_cache.json"),
-        },
-    }
-    return write_config(tmp_path, {**document, **overrides})
+    overrides = deep_merge(
+        unreachable_upstream(tmp_path), {"listen": {"max_message_size": MAX_MESSAGE_SIZE}}
+    )
+    return write_config(tmp_path, overrides)
 
 
 class Sent:
