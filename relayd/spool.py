@@ -12,7 +12,7 @@ Layout (Postfix's manner: a message's state is the directory it is in)::
     <spool>/meta/       <id>.json: attempts, last error, recipients already done
 
 A message file is one JSON line (the envelope) followed by the exact content bytes.
-It is written under tmp/, fsynced, renamed into incoming/ and the directory fsynced
+It is written under tmp/ and synced, renamed into incoming/ and the directory fsynced
 (``commit``); only then may the listener answer 250.  Every later move is a rename,
 which is atomic: whoever renames a file out of a directory owns it, so the daemon and
 ``relayd queue`` never act on the same message at once.  A message in active/ belongs
@@ -57,6 +57,11 @@ FREE_SPACE_TTL = 0.5
 # Threads that write and fsync one group commit's files in parallel: the commit thread
 # and a pool of the others.
 _WRITERS = 8
+# Queue files are opened with O_DSYNC: the write returns only when the content and the
+# metadata needed to read it back (size, blocks) are on disk, fdatasync(2)'s guarantee,
+# in the same system call: one call and one GIL hand-over fewer per message than write +
+# fsync (bench/README.md). Where the flag does not exist, the file is fsynced after.
+_SYNCED_WRITES = getattr(os, "O_DSYNC", 0)
 
 
 class SpoolError(Exception):
@@ -327,16 +332,17 @@ class Spool:
         return [self._write_tmp(job) for job in jobs]
 
     def _write_tmp(self, job: _Job) -> int | SpoolError:
-        """Write and fsync one file under tmp/: its size (as take_census() counts it),
+        """Write one file under tmp/ to disk: its size (as take_census() counts it),
         or the error instead of raising it (this runs in a pool)."""
         path = os.path.join(self._tmp_dir, job.queue_id)
         header = _encode_header(job.queue_id, job.envelope, job.content)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(path, flags, 0o600)
+            fd = os.open(path, flags | _SYNCED_WRITES, 0o600)
             try:
                 os.writev(fd, [header, job.content])
-                os.fsync(fd)
+                if not _SYNCED_WRITES:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as error:

@@ -72,6 +72,42 @@ async def test_concurrent_commits_are_grouped_and_all_durable(spool: Spool) -> N
     assert spool.census().messages["incoming"] == 200
 
 
+async def test_commit_syncs_the_file_then_renames_then_syncs_the_directory(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order that makes a 250 safe: content on disk, then the name, then the name
+    on disk. The file is synced by O_DSYNC on its write or by an fsync of it."""
+    calls: list[tuple] = []
+    real = {name: getattr(os, name) for name in ("open", "writev", "fsync", "close", "rename")}
+
+    def recording(name: str):
+        def call(*args, **kwargs):
+            result = real[name](*args, **kwargs)
+            calls.append((name, *args[:2], result))
+            return result
+
+        return call
+
+    for name in real:
+        monkeypatch.setattr(os, name, recording(name))
+    queue_id = await commit(spool, b"Subject: order\r\n\r\nbody\r\n")
+    monkeypatch.undo()
+
+    tmp_file, queued = str(spool.path("tmp", queue_id)), str(spool.path("incoming", queue_id))
+    opened = next(call for call in calls if call[:2] == ("open", tmp_file))
+    file_fd, dsync = opened[3], opened[2] & getattr(os, "O_DSYNC", 0)
+    written = calls.index(next(call for call in calls if call[:2] == ("writev", file_fd)))
+    closed = calls.index(next(c for c in calls[written:] if c[:2] == ("close", file_fd)))
+    synced = dsync or ("fsync", file_fd, None) in calls[written:closed]
+    renamed = calls.index(("rename", tmp_file, queued, None))
+    directory_fds = {
+        call[3] for call in calls if call[0] == "open" and call[1] == str(spool.path("incoming"))
+    }
+    assert synced
+    assert closed < renamed
+    assert any(call[0] == "fsync" and call[1] in directory_fds for call in calls[renamed:])
+
+
 async def test_commit_refuses_when_free_space_is_below_the_minimum(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", min_free_space=10**18)
     spool.recover()
