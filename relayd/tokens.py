@@ -244,9 +244,20 @@ class TokenManager:
             except Exception:  # a bug must not stop the keep-alive for good
                 log.exception("token refresher step failed")
             delay = min(self._next_due() - time.time(), self.oauth.cache_poll_interval)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, delay))
+            await self._wait_for_wake(max(0.0, delay))
             self._wake.clear()
+
+    async def _wait_for_wake(self, seconds: float) -> None:
+        """Until a cache change wakes the refresher, or for ``seconds``.
+
+        Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation that arrives
+        as its timeout fires (CPython gh-86296), and stop() then waited for ever on a
+        refresher that kept running. asyncio.wait never cancels on a timeout."""
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait([woken], timeout=seconds)
+        finally:
+            woken.cancel()
 
     async def _tick(self) -> None:
         if self.client.changed_on_disk():  # one stat(): `relayd auth` wrote the cache

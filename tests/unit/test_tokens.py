@@ -237,6 +237,21 @@ async def test_a_restart_remembers_the_revocation_without_asking_again(
     assert entra.requests["token:refresh_token"] == asked
 
 
+async def test_stop_ends_the_refresher_even_as_a_cache_change_wakes_it(
+    harness: HarnessFactory,
+) -> None:
+    """A stop in the same loop turn as a wake-up (a cache change) still ends the
+    refresher: on Python 3.11 asyncio.wait_for swallowed that cancellation (CPython
+    gh-86296), the refresher ran on and stop() never returned."""
+    manager = harness(cache_poll_interval="5s").manager
+    await manager.start()
+    await asyncio.sleep(0.2)  # the refresher is waiting for a wake-up or 5 s
+    manager._wake.set()  # as a cache change written by `relayd auth login` does
+    stopping = asyncio.ensure_future(manager.stop())
+    done, _ = await asyncio.wait([stopping], timeout=3)
+    assert done, "stop() did not return: the refresher ignored its cancellation"
+
+
 async def test_rejected_token_is_replaced_once_then_state_follows_upstream(
     harness: HarnessFactory, entra: FakeEntra
 ) -> None:
