@@ -22,8 +22,9 @@ from tests.fakes.tokens import StandInTokens
 from tests.harness import FAST_RETRY, InProcessRelay
 from tests.helpers import deep_merge, eventually, load_settings, make_message, send_messages
 
-# The 1000-message run is test_serve_exchange's (through `relayd serve`); here, in one
-# process, fewer show the same.
+# The many-message run through `relayd serve` is test_soak.py's (2,000 messages, each
+# exactly once and byte-identical, at most 3 connections); here, in one process, fewer
+# show the same.
 COUNT = 200
 MESSAGE_ID = re.compile(rb"^Message-ID: (\S+)\r\n", re.MULTILINE | re.IGNORECASE)
 
