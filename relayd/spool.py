@@ -55,7 +55,7 @@ STATES = (*QUEUED_STATES, "failed")
 _DIRECTORIES = ("tmp", *STATES, "corrupt", "meta")
 _QUEUE_ID = re.compile(r"^[0-9A-F]{19}$")
 FREE_SPACE_TTL = 0.5
-# Threads that write and fsync one group commit's files in parallel: the commit thread
+# Threads that write and sync one group commit's files in parallel: the commit thread
 # and a pool of the others.
 _WRITERS = 8
 # Queue files are opened with O_DSYNC: the write returns only when the content and the
@@ -63,6 +63,9 @@ _WRITERS = 8
 # in the same system call: one call and one GIL hand-over fewer per message than write +
 # fsync (bench/README.md). Where the flag does not exist, the file is fsynced after.
 _SYNCED_WRITES = getattr(os, "O_DSYNC", 0)
+_NEW_QUEUE_FILE = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | _SYNCED_WRITES
+)
 
 
 class SpoolError(Exception):
@@ -337,9 +340,8 @@ class Spool:
         or the error instead of raising it (this runs in a pool)."""
         path = os.path.join(self._tmp_dir, job.queue_id)
         header = _encode_header(job.queue_id, job.envelope, job.content)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(path, flags | _SYNCED_WRITES, 0o600)
+            fd = os.open(path, _NEW_QUEUE_FILE, 0o600)
             try:
                 os.writev(fd, [header, job.content])
                 if not _SYNCED_WRITES:
