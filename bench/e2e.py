@@ -35,7 +35,7 @@ import trustme
 
 from bench.measure import cpu_seconds, machine
 from relayd import config
-from relayd.spool import Envelope, Spool, new_queue_id
+from relayd.queue.spool import Envelope, Spool, new_queue_id
 from tests.auth_helpers import auth_overrides, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra
 from tests.fakes.exchange import FakeExchange

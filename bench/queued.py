@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.measure import peak_rss_mib
-from relayd.spool import Envelope, Spool, new_queue_id
+from relayd.queue.spool import Envelope, Spool, new_queue_id
 from tests.helpers import NotifySocket, RelayProcess, make_message
 
 

@@ -21,19 +21,22 @@ from pathlib import Path
 
 import structlog
 
-from relayd import config, sdnotify
-from relayd import logging as relay_logging
+from relayd import config
+from relayd.auth.tokens import TokenManager, TokenSource
 from relayd.config import ConfigError, Settings
-from relayd.delivery import build_transport
-from relayd.health import HealthServer, readiness_report
-from relayd.listener import Listener, RelayHandler
-from relayd.metrics import NOT_USED, Metrics
-from relayd.pidfile import PID_FILE_NAME, AlreadyRunning, PidFile
-from relayd.reload import merge_reload
-from relayd.scheduler import Scheduler
-from relayd.sdnotify import Notifier
-from relayd.spool import Envelope, Spool
-from relayd.tokens import TokenManager
+from relayd.delivery.scheduler import Scheduler
+from relayd.ops import logging as relay_logging
+from relayd.ops import sdnotify
+from relayd.ops.health import HealthServer, readiness_report
+from relayd.ops.metrics import NOT_USED, Metrics
+from relayd.ops.pidfile import PID_FILE_NAME, AlreadyRunning, PidFile
+from relayd.ops.reload import merge_reload
+from relayd.ops.sdnotify import Notifier
+from relayd.queue.spool import Envelope, Spool
+from relayd.smtp.listener import Listener, RelayHandler
+from relayd.transports.base import Transport
+from relayd.transports.maildir import MaildirTransport
+from relayd.transports.smtp import SmtpTransport
 
 log = structlog.get_logger("relayd.app")
 
@@ -278,6 +281,12 @@ class Relay:
             sum(size for state, size in census.bytes.items() if state != "failed")
         )
         self.metrics.queue_oldest_age.set(census.oldest_age(time.time()))
+
+
+def build_transport(settings: Settings, metrics: Metrics, tokens: TokenSource | None) -> Transport:
+    if settings.upstream.transport == "maildir":
+        return MaildirTransport(settings)
+    return SmtpTransport(settings, metrics, tokens)
 
 
 def run(relay: Relay) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from relayd import __version__, config
-from relayd import logging as relay_logging
+from relayd.ops import logging as relay_logging
 from relayd.units import parse_duration
 
 DEFAULT_CONFIG = Path("/etc/relayd/relayd.yaml")
@@ -90,7 +90,7 @@ def _add_auth_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _auth(args: argparse.Namespace) -> int:
-    from relayd.signin import AuthCommands  # imported late: MSAL is slow to import
+    from relayd.auth.signin import AuthCommands  # imported late: MSAL is slow to import
 
     settings = _load_settings(args.config)
     relay_logging.configure(settings.logging.format, settings.logging.level)
@@ -143,7 +143,7 @@ def _add_queue_commands(commands: argparse._SubParsersAction) -> None:
 
 def _queue_handler(run: Callable) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
-        from relayd import queueadmin  # imported late: keeps `relayd --help` fast
+        from relayd.queue import admin as queueadmin  # imported late: keeps `relayd --help` fast
 
         return queueadmin.run(_settings(args), lambda admin: run(admin, args))
 
@@ -201,7 +201,7 @@ def _duration(text: str) -> float:
 
 
 def _send_test(args: argparse.Namespace) -> int:
-    from relayd import sendtest  # imported late: keeps `relayd --help` fast
+    from relayd.tools import sendtest  # imported late: keeps `relayd --help` fast
 
     settings = _settings(args)
     # Steps go to standard output; the log only says what the steps cannot.

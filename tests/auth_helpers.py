@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from relayd import config
-from relayd.token_client import Outcome, TokenClient
-from relayd.token_store import TokenStore
+from relayd.auth.client import Outcome, TokenClient
+from relayd.auth.store import TokenStore
 from tests.fakes.entra import MAILBOX, FakeEntra, sign_in_in_browser
 from tests.helpers import REPO, base_config, deep_merge, free_port, write_config
 

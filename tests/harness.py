@@ -9,11 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 from relayd.config import Settings
-from relayd.delivery import Transport
-from relayd.listener import Listener, RelayHandler
-from relayd.metrics import Metrics
-from relayd.scheduler import Scheduler
-from relayd.spool import Envelope, Spool, new_queue_id
+from relayd.delivery.scheduler import Scheduler
+from relayd.ops.metrics import Metrics
+from relayd.queue.spool import Envelope, Spool, new_queue_id
+from relayd.smtp.listener import Listener, RelayHandler
+from relayd.transports.base import Transport
 from tests.helpers import make_message
 
 # Retries in tenths of a second, so outage and retry tests finish in seconds.

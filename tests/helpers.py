@@ -315,7 +315,7 @@ def without_trace_fields(stored: bytes) -> bytes:
 
 def spooled_messages(spool_dir: Path) -> dict[str, bytes]:
     """Every queued message's content by queue id, parsed and checked (crc, size)."""
-    from relayd.spool import STATES, Spool
+    from relayd.queue.spool import STATES, Spool
 
     spool = Spool(spool_dir)
     found: dict[str, bytes] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-from relayd import tokens as auth
+from relayd.auth import tokens as auth
 
 
 class StandInTokens:

@@ -8,7 +8,7 @@ import re
 import smtplib
 from pathlib import Path
 
-from relayd.spool import Spool
+from relayd.queue.spool import Spool
 from tests.auth_helpers import (
     auth_config_file,
     cached_refresh_tokens,

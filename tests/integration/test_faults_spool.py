@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd.spool import Envelope, Spool, new_queue_id
+from relayd.queue.spool import Envelope, Spool, new_queue_id
 from tests.auth_helpers import wait_until
 from tests.helpers import (
     RelayProcess,

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from relayd import config
-from relayd.tokens import AUTH_STATES
+from relayd.ops.auth_states import AUTH_STATES
 from tests.fakes.entra import FakeEntra
 from tests.fakes.exchange import SERVICE_UNAVAILABLE, TOO_MANY_CONNECTIONS, FakeExchange
 from tests.helpers import RelayProcess, eventually, numbered_message, scrape, send_messages

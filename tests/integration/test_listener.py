@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from relayd import config
 from relayd.app import Relay
-from relayd.metrics import Metrics
-from relayd.spool import Spool
+from relayd.ops.metrics import Metrics
+from relayd.queue.spool import Spool
 from tests.helpers import base_config, deep_merge, unreachable_upstream
 
 MESSAGE = (

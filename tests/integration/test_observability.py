@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from relayd.spool import PENDING_STATES, new_queue_id
-from relayd.tokens import AUTH_STATES
+from relayd.ops.auth_states import AUTH_STATES
+from relayd.queue.spool import PENDING_STATES, new_queue_id
 from tests.auth_helpers import login_by_pasting
 from tests.fakes import exchange as fake_exchange
 from tests.fakes.entra import FakeEntra

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd.spool import DeliveryState, Spool
+from relayd.queue.spool import DeliveryState, Spool
 from tests.helpers import (
     REPO,
     RelayProcess,

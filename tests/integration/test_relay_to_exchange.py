@@ -16,7 +16,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from relayd.delivery import SmtpTransport
+from relayd.transports.smtp import SmtpTransport
 from tests.fakes.exchange import FakeExchange
 from tests.fakes.tokens import StandInTokens
 from tests.harness import FAST_RETRY, InProcessRelay

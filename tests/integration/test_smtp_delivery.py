@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from relayd import logging as relay_logging
-from relayd import tokens as auth
-from relayd.delivery import SmtpTransport
-from relayd.outcome import AUTH, CONNECTION, SEND_AS_DENIED, TEMPORARY, THROTTLED
+from relayd.auth import tokens as auth
+from relayd.ops import logging as relay_logging
+from relayd.transports.base import AUTH, CONNECTION, SEND_AS_DENIED, TEMPORARY, THROTTLED
+from relayd.transports.smtp import SmtpTransport
 from tests.fakes import exchange as fake_exchange
 from tests.fakes.exchange import FakeExchange
 from tests.fakes.tokens import StandInTokens

@@ -16,7 +16,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from relayd.config import MetricsSettings
-from relayd.metrics import Metrics
+from relayd.ops.metrics import Metrics
 from tests.helpers import REPO
 
 CONFIG = REPO / "config"

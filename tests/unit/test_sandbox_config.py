@@ -10,7 +10,7 @@ import yaml
 
 from relayd import config
 from relayd.app import Relay
-from relayd.metrics import Metrics
+from relayd.ops.metrics import Metrics
 
 
 def test_defaults_need_no_microsoft_account_and_live_under_the_sandbox_directory(

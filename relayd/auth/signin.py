@@ -1,0 +1,381 @@
+"""`relayd auth login|import|status|refresh|logout`: the work behind the commands.
+
+Sign-in is made for a server without a browser: the sign-in URL is printed on a line of
+its own, the person opens it anywhere, and the answer comes back either to a one-shot
+listener on the redirect URI's port (``http://localhost:PORT/``) or as the address the
+browser ended on, pasted on standard input — whichever comes first. Pasting also lets
+relayd reuse an existing app registration with its own (non-local) redirect URI.
+"""
+
+from __future__ import annotations
+
+import getpass
+import html
+import json
+import queue
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, TextIO
+
+from relayd.auth.client import (
+    NETWORK_ERRORS,
+    AuthorityError,
+    MailboxMismatch,
+    Outcome,
+    TokenClient,
+)
+from relayd.auth.store import TokenStore, stamp_to_json
+from relayd.auth.tokens import NO_TOKEN, OK, REAUTH_REQUIRED
+from relayd.config import Settings
+from relayd.ops.logging import redactor
+
+LOGIN_TIMEOUT = 900.0  # seconds a person has to finish signing in
+_PENDING = ("authorization_pending", "slow_down")  # device flow: keep polling (RFC 8628 §3.5)
+
+
+class AuthCommands:
+    """One instance per command run. Prints for a person; never prints a token."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: Path,
+        *,
+        stdin: TextIO | None = None,
+        stdout: TextIO | None = None,
+    ) -> None:
+        self.settings, self.oauth = settings, settings.oauth
+        self.mailbox = settings.upstream.mailbox
+        self.store = TokenStore(self.oauth.token_cache)
+        self.login_command = f"relayd auth login -c {config_path}"
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+
+    def say(self, text: str = "") -> None:
+        print(redactor(text), file=self.stdout, flush=True)
+
+    def client(self, public: bool = False) -> TokenClient:
+        return TokenClient(self.oauth, self.mailbox, self.store, public=public)
+
+    # --- login ---------------------------------------------------------------------------
+
+    def login(self, device_code: bool = False) -> int:
+        if not self.mailbox:
+            self.say("upstream.mailbox is not set: relayd needs to know who signs in.")
+            return 1
+        try:
+            outcome = self._device_code_login() if device_code else self._browser_login()
+        except (AuthorityError, *NETWORK_ERRORS) as error:
+            self.say(f"Cannot reach Entra ID at {self.oauth.effective_authority}: {error}")
+            return 1
+        except MailboxMismatch as error:
+            self.say(f"Sign-in refused: {error} The token cache was not changed.")
+            return 1
+        except (LoginAborted, ValueError) as error:  # MSAL: state mismatch, bad response
+            self.say(f"Sign-in failed: {error}")
+            return 1
+        return self._report(outcome, "Signed in as")
+
+    def _browser_login(self) -> Outcome:
+        client = self.client()
+        redirect_uri = self.oauth.redirect_uri
+        flow = client.start_auth_code_flow(redirect_uri)
+        answers: queue.Queue[tuple[str, dict[str, str] | None]] = queue.Queue()
+        listener = RedirectListener.start(redirect_uri, answers)
+        self.say(f"Sign in as {self.mailbox}: open this address in a browser (any machine):")
+        self.say()
+        self.say(flow["auth_uri"])
+        self.say()
+        if listener is not None:
+            self.say(f"Waiting for the browser to return to {redirect_uri} ... or paste the")
+            self.say("address the browser ends on (it has a code in it) here and press Enter:")
+        else:
+            self.say("Then paste the address the browser ends on (it has a code in it) here")
+            self.say("and press Enter:")
+        threading.Thread(target=self._read_pasted, args=(answers,), daemon=True).start()
+        try:
+            response = self._wait_for_answer(answers, listener is not None)
+        finally:
+            if listener is not None:
+                listener.stop()
+        for value in response.values():
+            redactor.register(value)  # the authorization code, in case anything logs it
+        return client.finish_auth_code_flow(flow, response)
+
+    def _read_pasted(self, answers: queue.Queue) -> None:
+        for line in self.stdin:
+            if not line.strip():
+                continue
+            response = parse_redirect(line)
+            if response is not None:
+                answers.put(("pasted", response))
+                return
+            self.say("That is not the address the browser ended on (it has a code and a state).")
+        answers.put(("end of input", None))
+
+    def _wait_for_answer(self, answers: queue.Queue, listening: bool) -> dict[str, str]:
+        deadline = time.monotonic() + LOGIN_TIMEOUT
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                _source, response = answers.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if response is not None:
+                return response
+            if not listening:
+                raise LoginAborted("standard input ended before an address was pasted")
+        raise LoginAborted(f"no answer within {LOGIN_TIMEOUT / 60:.0f} minutes")
+
+    def _device_code_login(self) -> Outcome:
+        client = self.client(public=True)  # the device code flow is for public clients
+        flow = client.app().initiate_device_flow(scopes=client.scopes)
+        if "user_code" not in flow:
+            raise LoginAborted(f"Entra ID refused the device code flow: {flow.get('error')}")
+        self.say(flow["message"])
+        while True:
+            # One poll per call, each under the cache lock for a moment only, so a running
+            # daemon is never kept waiting for the person at the other end.
+            outcome = client.redeem(
+                lambda app, flow_: app.acquire_token_by_device_flow(
+                    flow_, exit_condition=lambda _flow: True
+                ),
+                flow,
+            )
+            if outcome.error not in _PENDING:
+                return outcome
+            if time.time() > flow["expires_at"]:
+                raise LoginAborted("the device code expired before anyone signed in")
+            time.sleep(flow.get("interval", 5))
+
+    # --- import / refresh / logout -------------------------------------------------------
+
+    def import_token(self) -> int:
+        if self.stdin.isatty():
+            refresh_token = getpass.getpass("Refresh token (input hidden): ")
+        else:
+            refresh_token = self.stdin.read()
+        refresh_token = refresh_token.strip()
+        if not refresh_token:
+            self.say("No refresh token on standard input.")
+            return 1
+        redactor.register(refresh_token)
+        client = self.client()
+        try:
+            outcome = client.redeem(
+                lambda app, token: app.acquire_token_by_refresh_token(token, client.scopes),
+                refresh_token,
+            )
+        except MailboxMismatch as error:
+            self.say(f"Import refused: {error} The token cache was not changed.")
+            return 1
+        return self._report(outcome, "Imported the refresh token of")
+
+    def refresh(self) -> int:
+        outcome = self.client().refresh()
+        return self._report(outcome, "Refreshed the tokens of")
+
+    def logout(self) -> int:
+        names = self.client().logout()
+        if not names:
+            self.say("Nobody was signed in.")
+            return 0
+        self.say(f"Signed out {', '.join(names)}: the token cache holds no tokens now.")
+        self.say("relayd keeps mail queued until someone signs in again.")
+        return 0
+
+    def _report(self, outcome: Outcome, verb: str) -> int:
+        if outcome.ok:
+            self.say(f"{verb} {outcome.username}.")
+            self.say(f"Access token valid until {when(outcome.expires_at)}.")
+            self.say(
+                f"Token cache: {self.store.cache_path} (mode 0600). A running relayd uses it "
+                f"within {self.oauth.cache_poll_interval:g}s."
+            )
+            return 0
+        if outcome.kind == "no_account":
+            self.say(f"Nobody has signed in as {self.mailbox}. Run: {self.login_command}")
+        else:
+            self.say(f"Entra ID refused: {outcome.explain()}")
+            self.say(f"Sign in again: {self.login_command}")
+        return 1
+
+    # --- status --------------------------------------------------------------------------
+
+    def status(self, as_json: bool = False) -> int:
+        report = self.status_report()
+        if as_json:
+            self.say(json.dumps(report, indent=2, sort_keys=True))
+        else:
+            self._print_status(report)
+        return 0 if report["healthy"] else 1
+
+    def status_report(self) -> dict[str, Any]:
+        """The cache (no network) joined with what the daemon last recorded about it."""
+        client = self.client()
+        client.read()
+        view = client.view()
+        daemon = self.store.read_state()
+        current = daemon is not None and daemon.get("cache") == stamp_to_json(client.stamp)
+        refresh_token_alive = view.rotated_at is not None
+        if view.account is None:
+            state, advice = NO_TOKEN, f"nobody has signed in as {self.mailbox}: run "
+            advice += self.login_command
+        elif current and daemon and daemon.get("state") not in (OK, "refreshing"):
+            state, advice = daemon["state"], daemon.get("advice")
+        else:
+            state, advice = (OK, None) if refresh_token_alive else (REAUTH_REQUIRED, None)
+        healthy = state == OK
+        return {
+            "account": view.account,
+            "mailbox": self.mailbox,
+            "scopes": list(self.oauth.scopes),
+            "state": state,
+            "healthy": healthy,
+            "advice": advice or (None if healthy else f"sign in again: {self.login_command}"),
+            "aadsts": daemon.get("aadsts") if current and daemon else None,
+            "access_token_expires_at": view.expires_at or None,
+            "refresh_token_rotated_at": view.rotated_at,
+            "last_refresh": daemon.get("last_refresh") if daemon else None,
+            "daemon": daemon,
+            "daemon_saw_this_cache": current,
+            "token_cache": str(self.store.cache_path),
+        }
+
+    def _print_status(self, report: dict[str, Any]) -> None:
+        daemon = report["daemon"]
+        rows = [
+            ("Account", report["account"] or f"none (upstream.mailbox is {self.mailbox})"),
+            ("Scopes", " ".join(report["scopes"])),
+            ("Access token", _expiry(report["access_token_expires_at"])),
+            ("Refresh token", _rotation(report["refresh_token_rotated_at"])),
+            ("Last refresh", when(report["last_refresh"]) if report["last_refresh"] else "-"),
+            ("Daemon saw", _daemon_line(daemon, report["daemon_saw_this_cache"])),
+            ("Token cache", report["token_cache"]),
+            ("Health", "OK" if report["healthy"] else f"NOT USABLE ({report['state']})"),
+        ]
+        for label, value in rows:
+            self.say(f"{label + ':':<15} {value}")
+        if report["advice"]:
+            self.say(f"What to do:     {report['advice']}")
+
+
+class LoginAborted(Exception):
+    """The sign-in did not complete (timeout, no input, refused device flow)."""
+
+
+# --- the one-shot redirect listener ------------------------------------------------------
+
+
+class RedirectListener:
+    """Answers the browser's single visit to ``http://localhost:PORT/...``."""
+
+    def __init__(self, server: HTTPServer) -> None:
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        )
+        self._thread.start()
+
+    @classmethod
+    def start(cls, redirect_uri: str, answers: queue.Queue) -> RedirectListener | None:
+        """A listener when the redirect URI is local plain HTTP; None otherwise."""
+        parts = urllib.parse.urlsplit(redirect_uri)
+        if parts.scheme != "http" or parts.hostname not in ("localhost", "127.0.0.1"):
+            return None
+        try:
+            server = HTTPServer(("127.0.0.1", parts.port or 80), _redirect_handler(answers))
+        except OSError as error:
+            print(
+                f"relayd: cannot listen on {redirect_uri} ({error.strerror}); paste instead.",
+                file=sys.stderr,
+            )
+            return None
+        return cls(server)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _redirect_handler(answers: queue.Queue) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            """The request line holds the authorization code: never log it."""
+
+        def do_GET(self) -> None:
+            response = parse_redirect(self.path)
+            if response is None:
+                self._page(404, "This is relayd's sign-in listener; nothing else is here.")
+                return
+            if "error" in response:
+                problem = response.get("error_description") or response["error"]
+                self._page(400, f"Sign-in failed: {problem}")
+            else:
+                self._page(200, "relayd received the sign-in. You can close this window.")
+            answers.put(("browser", response))
+
+        def _page(self, status: int, text: str) -> None:
+            body = f"<!doctype html><title>relayd</title><p>{html.escape(text)}</p>\n".encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+def parse_redirect(text: str) -> dict[str, str] | None:
+    """The query of the address the browser ended on, if it carries an OAuth answer."""
+    text = text.strip()
+    query = urllib.parse.urlsplit(text).query if "?" in text else text.lstrip("?#")
+    response = dict(urllib.parse.parse_qsl(query))
+    if "state" in response and ("code" in response or "error" in response):
+        return response
+    return None
+
+
+# --- formatting ---------------------------------------------------------------------------
+
+
+def when(timestamp: float | None) -> str:
+    if not timestamp:
+        return "-"
+    moment = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+    delta = timestamp - time.time()
+    return f"{moment} ({_span(delta)})"
+
+
+def _span(seconds: float) -> str:
+    amount = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if amount >= size:
+            text = f"{amount / size:.0f} {unit}"
+            break
+    else:
+        text = f"{amount:.0f} s"
+    return f"in {text}" if seconds >= 0 else f"{text} ago"
+
+
+def _expiry(expires_at: float | None) -> str:
+    if not expires_at:
+        return "none cached"
+    state = "valid until" if expires_at > time.time() else "expired"
+    return f"{state} {when(expires_at)}"
+
+
+def _rotation(rotated_at: float | None) -> str:
+    if not rotated_at:
+        return "none"
+    return f"issued {when(rotated_at)}; expires after 90 days unused"
+
+
+def _daemon_line(daemon: dict | None, current: bool) -> str:
+    if daemon is None:
+        return "nothing recorded (the daemon has not run with this cache)"
+    line = f"{daemon.get('state')} at {when(daemon.get('updated_at'))} (pid {daemon.get('pid')})"
+    return line if current else line + "; the cache changed since"

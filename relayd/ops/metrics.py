@@ -1,0 +1,198 @@
+"""Every Prometheus metric relayd exports, defined in one place on an injected registry.
+
+Labels only ever take values from small fixed sets (reasons, states, status-code
+classes): never an address, a message id or anything a client can choose.
+"""
+
+from __future__ import annotations
+
+import re
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from relayd import __version__
+from relayd.ops.auth_states import AUTH_STATES as TOKEN_STATES
+from relayd.ops.auth_states import NOT_USED
+
+AUTH_STATES = (*TOKEN_STATES, NOT_USED)
+HEALTHY_AUTH_STATES = ("ok", "refreshing", NOT_USED)
+
+# Fixed label values. Anything else is folded into "other".
+REJECT_REASONS = (
+    "access_denied",
+    "too_many_connections",
+    "too_big",
+    "too_many_recipients",
+    "bad_address",
+    "smuggling",
+    "line_too_long",
+    "loop",
+    "disk",
+    "spool_error",
+    "sender_policy",
+)
+QUEUE_STATES = ("incoming", "active", "deferred", "hold", "failed")
+
+_ENHANCED_CODE = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+SIZE_BUCKETS = tuple(2**n for n in range(10, 27, 2))  # 1 KiB … 64 MiB
+
+
+class Metrics:
+    """Holds the metric objects. Create one per process (or per test) with a registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+
+        Info("relayd_build", "relayd version", registry=r).info({"version": __version__})
+
+        # Accepting
+        self.messages_received = Counter(
+            "relayd_messages_received", "Messages accepted and queued (250 sent)", registry=r
+        )
+        self.messages_rejected = Counter(
+            "relayd_messages_rejected",
+            "Messages or sessions refused by the listener, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.accept_duration = Histogram(
+            "relayd_accept_duration_seconds",
+            "End of DATA to the 250 reply (includes the durable spool commit)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.message_size = Histogram(
+            "relayd_message_size_bytes",
+            "Size of accepted messages",
+            buckets=SIZE_BUCKETS,
+            registry=r,
+        )
+        self.smtp_sessions = Gauge("relayd_smtp_sessions", "Open client SMTP sessions", registry=r)
+
+        # Delivering
+        self.messages_delivered = Counter(
+            "relayd_messages_delivered", "Messages delivered upstream", registry=r
+        )
+        self.messages_deferred = Counter(
+            "relayd_messages_deferred",
+            "Delivery attempts deferred, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.messages_failed = Counter(
+            "relayd_messages_failed",
+            "Messages failed permanently, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.dsn_sent = Counter(
+            "relayd_dsn_sent", "Delivery status notifications queued to senders", registry=r
+        )
+        self.delivery_duration = Histogram(
+            "relayd_delivery_duration_seconds",
+            "Upstream SMTP transaction time per message",
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_connections = Gauge(
+            "relayd_upstream_connections", "Open upstream SMTP connections", registry=r
+        )
+        self.upstream_replies = Counter(
+            "relayd_upstream_replies",
+            "Upstream replies by enhanced status code (e.g. 2.0.0, 4.3.2, 5.7.3)",
+            ["code"],
+            registry=r,
+        )
+        self.upstream_circuit_open = Gauge(
+            "relayd_upstream_circuit_open",
+            "1 while deliveries are paused because the upstream throttles or is down",
+            registry=r,
+        )
+        self.rate_limit_tokens = Gauge(
+            "relayd_rate_limit_tokens",
+            "Messages that may be sent now under the rate limit",
+            registry=r,
+        )
+        self.daily_recipients_used = Gauge(
+            "relayd_daily_recipients_used", "Recipients sent in the last 24 hours", registry=r
+        )
+
+        # Queue
+        self.queue_messages = Gauge(
+            "relayd_queue_messages", "Messages in the queue, by state", ["state"], registry=r
+        )
+        self.queue_oldest_age = Gauge(
+            "relayd_queue_oldest_message_age_seconds",
+            "Age of the oldest message waiting for delivery (incoming, active, deferred;"
+            " held messages wait for the operator and do not count); 0 when none waits",
+            registry=r,
+        )
+        self.queue_bytes = Gauge(
+            "relayd_queue_bytes", "Bytes of queue files, failed ones excluded", registry=r
+        )
+
+        # Tokens
+        self.auth_healthy = Gauge(
+            "relayd_auth_healthy", "1 when a usable access token can be obtained", registry=r
+        )
+        self.auth_state = Gauge(
+            "relayd_auth_state", "1 for the current auth state", ["state"], registry=r
+        )
+        self.access_token_expiry = Gauge(
+            "relayd_access_token_expiry_timestamp_seconds",
+            "Unix time the cached access token expires",
+            registry=r,
+        )
+        self.refresh_token_rotated = Gauge(
+            "relayd_refresh_token_last_rotated_timestamp_seconds",
+            "Unix time the refresh token was last redeemed and replaced",
+            registry=r,
+        )
+        self.token_refresh = Counter(
+            "relayd_token_refresh", "Token refresh attempts by result", ["result"], registry=r
+        )
+
+        for state in QUEUE_STATES:
+            self.queue_messages.labels(state)
+        for reason in REJECT_REASONS:
+            self.messages_rejected.labels(reason)
+        self.set_auth_state("no_token")
+
+    def reject(self, reason: str) -> None:
+        self.messages_rejected.labels(reason if reason in REJECT_REASONS else "other").inc()
+
+    def upstream_reply(self, code: int, message: str) -> None:
+        self.upstream_replies.labels(enhanced_code_class(code, message)).inc()
+
+    def set_auth_state(self, state: str) -> None:
+        for known in AUTH_STATES:
+            self.auth_state.labels(known).set(1 if known == state else 0)
+        self.auth_healthy.set(1 if state in HEALTHY_AUTH_STATES else 0)
+
+
+def enhanced_code_class(code: int, message: str) -> str:
+    """ "5.7.3" from "535 5.7.3 Authentication unsuccessful"; "4.x.x" when absent.
+
+    The subject and detail are each at most three digits (RFC 3463), so the label has
+    a bounded set of values even when a server says something unusual.
+    """
+    match = _ENHANCED_CODE.match(message or "")
+    if match and match.group(1) == str(code)[:1]:
+        return f"{match.group(1)}.{int(match.group(2))}.{int(match.group(3))}"
+    first = str(code)[:1] if code else "0"
+    return f"{first}.x.x" if first in "245" else "other"

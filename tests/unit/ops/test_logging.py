@@ -1,0 +1,385 @@
+"""relayd.ops.logging: one pipeline for every logger, and no secret ever in its output.
+
+The secrets are shaped like the real ones: a JWT access token as Entra ID issues it
+for SMTP.Send, an opaque Microsoft refresh token ("0.AXoA…"), an Entra client secret
+("…Q~…"), the base64 XOAUTH2 initial response, and the token endpoint's form body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import io
+import json
+import logging
+import secrets
+import urllib.parse
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import aiosmtplib
+import pytest
+import structlog
+from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from aiosmtpd.smtp import AuthResult
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relayd.ops import logging as relay_logging
+from tests.helpers import json_lines
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_jwt(claims: dict[str, Any]) -> str:
+    header = {"typ": "JWT", "alg": "RS256", "x5t": b64url(secrets.token_bytes(20))}
+    parts = (json.dumps(header).encode(), json.dumps(claims).encode(), secrets.token_bytes(256))
+    return ".".join(b64url(part) for part in parts)
+
+
+MAILBOX = "relay@contoso.com"
+ACCESS_TOKEN = make_jwt(
+    {
+        "aud": "https://outlook.office.com",
+        "iss": "https://sts.windows.net/72f988bf-86f1-41af-91ab-2d7cd011db47/",
+        "scp": "SMTP.Send",
+        "upn": MAILBOX,
+        "exp": 1893456000,
+    }
+)
+ID_TOKEN = make_jwt({"preferred_username": MAILBOX, "oid": "00000000-0000-0000-66f3-3332eca7ea81"})
+REFRESH_TOKEN = (
+    "0.AXoAv4j5cvGGr0GRqy180BHbR"
+    + b64url(secrets.token_bytes(120))
+    + ".AgABAAEAAAD--DLA3VO7QrddgJg7WevrAgDs_wUA9P-"
+    + b64url(secrets.token_bytes(400))
+)
+CLIENT_SECRET = "Xy48Q~" + b64url(secrets.token_bytes(26))[:34].replace("-", ".")
+XOAUTH2 = base64.b64encode(f"user={MAILBOX}\x01auth=Bearer {ACCESS_TOKEN}\x01\x01".encode())
+XOAUTH2 = XOAUTH2.decode()
+FORM_BODY = urllib.parse.urlencode(
+    {
+        "client_id": "9a8b7c6d-0000-4000-8000-123456789abc",
+        "grant_type": "refresh_token",
+        "refresh_token": REFRESH_TOKEN,
+        "client_secret": CLIENT_SECRET,
+        "scope": "https://outlook.office.com/SMTP.Send offline_access openid profile",
+        "client_info": "1",
+    }
+)
+TOKEN_RESPONSE = json.dumps(
+    {
+        "token_type": "Bearer",
+        "scope": "https://outlook.office.com/SMTP.Send",
+        "expires_in": 4419,
+        "access_token": ACCESS_TOKEN,
+        "refresh_token": REFRESH_TOKEN,
+        "id_token": ID_TOKEN,
+        "client_info": b64url(b'{"uid":"00000000-0000-0000-66f3-3332eca7ea81","utid":"72f9"}'),
+    }
+)
+SECRETS = {
+    "access token": ACCESS_TOKEN,
+    "id token": ID_TOKEN,
+    "refresh token": REFRESH_TOKEN,
+    "client secret": CLIENT_SECRET,
+    "XOAUTH2 initial response": XOAUTH2,
+}
+
+
+def leaks(output: str) -> list[str]:
+    """Which secrets show in the output, even in part (any 16 characters of one)."""
+    found = []
+    for name, secret in SECRETS.items():
+        pieces = {secret[i : i + 16] for i in range(0, len(secret) - 16, 8)}
+        quoted = {urllib.parse.quote(piece, safe="") for piece in pieces}
+        if any(piece in output for piece in pieces | quoted):
+            found.append(name)
+    return found
+
+
+@pytest.fixture
+def capture() -> Iterator[Callable[..., io.StringIO]]:
+    """configure() into a buffer; the process-wide logging state is put back after."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_libraries = {
+        name: logging.getLogger(name).level for name in relay_logging.LIBRARY_LOGGERS
+    }
+
+    def configure(fmt: str = "json", level: str = "debug") -> io.StringIO:
+        stream = io.StringIO()
+        relay_logging.configure(fmt, level, stream)
+        return stream
+
+    yield configure
+    root.handlers[:], root.level = saved_handlers, saved_level
+    for name, level in saved_libraries.items():
+        logging.getLogger(name).setLevel(level)
+    logging.captureWarnings(False)
+    structlog.reset_defaults()
+
+
+# --- every route into the pipeline, every secret shape -----------------------------------
+
+LEAKY_MESSAGES = [
+    f"AUTH XOAUTH2 {XOAUTH2}",
+    f"b'AUTH XOAUTH2 {XOAUTH2}\\r\\n'",
+    f"user={MAILBOX}\x01auth=Bearer {ACCESS_TOKEN}\x01\x01",
+    f"Authorization: Bearer {ACCESS_TOKEN}",
+    f"POST https://login.microsoftonline.com/tenant/oauth2/v2.0/token body: {FORM_BODY}",
+    f"token endpoint answered: {TOKEN_RESPONSE}",
+    f"result: {json.loads(TOKEN_RESPONSE)!r}",
+    f"refresh failed for {REFRESH_TOKEN}",
+]
+LOGGERS = ["relayd.delivery", "mail.log", "aiosmtplib", "msal.application", "urllib3"]
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+@pytest.mark.parametrize("logger_name", LOGGERS)
+def test_no_secret_reaches_the_output_from_any_logger(
+    capture: Callable[..., io.StringIO], fmt: str, logger_name: str
+) -> None:
+    stream = capture(fmt)
+    relay_logging.redactor.register(CLIENT_SECRET, permanent=True)
+    for message in LEAKY_MESSAGES:
+        if logger_name.startswith("relayd"):
+            structlog.get_logger(logger_name).debug(message)
+        else:
+            logging.getLogger(logger_name).debug("%s", message)
+
+    output = stream.getvalue()
+    assert output.count("<redacted>") >= len(LEAKY_MESSAGES)
+    assert logger_name in output  # the line came out, through this pipeline
+    assert leaks(output) == []
+
+
+def test_libraries_log_as_json_through_the_same_pipeline(
+    capture: Callable[..., io.StringIO],
+) -> None:
+    stream = capture("json")
+    logging.getLogger("msal.token_cache").debug("event=%s", TOKEN_RESPONSE)
+    logging.getLogger("mail.log").info("%r >> %r", ("127.0.0.1", 40000), b"EHLO app")
+
+    records = json_lines(stream.getvalue())
+    assert [r["logger"] for r in records] == ["msal.token_cache", "mail.log"]
+    assert {r["level"] for r in records} == {"debug", "info"}
+    assert all("ts" in r for r in records)
+    assert leaks(stream.getvalue()) == []
+
+
+def test_sensitive_fields_are_replaced_whole_even_nested(
+    capture: Callable[..., io.StringIO],
+) -> None:
+    stream = capture("json")
+    opaque = secrets.token_hex(20)  # matches no pattern: only the key gives it away
+    structlog.get_logger("relayd.tokens").info(
+        "token refreshed",
+        access_token=ACCESS_TOKEN,
+        token=opaque,
+        response={"refresh_token": REFRESH_TOKEN, "expires_in": 4419},
+    )
+
+    (record,) = json_lines(stream.getvalue())
+    assert record["access_token"] == record["token"] == "<redacted>"
+    assert record["response"] == {"refresh_token": "<redacted>", "expires_in": 4419}
+    assert opaque not in stream.getvalue()
+
+
+def test_a_registered_secret_is_found_before_json_escapes_it(
+    capture: Callable[..., io.StringIO],
+) -> None:
+    stream = capture("json")
+    awkward = 'pa"ss\\wörd~' + secrets.token_hex(8)  # JSON would escape ", \ and ö
+    relay_logging.redactor.register(awkward)
+    structlog.get_logger("relayd.tokens").warning("login failed", detail=f"secret was {awkward}")
+    logging.getLogger("msal").warning("form: client_secret=%s", urllib.parse.quote(awkward))
+
+    output = stream.getvalue()
+    for record in json_lines(output):
+        assert awkward not in json.dumps(record, ensure_ascii=False)
+    assert json.dumps(awkward)[1:-1] not in output
+    assert urllib.parse.quote(awkward, safe="") not in output
+
+
+def test_operational_fields_stay_readable(capture: Callable[..., io.StringIO]) -> None:
+    stream = capture("json")
+    fields = {
+        "queue_id": "0614E8A2F3C1D4A1B2C",
+        "code": "4.3.2",
+        "reply": "432 4.3.2 Concurrent connections limit exceeded",
+        "message_id": "<20240501.1234@app.example.com>",
+        "sender": "app@example.com",
+        "recipients": 3,
+    }
+    structlog.get_logger("relayd.delivery").info("deferred", **fields)
+
+    (record,) = json_lines(stream.getvalue())
+    assert {key: record[key] for key in fields} == fields
+    assert list(record)[:4] == ["ts", "level", "logger", "event"]  # what a reader wants first
+
+
+def test_an_authorization_code_in_a_redirect_is_redacted(
+    capture: Callable[..., io.StringIO],
+) -> None:
+    stream = capture("json")
+    code = "1.AXoA" + b64url(secrets.token_bytes(48))
+    logging.getLogger("msal").debug("Got auth response: /?code=%s&state=abc&session_state=x", code)
+
+    assert code[:24] not in stream.getvalue()
+    assert "state=abc" in stream.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+@pytest.mark.parametrize("logger_name", ["relayd.tokens", "msal.application"])
+def test_tracebacks_are_scrubbed(
+    capture: Callable[..., io.StringIO], fmt: str, logger_name: str
+) -> None:
+    stream = capture(fmt)
+    try:
+        raise ValueError(f"bad grant {REFRESH_TOKEN} for {ACCESS_TOKEN}")
+    except ValueError:
+        if logger_name.startswith("relayd"):
+            structlog.get_logger(logger_name).exception("refresh failed")
+        else:
+            logging.getLogger(logger_name).exception("refresh failed")
+
+    output = stream.getvalue()
+    assert "ValueError: bad grant <redacted>" in output
+    assert leaks(output) == []
+
+
+def test_a_record_that_cannot_be_formatted_does_not_print_its_arguments(
+    capture: Callable[..., io.StringIO],
+) -> None:
+    stream = capture("json")
+    logging.getLogger("msal").warning("expires in %d seconds", REFRESH_TOKEN)  # %d of a str
+
+    output = stream.getvalue()
+    assert "could not be written" in output
+    assert leaks(output) == []
+
+
+def test_warnings_become_redacted_log_lines(capture: Callable[..., io.StringIO]) -> None:
+    stream = capture("json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn(f"token {ACCESS_TOKEN} is about to expire", UserWarning, stacklevel=1)
+
+    (record,) = json_lines(stream.getvalue())
+    assert record["logger"] == "py.warnings"
+    assert leaks(stream.getvalue()) == []
+
+
+def test_rotating_secrets_are_bounded_but_permanent_ones_stay() -> None:
+    redactor = relay_logging.Redactor()
+    redactor.register(CLIENT_SECRET, permanent=True)
+    tokens = [secrets.token_hex(16) for _ in range(300)]
+    for token in tokens:
+        redactor.register(token)
+
+    assert redactor(f"secret {CLIENT_SECRET}") == "secret <redacted>"
+    assert redactor(f"newest {tokens[-1]}") == "newest <redacted>"
+    assert redactor(f"oldest {tokens[0]}") == f"oldest {tokens[0]}"  # evicted
+
+
+@pytest.mark.parametrize(
+    "pattern", [pattern for pattern, _ in relay_logging._PATTERNS], ids=lambda p: p.pattern[:24]
+)
+def test_the_quick_pre_check_never_skips_a_line_a_pattern_matches(pattern) -> None:
+    # The redactor skips its patterns when a line has none of their words; any text
+    # that a pattern matches, wherever it sits in a line, must not be skipped.
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.from_regex(pattern, alphabet=st.characters(max_codepoint=127)))
+    def check(text: str) -> None:
+        if pattern.search(text):
+            assert relay_logging._may_match_a_pattern(text)
+
+    check()
+
+
+# --- levels --------------------------------------------------------------------------------
+
+
+def test_library_debug_lines_show_only_at_debug_level(
+    capture: Callable[..., io.StringIO],
+) -> None:
+    stream = capture("json", level="info")
+    logging.getLogger("mail.log").info("session opened")  # library INFO: noise at info
+    structlog.get_logger("relayd.app").debug("hidden")
+    relay_logging.set_level("debug")
+    logging.getLogger("mail.log").debug("shown")
+    structlog.get_logger("relayd.app").debug("shown too")
+
+    assert [r["event"] for r in json_lines(stream.getvalue())] == ["shown", "shown too"]
+
+
+# --- a real XOAUTH2 exchange: aiosmtplib → aiosmtpd, everything at debug -----------------
+
+
+class ExchangeLikeSMTP(AiosmtpdSMTP):
+    # RFC 4954 §4: AUTH lines may be 12288 octets; a real access token needs > 512.
+    # (A dict of its own: aiosmtpd's is shared by every SMTP instance in the process.)
+    command_size_limits: ClassVar = collections.defaultdict(lambda: 12288)
+    line_length_limit = 12288
+
+
+class XOAuth2Handler:
+    """A server that takes XOAUTH2 with or without an initial response."""
+
+    async def auth_XOAUTH2(self, server: AiosmtpdSMTP, args: list[str]) -> AuthResult:
+        if len(args) == 2:
+            blob = base64.b64decode(args[1])
+        else:  # RFC 4954 §4: no initial response; ask for it (and log it, at debug)
+            blob = await server.challenge_auth("", log_client_response=True)
+        return AuthResult(success=True, auth_data=blob)
+
+
+async def test_an_xoauth2_exchange_at_debug_level_shows_no_token(
+    capture: Callable[..., io.StringIO],
+) -> None:
+    stream = capture("json", level="debug")
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: ExchangeLikeSMTP(XOAuth2Handler(), auth_require_tls=False),
+        "127.0.0.1",
+        0,
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False) as client:
+            await client.auth_xoauth2(MAILBOX, ACCESS_TOKEN)  # initial response inline
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False) as client:
+            await client.ehlo()
+            assert (await client.execute_command(b"AUTH", b"XOAUTH2")).code == 334
+            assert (await client.execute_command(XOAUTH2.encode())).code == 235
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    output = stream.getvalue()
+    library_lines = [r for r in json_lines(output) if r["logger"] in ("mail.log", "py.warnings")]
+    assert any("AUTH XOAUTH2" in r["event"] for r in library_lines)
+    assert any(">>" in r["event"] and "<redacted>" in r["event"] for r in library_lines)
+    assert leaks(output) == []
+
+
+def test_relayd_levels_change_at_runtime_and_per_logger(
+    capture: Callable[..., io.StringIO],
+) -> None:
+    stream = capture("json", "warning")
+    log = structlog.get_logger("relayd.test")
+    log.info("hidden at warning")
+    relay_logging.set_level("info")  # what SIGHUP does
+    log.info("shown at info", queue_id="0123456789ABCDEF012")
+    relay_logging.quiet_logger("relayd.quiet")
+    structlog.get_logger("relayd.quiet").error("a quieted logger's error")
+    relay_logging.quiet_logger("relayd.quiet", logging.NOTSET)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [r["event"] for r in records] == ["shown at info"]
+    assert records[0]["logger"] == "relayd.test" and records[0]["level"] == "info"
+    assert list(records[0])[:4] == ["ts", "level", "logger", "event"]
