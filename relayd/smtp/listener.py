@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -25,37 +23,11 @@ from relayd.config import ListenSettings
 from relayd.ops.metrics import Metrics
 from relayd.queue.spool import Envelope as SpoolEnvelope
 from relayd.queue.spool import Spool, SpoolError, SpoolFull, new_queue_id
+from relayd.smtp.addresses import bad_address_reply, valid_mailbox
+from relayd.smtp.content import READ_CHUNK, DataResult, check_content, read_data
+from relayd.smtp.wording import safe_reply
 
 log = structlog.get_logger("relayd.listener")
-
-# RFC 5321 §4.1.2 / RFC 6531: a plain mailbox, or an address literal as domain.
-_MAILBOX = re.compile(
-    r"^[^\s<>@\"\\(),;:]+(?:\.[^\s<>@\"\\(),;:]+)*@(?:[^\s<>@\[\]()\\]+|\[[^\s\]]+\])$"
-)
-_QUOTED_MAILBOX = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"@(?:[^\s<>@\[\]()\\]+|\[[^\s\]]+\])$')
-_MAX_PATH = 254  # RFC 5321 §4.5.3.1.3 (256 octets including the angle brackets)
-
-
-# Replies a person can act on, in place of aiosmtpd's terse defaults.
-_REWORDED = {
-    b"500 Error: bad syntax": b"500 5.5.2 Syntax error: empty command line",
-    b"500 Command line too long": b"500 5.5.2 Command line too long (RFC 5321 4.5.3.1.4: 512)",
-    b"503 Error: need MAIL command": b"503 5.5.1 Send MAIL FROM before RCPT TO",
-    b"503 Error: need RCPT command": b"503 5.5.1 Send RCPT TO before DATA",
-    b"503 Error: nested MAIL command": b"503 5.5.1 MAIL FROM was already given; RSET first",
-    b"503 Error: send HELO first": b"503 5.5.1 Send HELO or EHLO first",
-    b"553 5.1.3 Error: malformed address": b"501 5.1.3 Malformed address; use <user@example.com>",
-    b"552 Error: message size exceeds fixed maximum message size": (
-        b"552 5.3.4 Message size exceeds the fixed maximum message size"
-    ),
-    b"500 Error: strict ASCII mode": b"500 5.6.7 Non-ASCII command needs SMTPUTF8",
-}
-
-
-@dataclass
-class _DataResult:
-    content: bytes
-    problem: str | None  # None, "too_big", "line_too_long", "bare_line_ending"
 
 
 class RelaySMTP(SMTP):
@@ -65,7 +37,7 @@ class RelaySMTP(SMTP):
         settings = handler.settings
         # aiosmtpd sizes its StreamReader from this attribute in __init__. DATA is read
         # in chunks of up to this size; command lines are still held to 512 octets.
-        self.line_length_limit = max(_READ_CHUNK, settings.max_line_length + 3)
+        self.line_length_limit = max(READ_CHUNK, settings.max_line_length + 3)
         super().__init__(handler, **kwargs)
         self.relay = handler
         self.client_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
@@ -111,9 +83,7 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         raw = status.encode("utf-8", "replace") if isinstance(status, str) else status
-        # aiosmtpd echoes some client text in replies; a control character there would
-        # make a malformed reply (RFC 5321 §4.2) or inject a line.
-        await super().push(_CONTROL.sub(b"?", _reword(raw)))
+        await super().push(safe_reply(raw))
 
     # --- envelope ----------------------------------------------------------------
 
@@ -159,142 +129,12 @@ class RelaySMTP(SMTP):
         self._set_post_data_state()
         await self.push(status)
 
-    async def _read_data(self) -> _DataResult:
+    async def _read_data(self) -> DataResult:
         content = await read_data(self._reader, self.data_size_limit or 0)
         if content is None:
-            return _DataResult(b"", "too_big")
-        return self._check_content(content)
-
-    def _check_content(self, content: bytes) -> _DataResult:
-        if _has_bare_line_ending(content):
-            if self.relay.settings.bare_line_endings != "normalize":
-                return _DataResult(b"", "bare_line_ending")
-            content = _normalize_line_endings(content)
-        content = _unstuff_dots(content)
-        if _has_long_line(content, self.relay.settings.max_line_length):
-            return _DataResult(b"", "line_too_long")
-        return _DataResult(content, None)
-
-
-_DOT_LINE = b".\r\n"
-_END_OF_DATA = b"\r\n.\r\n"
-_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
-_CONTROL_TEXT = re.compile(r"[\x00-\x1f\x7f]")
-_READ_CHUNK = 64 * 1024
-_LINE_SCAN_CHUNK = 1024 * 1024  # bounds the list of lines _has_long_line holds at once
-
-
-# The checks below run on the event loop for every message, so they use bytes methods
-# (C loops, one pass each) rather than regular expressions: a search for
-# "[^\r\n]{999}" retries at every offset and cost 35 ms for a 100 KiB message.
-
-
-def _unstuff_dots(content: bytes) -> bytes:
-    """RFC 5321 §4.5.2 transparency: drop the first dot of every line starting with one.
-
-    Only CRLF ends a line here (bare CR/LF were refused or normalized before)."""
-    if content.startswith(b"."):
-        content = content[1:]
-    return content.replace(b"\r\n.", b"\r\n")
-
-
-def _has_long_line(content: bytes, maximum: int) -> bool:
-    """Whether a line (CRLF excluded) is longer than ``maximum`` octets."""
-    if len(content) <= maximum:
-        return False
-    start = 0
-    while start < len(content):
-        # Cut at a line end so that no line is split between two slices.
-        end = content.find(b"\r\n", start + _LINE_SCAN_CHUNK)
-        end = len(content) if end < 0 else end
-        if max(map(len, content[start:end].split(b"\r\n"))) > maximum:
-            return True
-        start = end + 2
-    return False
-
-
-async def read_data(reader: asyncio.StreamReader, limit: int = 0) -> bytes | None:
-    """Read up to the end of data, the line "." (RFC 5321 §4.1.1.4): CRLF "." CRLF, where
-    the first CRLF may be the one that ended the DATA command. The data before it, still
-    dot-stuffed, or None when it is over ``limit`` bytes (0: no limit); past the limit
-    the data is read and dropped, so a huge message cannot fill memory.
-
-    Only CRLF ends a line (RFC 5321 §2.3.8), so <LF>.<LF> and its cousins are content,
-    never the end of the message, and nothing after the end is ever read.
-
-    The marker is searched with readuntil() over large chunks, two reads for most
-    messages. That search cannot see a marker that began in bytes already read, so
-    while those end with the first bytes of one (always so at the start), only the
-    bytes that could complete it are read; if the stream keeps ending that way (runs of
-    empty lines or bare CRs), the next read stops at the next ".\r\n" instead, which
-    cannot pass a marker either (see _next_step).
-    """
-    data = bytearray()
-    tail = b"\r\n"  # the stream's last bytes, from the CRLF that ended the DATA line
-    size = 0
-    step = ""
-    while not tail.endswith(_END_OF_DATA):
-        step = _next_step(tail, step)
-        chunk = await _read_step(reader, step, tail)
-        size += len(chunk)
-        tail = chunk[-5:] if len(chunk) >= 5 else (tail + chunk)[-5:]
-        if not limit or size <= limit + len(_DOT_LINE):
-            data += chunk
-    if limit and size > limit + len(_DOT_LINE):
-        return None
-    del data[-len(_DOT_LINE) :]
-    return bytes(data)
-
-
-def _next_step(tail: bytes, previous: str) -> str:
-    """How to read on: "marker" (search the whole marker), "probe" (read only what
-    could complete the one the tail begins) or "line" (up to the next ".\r\n").
-
-    A "line" read is safe only while the marker's "." is unread (tail "\r" or "\r\n");
-    after "\r\n." or "\r\n.\r" a probe of one or two bytes settles it."""
-    partial = _partial_marker(tail)
-    if not partial:
-        return "marker"
-    return "line" if previous == "probe" and partial <= 2 else "probe"
-
-
-async def _read_step(reader: asyncio.StreamReader, step: str, tail: bytes) -> bytes:
-    try:
-        if step == "marker":
-            return await reader.readuntil(_END_OF_DATA)
-        if step == "probe":
-            return await reader.readexactly(len(_END_OF_DATA) - _partial_marker(tail))
-        return await reader.readuntil(_DOT_LINE)
-    except asyncio.LimitOverrunError as overrun:
-        # readuntil() keeps the bytes a marker could begin in; none begins in these.
-        return await reader.read(overrun.consumed)
-
-
-def _partial_marker(tail: bytes) -> int:
-    """How many of the stream's last bytes could begin an end-of-data marker (0 to 4)."""
-    for length in range(len(_END_OF_DATA) - 1, 0, -1):
-        if tail.endswith(_END_OF_DATA[:length]):
-            return length
-    return 0
-
-
-def _has_bare_line_ending(content: bytes) -> bool:
-    crlf = content.count(b"\r\n")
-    return content.count(b"\r") != crlf or content.count(b"\n") != crlf
-
-
-def _normalize_line_endings(content: bytes) -> bytes:
-    return re.sub(rb"\r\n|\r|\n", b"\r\n", content)
-
-
-def _reword(reply: bytes) -> bytes:
-    if reply in _REWORDED:
-        return _REWORDED[reply]
-    if reply.startswith(b'500 Error: command "'):
-        return b"500 5.5.1 Command not recognized"
-    if reply.startswith(b"501 Syntax: "):
-        return b"501 5.5.4 Syntax: " + reply[len(b"501 Syntax: ") :]
-    return reply
+            return DataResult(b"", "too_big")
+        settings = self.relay.settings
+        return check_content(content, settings.bare_line_endings, settings.max_line_length)
 
 
 class RelayHandler:
@@ -356,9 +196,9 @@ class RelayHandler:
             return "421 4.3.2 relayd is shutting down; try again later"
         # The null reverse-path stays "<>" during the session (aiosmtpd tests the
         # sender for truth) and becomes "" in the spool.
-        if address != "<>" and not _valid_mailbox(address, options):
+        if address != "<>" and not valid_mailbox(address, options):
             self.metrics.reject("bad_address")
-            return _bad_address_reply(address, options, "5.1.7")
+            return bad_address_reply(address, options, "5.1.7")
         declared = _declared_size(options)
         if not self.spool.has_room_for(declared):
             self.metrics.reject("disk")
@@ -371,9 +211,9 @@ class RelayHandler:
     async def handle_RCPT(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
     ) -> str:
-        if not _valid_mailbox(address, envelope.mail_options):
+        if not valid_mailbox(address, envelope.mail_options):
             self.metrics.reject("bad_address")
-            return _bad_address_reply(address, envelope.mail_options, "5.1.3")
+            return bad_address_reply(address, envelope.mail_options, "5.1.3")
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             self.metrics.reject("too_many_recipients")
             # RFC 5321 §4.5.3.1.10: 452 for too many recipients; send the rest later.
@@ -523,26 +363,6 @@ def _peer_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
-
-
-def _valid_mailbox(address: str, mail_options: list) -> bool:
-    if len(address) > _MAX_PATH or _CONTROL_TEXT.search(address):
-        return False
-    if not address.isascii() and "SMTPUTF8" not in mail_options:
-        return False
-    try:
-        address.encode("utf-8")  # surrogates: the client sent invalid UTF-8
-    except UnicodeEncodeError:
-        return False
-    return bool(_MAILBOX.match(address) or _QUOTED_MAILBOX.match(address))
-
-
-def _bad_address_reply(address: str, mail_options: list, code: str) -> str:
-    if not address.isascii() and "SMTPUTF8" not in mail_options:
-        # RFC 6531 §3.5: non-ASCII addresses need the SMTPUTF8 parameter on MAIL.
-        return "553 5.6.7 Non-ASCII address needs SMTPUTF8"
-    # RFC 5321 §4.2.2 / §4.1.2: 501 syntax error in parameters.
-    return f"501 {code} Malformed address; use <user@example.com>"
 
 
 def _declared_size(options: list) -> int:

@@ -12,7 +12,7 @@ import re
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from relayd.smtp import listener
+from relayd.smtp import content as listener
 
 # Lines of dots, short and long runs of text: the cases the checks are about.
 _PIECES = st.sampled_from([b".", b"..", b"\r\n", b"\r\n.", b"x", b"abc", b"y" * 9])
