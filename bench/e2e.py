@@ -35,7 +35,8 @@ import trustme
 
 from bench.measure import cpu_seconds, machine
 from relayd import config
-from relayd.queue.spool import Envelope, Spool, new_queue_id
+from relayd.queue.model import Envelope, new_queue_id
+from relayd.queue.spool import Spool
 from tests.auth_helpers import auth_overrides, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra
 from tests.fakes.exchange import FakeExchange

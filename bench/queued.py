@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.measure import peak_rss_mib
-from relayd.queue.spool import Envelope, Spool, new_queue_id
+from relayd.queue.model import Envelope, new_queue_id
+from relayd.queue.spool import Spool
 from tests.helpers import NotifySocket, RelayProcess, make_message
 
 

@@ -32,7 +32,8 @@ from relayd.ops.metrics import NOT_USED, Metrics
 from relayd.ops.pidfile import PID_FILE_NAME, AlreadyRunning, PidFile
 from relayd.ops.reload import merge_reload
 from relayd.ops.sdnotify import Notifier
-from relayd.queue.spool import Envelope, Spool
+from relayd.queue.model import Envelope
+from relayd.queue.spool import Spool
 from relayd.smtp.listener import Listener, RelayHandler
 from relayd.transports.base import Transport
 from relayd.transports.maildir import MaildirTransport

@@ -11,7 +11,8 @@ from typing import Any
 from relayd.config import Settings
 from relayd.delivery.scheduler import Scheduler
 from relayd.ops.metrics import Metrics
-from relayd.queue.spool import Envelope, Spool, new_queue_id
+from relayd.queue.model import Envelope, new_queue_id
+from relayd.queue.spool import Spool
 from relayd.smtp.listener import Listener, RelayHandler
 from relayd.transports.base import Transport
 from tests.helpers import make_message

@@ -315,7 +315,8 @@ def without_trace_fields(stored: bytes) -> bytes:
 
 def spooled_messages(spool_dir: Path) -> dict[str, bytes]:
     """Every queued message's content by queue id, parsed and checked (crc, size)."""
-    from relayd.queue.spool import STATES, Spool
+    from relayd.queue.model import STATES
+    from relayd.queue.spool import Spool
 
     spool = Spool(spool_dir)
     found: dict[str, bytes] = {}

@@ -18,7 +18,7 @@ import pytest
 import trustme
 
 from relayd import config
-from relayd.queue.spool import PENDING_STATES
+from relayd.queue.model import PENDING_STATES
 from tests.auth_helpers import auth_overrides, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra
 from tests.fakes.exchange import FakeExchange, ReceivedMessage

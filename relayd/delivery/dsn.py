@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import formataddr, formatdate
 
-from relayd.queue.spool import Envelope, QueuedMessage
+from relayd.queue.model import Envelope, QueuedMessage
 from relayd.transports.replies import enhanced_status
 
 SUBJECT = "Undelivered Mail Returned to Sender"

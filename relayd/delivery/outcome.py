@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, replace
 
 from relayd.config import RetrySettings
-from relayd.queue.spool import DeliveryState, QueuedMessage, received_at_from_id
+from relayd.queue.model import DeliveryState, QueuedMessage, received_at_from_id
 from relayd.transports.base import AUTH, QUOTA, SEND_AS_DENIED, Attempt
 from relayd.units import format_duration
 

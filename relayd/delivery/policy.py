@@ -25,7 +25,7 @@ from email.utils import formataddr, getaddresses
 
 from relayd import headers
 from relayd.config import UpstreamSettings
-from relayd.queue.spool import Envelope
+from relayd.queue.model import Envelope
 
 
 class SenderPolicy:

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import math
 import os
 import random
 import time
-from datetime import UTC, datetime
 
 import structlog
 
@@ -34,19 +32,14 @@ from relayd.config import Settings
 from relayd.delivery import dsn
 from relayd.delivery.limits import SlidingWindow
 from relayd.delivery.outcome import (
-    DEFERRED,
-    DELIVERED,
     FAIL_REASONS,
-    FAILED,
     RELEASED,
-    Settlement,
-    received_at,
-    settle,
 )
 from relayd.delivery.policy import SenderPolicy
+from relayd.delivery.recorder import OutcomeRecorder
 from relayd.ops.metrics import Metrics
-from relayd.queue.batch import ThreadBatcher
-from relayd.queue.spool import CorruptMessage, QueuedMessage, Spool, SpoolError, new_queue_id
+from relayd.queue.model import CorruptMessage, QueuedMessage
+from relayd.queue.spool import Spool
 from relayd.transports.base import DAILY_LIMIT, DEFER_REASONS, LOCAL, Attempt, Submission, Transport
 
 log = structlog.get_logger("relayd.scheduler")
@@ -79,12 +72,11 @@ class Scheduler:
         self.rate = SlidingWindow(upstream.rate_limit_per_minute, 60.0)
         self.daily = SlidingWindow(upstream.daily_recipient_limit, 86_400.0)
         self._fqdn = settings.hostname  # resolved once: getfqdn() may block on DNS
+        reporter = self._dsn_reporter(settings)
+        self.recorder = OutcomeRecorder(spool, metrics, self.notify, reporter)
         self._apply_settings(settings)
         self._active: dict[str, asyncio.Task] = {}
         self._settling: set[asyncio.Task] = set()
-        # Spool moves for settled attempts, many per thread hop (unlinks and renames
-        # wait on the filesystem journal; a meta file is fsynced).
-        self._outcomes = ThreadBatcher(functools.partial(_apply_batch, spool), "spool-outcomes")
         self._ready: dict[str, None] = {}  # insertion-ordered set
         self._scan_due_at = 0.0  # monotonic; 0 = scan as soon as the ready list is empty
         self._last_scan = -MIN_SCAN_GAP
@@ -186,9 +178,12 @@ class Scheduler:
     def _apply_settings(self, settings: Settings) -> None:
         self.settings = settings
         self.policy = SenderPolicy(settings.upstream)
+        self.recorder.reporter = self._dsn_reporter(settings)
+
+    def _dsn_reporter(self, settings: Settings) -> dsn.Reporter:
         hostname = settings.listen.hostname or self._fqdn
         smtp = settings.upstream.transport == "smtp"
-        self._reporter = dsn.Reporter(
+        return dsn.Reporter(
             hostname=hostname,
             from_address=settings.upstream.mailbox or f"MAILER-DAEMON@{hostname}",
             remote_mta=settings.upstream.host if smtp else "",
@@ -423,87 +418,18 @@ class Scheduler:
             )
 
     async def _settle(self, message: QueuedMessage, attempt: Attempt, original: bytes) -> None:
-        now = time.time()
-        decision = settle(message, attempt, now, self.settings.retry, self._rng)
-        if decision.newly_failed:
-            await self._queue_dsn(message, decision.newly_failed, original, now)
-        try:
-            await self._outcomes.submit((message, decision))
-        except OSError as error:
-            log.error(
-                "cannot record a delivery outcome; the message is retried after a restart",
-                queue_id=message.queue_id,
-                outcome=decision.action,
-                error=str(error),
-            )
+        decision = await self.recorder.record(
+            message, attempt, original, self.settings.retry, self._rng
+        )
+        if decision is None:
             return
-        self._record(message, attempt, decision, now)
         if decision.action == RELEASED:
             self._scan_due_at = 0.0  # it is queued again: find it once unblocked
         elif decision.next_attempt is not None:
             # Come back for it when it is due (the periodic scan is only a safety net).
             self._next_deferred = min(self._next_deferred or math.inf, decision.next_attempt)
 
-    async def _queue_dsn(
-        self,
-        message: QueuedMessage,
-        failed: tuple[tuple[str, str], ...],
-        original: bytes,
-        now: float,
-    ) -> None:
-        if not message.envelope.sender:
-            return  # RFC 5321 §6.1: never a notification about a notification
-        dsn_id = new_queue_id()
-        content = dsn.build(message, failed, original, self._reporter, now)
-        try:
-            await self.spool.commit(dsn_id, dsn.dsn_envelope(message, now), content)
-        except (SpoolError, OSError) as error:
-            log.error("cannot queue a DSN", queue_id=message.queue_id, error=str(error))
-            return
-        self.metrics.dsn_sent.inc()
-        log.info(
-            "dsn queued",
-            queue_id=message.queue_id,
-            dsn_id=dsn_id,
-            to=message.envelope.sender,
-            recipients=len(failed),
-        )
-        self.notify(dsn_id)
-
-    # --- records -----------------------------------------------------------------------
-
-    def _record(
-        self, message: QueuedMessage, attempt: Attempt, decision: Settlement, now: float
-    ) -> None:
-        fields = {
-            "queue_id": message.queue_id,
-            "attempts": decision.state.attempts,
-            "delay": round(now - received_at(message), 3),
-        }
-        if attempt.delivered:
-            self.metrics.messages_delivered.inc()
-            log.info("delivered", reply=attempt.reply, recipients=len(attempt.delivered), **fields)
-        if decision.action == DEFERRED:
-            self.metrics.messages_deferred.labels(attempt.reason).inc()
-            log.info(
-                "deferred",
-                reason=attempt.reason,
-                next_attempt=_iso(decision.next_attempt),
-                recipients=len(attempt.deferred),
-                error=attempt.reply,
-                **fields,
-            )
-        elif decision.action == FAILED:
-            self.metrics.messages_failed.labels(decision.fail_reason).inc()
-            log.warning(
-                "failed",
-                reason=decision.fail_reason,
-                recipients=len(decision.state.failed_recipients),
-                error=decision.newly_failed[-1][1] if decision.newly_failed else attempt.reply,
-                **fields,
-            )
-        elif decision.action == RELEASED:
-            log.debug("released", reason=attempt.reason, detail=attempt.reply, **fields)
+    # --- pauses and gauges --------------------------------------------------------
 
     def _note_pause(self, reason: str | None, detail: str) -> None:
         """One log line when deliveries pause and one when they resume."""
@@ -529,36 +455,3 @@ def _is_small(spool: Spool, queue_id: str) -> bool:
         except FileNotFoundError:
             continue
     return True  # gone: claim() finds nothing, at once
-
-
-def _apply_batch(
-    spool: Spool, items: list[tuple[QueuedMessage, Settlement]]
-) -> list[OSError | None]:
-    """In the outcomes thread: the spool moves of a batch; one failure stays its own."""
-    results: list[OSError | None] = []
-    for message, decision in items:
-        try:
-            _apply(spool, message, decision)
-            results.append(None)
-        except OSError as error:
-            results.append(error)
-    return results
-
-
-def _apply(spool: Spool, message: QueuedMessage, decision: Settlement) -> None:
-    """In a thread: the spool move for a settled attempt."""
-    if decision.action == DELIVERED:
-        spool.delivered(message)
-    elif decision.action == DEFERRED:
-        assert decision.next_attempt is not None
-        spool.defer(message, decision.state, decision.next_attempt)
-    elif decision.action == FAILED:
-        spool.fail(message, decision.state)
-    else:
-        spool.release_claim(message)
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")

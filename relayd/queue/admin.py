@@ -22,17 +22,17 @@ from typing import TextIO
 from relayd import headers
 from relayd.config import Settings
 from relayd.ops.pidfile import PID_FILE_NAME, signal_daemon
-from relayd.queue.spool import (
+from relayd.queue.model import (
     STATES,
     DeliveryState,
     Envelope,
     NotFound,
     QueuedMessage,
     QueueEntry,
-    Spool,
     SpoolError,
     received_at_from_id,
 )
+from relayd.queue.spool import Spool
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

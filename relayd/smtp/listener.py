@@ -21,8 +21,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relayd import headers
 from relayd.config import ListenSettings
 from relayd.ops.metrics import Metrics
-from relayd.queue.spool import Envelope as SpoolEnvelope
-from relayd.queue.spool import Spool, SpoolError, SpoolFull, new_queue_id
+from relayd.queue.model import Envelope as SpoolEnvelope
+from relayd.queue.model import SpoolError, SpoolFull, new_queue_id
+from relayd.queue.spool import Spool
 from relayd.smtp.addresses import bad_address_reply, valid_mailbox
 from relayd.smtp.content import READ_CHUNK, DataResult, check_content, read_data
 from relayd.smtp.wording import safe_reply

@@ -30,7 +30,8 @@ from relayd.config import ListenSettings, Settings
 from relayd.delivery.policy import SenderPolicy
 from relayd.ops import logging as relay_logging
 from relayd.ops.metrics import Metrics
-from relayd.queue.spool import Envelope, NotFound, QueuedMessage, Spool, SpoolError
+from relayd.queue.model import Envelope, NotFound, QueuedMessage, SpoolError
+from relayd.queue.spool import Spool
 from relayd.tools.sendtrace import RELAY_HINTS, UPSTREAM_HINTS, Steps, TracedSMTP, hint, one_line
 from relayd.transports.base import Submission
 from relayd.transports.replies import AUTH_DISABLED_EXPLANATION, SEND_AS_EXPLANATION, reply_text

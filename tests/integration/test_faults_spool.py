@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from relayd.queue.spool import Envelope, Spool, new_queue_id
+from relayd.queue.model import Envelope, new_queue_id
+from relayd.queue.spool import Spool
 from tests.auth_helpers import wait_until
 from tests.helpers import (
     RelayProcess,

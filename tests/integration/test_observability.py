@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from relayd.ops.auth_states import AUTH_STATES
-from relayd.queue.spool import PENDING_STATES, new_queue_id
+from relayd.queue.model import PENDING_STATES, new_queue_id
 from tests.auth_helpers import login_by_pasting
 from tests.fakes import exchange as fake_exchange
 from tests.fakes.entra import FakeEntra

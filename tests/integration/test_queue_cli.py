@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from relayd.queue.spool import DeliveryState, Spool
+from relayd.queue.model import DeliveryState
+from relayd.queue.spool import Spool
 from tests.helpers import (
     REPO,
     RelayProcess,

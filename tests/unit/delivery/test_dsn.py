@@ -7,7 +7,7 @@ from email import policy as email_policy
 from pathlib import Path
 
 from relayd.delivery import dsn
-from relayd.queue.spool import DeliveryState, Envelope, QueuedMessage, new_queue_id
+from relayd.queue.model import DeliveryState, Envelope, QueuedMessage, new_queue_id
 
 NOW = 1_700_000_000.0
 ORIGINAL = (

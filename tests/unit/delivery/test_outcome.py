@@ -19,7 +19,7 @@ from relayd.delivery.outcome import (
     retry_delay,
     settle,
 )
-from relayd.queue.spool import DeliveryState, Envelope, QueuedMessage, new_queue_id
+from relayd.queue.model import DeliveryState, Envelope, QueuedMessage, new_queue_id
 from relayd.transports.base import AUTH, CONNECTION, QUOTA, SEND_AS_DENIED, TEMPORARY, Attempt
 
 RETRY = RetrySettings(min_delay=60, max_delay=3600, max_age=5 * 86400)

@@ -9,7 +9,7 @@ import pytest
 
 from relayd.config import UpstreamSettings
 from relayd.delivery.policy import SenderPolicy, from_addresses, rewrite_from
-from relayd.queue.spool import Envelope
+from relayd.queue.model import Envelope
 
 MAILBOX = "relay@example.com"
 ENVELOPE = Envelope(sender="app@apps.example.net", recipients=("user@example.org",))

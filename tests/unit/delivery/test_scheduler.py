@@ -15,7 +15,7 @@ import structlog
 import structlog.testing
 
 from relayd.delivery.scheduler import INLINE_CLAIM_LIMIT
-from relayd.queue.spool import new_queue_id
+from relayd.queue.model import new_queue_id
 from relayd.transports.base import (
     AUTH,
     DAILY_LIMIT,

@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry
 import relayd
 from relayd.ops.health import MAX_REQUEST_BYTES, HealthServer, readiness_report
 from relayd.ops.metrics import Metrics
-from relayd.queue.spool import Envelope, Spool, new_queue_id
+from relayd.queue.model import Envelope, new_queue_id
+from relayd.queue.spool import Spool
 from tests.helpers import Scrape
 
 

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from relayd.queue.spool import (
+from relayd.queue.model import (
     CorruptMessage,
     DeliveryState,
     Envelope,
     NotFound,
-    Spool,
     SpoolFull,
     is_queue_id,
     new_queue_id,
     received_at_from_id,
 )
+from relayd.queue.spool import Spool
 
 ENVELOPE = Envelope(
     sender="app@example.com",

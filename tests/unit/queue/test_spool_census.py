@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from relayd.queue.spool import Envelope, Spool, new_queue_id
+from relayd.queue.model import Envelope, new_queue_id
+from relayd.queue.spool import Spool
 from tests.helpers import make_message
 
 ENVELOPE = Envelope(sender="app@example.com", recipients=("user@example.com",))

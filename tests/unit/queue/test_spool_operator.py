@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from relayd.queue.spool import DeliveryState, Envelope, InDelivery, NotFound, Spool, new_queue_id
+from relayd.queue.model import DeliveryState, Envelope, InDelivery, NotFound, new_queue_id
+from relayd.queue.spool import Spool
 
 
 async def queued(spool: Spool) -> str:
