@@ -5,7 +5,7 @@ implements it for the daemon: it loads the cache, keeps the access token fresh a
 of its expiry, redeems the refresh token every ``oauth.keepalive_interval`` even when
 no mail flows (refresh tokens die after 90 days unused), retries Entra ID outages with
 backoff, and notices a sign-in made by ``relayd auth login`` in another process.
-MSAL work runs in a thread (``token_client``); files are in ``token_store``.
+MSAL work runs in a thread (``relayd.auth.client``); files are in ``relayd.auth.store``.
 """
 
 from __future__ import annotations

@@ -30,8 +30,6 @@ import structlog
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-from relayd.queue.spool import Spool
-
 log = structlog.get_logger("relayd.health")
 
 MAX_REQUEST_BYTES = 8192  # request line + headers; Prometheus sends a few hundred
@@ -68,12 +66,27 @@ class Response:
 # --- readiness -------------------------------------------------------------------------
 
 
+class QueueCounts(Protocol):
+    """The spool's counters as /readyz reads them (relayd.queue.census.Census)."""
+
+    messages: dict[str, int]
+
+    @property
+    def pending(self) -> int: ...
+
+    def oldest_age(self, now: float) -> float: ...
+
+
+class CountedQueue(Protocol):
+    def census(self) -> QueueCounts: ...
+
+
 class RelayState(Protocol):
     """What /readyz reads from the running relay (relayd.app.Relay)."""
 
     ready: bool
     phase: str
-    spool: Spool
+    spool: CountedQueue
 
 
 def readiness_report(relay: RelayState) -> tuple[bool, dict[str, Any]]:
