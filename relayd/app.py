@@ -223,6 +223,9 @@ class Relay:
         """Before recovery: recovery moves active/ back, which must never happen under
         another daemon's feet."""
         self.spool.ensure_layout()
+        problem = self.spool.exposure()  # others could plant links or FIFOs in it
+        if problem:
+            raise ConfigError(self.settings.source, "spool.directory", problem)
         try:
             self.pid_file.acquire()
         except AlreadyRunning as error:

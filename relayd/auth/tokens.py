@@ -25,11 +25,12 @@ from relayd.auth.client import (
     NO_ACCOUNT,
     REAUTH,
     REAUTH_CODES,
+    STORAGE,
     CacheView,
     Outcome,
     TokenClient,
 )
-from relayd.auth.store import TokenStore, exposure, stamp_to_json
+from relayd.auth.store import CacheStorageError, TokenStore, exposure, stamp_to_json
 from relayd.config import ConfigError, Settings
 from relayd.ops.auth_states import (
     BLOCKED_STATES,
@@ -45,6 +46,15 @@ from relayd.ops.metrics import Metrics
 log = structlog.get_logger("relayd.tokens")
 
 STATE_WRITE_TIMEOUT = 10.0  # seconds stop() waits for the last auth state write
+# 2**30 × retry_min_delay is far beyond any retry_max_delay: the exponent stops there,
+# so a secret expired for weeks (thousands of failures) never overflows a float.
+MAX_BACKOFF_EXPONENT = 30
+
+
+def backoff(failures: int, min_delay: float, max_delay: float) -> float:
+    """min_delay × 2^(failures − 1), at most max_delay, for any number of failures."""
+    exponent = min(max(failures - 1, 0), MAX_BACKOFF_EXPONENT)
+    return min(max_delay, min_delay * 2**exponent)
 
 
 class AuthUnavailable(Exception):
@@ -113,6 +123,8 @@ class TokenManager:
         self._last_refresh: float | None = None
         self._failures = 0
         self._retry_at = 0.0
+        self._save_failures = 0  # writes of tokens kept in memory that failed (disk)
+        self._save_at = math.inf
         # One TokenClient call at a time: it holds MSAL's in-memory cache, not thread-safe.
         self._client_lock = asyncio.Lock()
         self._usable = asyncio.Event()  # set while the state is not in BLOCKED_STATES
@@ -177,6 +189,9 @@ class TokenManager:
         problem = exposure(self.store.cache_path)
         if problem:
             raise ConfigError(self._source, "oauth.token_cache", f"refusing to start: {problem}")
+        problem = self.store.directory_exposure()
+        if problem:
+            raise ConfigError(self._source, "oauth.token_cache", problem)
         view = await self._in_thread(self._reload)
         previous = await asyncio.to_thread(self.store.read_state) or {}
         self._adopt(view, startup=True)
@@ -196,6 +211,9 @@ class TokenManager:
         refresher.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await refresher
+        if self.client.unsaved:  # a last chance for a rotated refresh token
+            with contextlib.suppress(Exception):
+                await self._save()
         # The writer finishes its last write itself: cancelling it mid-write could let
         # an older document land on disk after the final one.
         self._closing = True
@@ -259,11 +277,18 @@ class TokenManager:
         if self.client.changed_on_disk():  # one stat(): `relayd auth` wrote the cache
             self._adopt(await self._in_thread(self._reload))
         now = time.time()
+        if self.client.unsaved and now >= self._save_at:
+            await self._save()
         if now >= self._next_due():
             keepalive = self._keepalive_due() <= now
             await self._refresh("keep-alive" if keepalive else "access token expiring")
 
     def _next_due(self) -> float:
+        if self.client.unsaved:  # the write is retried, never the redemption
+            return min(self._save_at, self._refresh_due())
+        return self._refresh_due()
+
+    def _refresh_due(self) -> float:
         if self._state in (NO_TOKEN, REAUTH_REQUIRED):
             # Only a new sign-in (a cache change) helps. Asking again would not even reach
             # Entra ID: MSAL answers a repeated request from its 60-second cache of 400s.
@@ -291,6 +316,9 @@ class TokenManager:
         self.metrics.token_refresh.labels(outcome.kind).inc()
         if outcome.ok:
             self._succeed(view, reason)
+        elif outcome.kind == STORAGE and outcome.access_token:
+            self._succeed(view, reason)  # the new tokens are good: use them
+            self._not_saved(outcome.detail)
         elif outcome.kind == NO_ACCOUNT:
             self._adopt(view)
         else:
@@ -298,6 +326,8 @@ class TokenManager:
 
     def _succeed(self, view: CacheView, reason: str) -> None:
         self._failures, self._problem, self._last_refresh = 0, None, time.time()
+        if not self.client.unsaved:
+            self._save_failures, self._save_at = 0, math.inf
         self._show(view)
         log.info(
             "access token renewed",
@@ -317,15 +347,15 @@ class TokenManager:
             self._set_state(REAUTH_REQUIRED)
             return
         self._failures += 1
-        delay = min(
-            self.oauth.retry_max_delay, self.oauth.retry_min_delay * 2 ** (self._failures - 1)
-        )
+        delay = backoff(self._failures, self.oauth.retry_min_delay, self.oauth.retry_max_delay)
         if outcome.kind == CONFIG:  # only a configuration change helps: retry slowly
             delay = self.oauth.retry_max_delay
         self._retry_at = time.time() + delay
-        level = log.error if outcome.kind == CONFIG else log.warning
+        level = log.error if outcome.kind in (CONFIG, STORAGE) else log.warning
         level(
-            "cannot renew the access token; retrying",
+            "cannot use the token cache file; retrying"
+            if outcome.kind == STORAGE
+            else "cannot renew the access token; retrying",
             problem=outcome.explain(),
             attempt=self._failures,
             retry_in_seconds=round(delay, 3),
@@ -334,6 +364,35 @@ class TokenManager:
             self._set_state(UNAVAILABLE)
         elif self._state == REFRESHING:  # the cached token still serves meanwhile
             self._set_state(OK)
+
+    # --- tokens the cache file could not take ---------------------------------------------
+
+    def _not_saved(self, detail: str) -> None:
+        """The refresh worked, the write did not: keep the tokens, retry the write."""
+        self._save_failures += 1
+        delay = backoff(self._save_failures, self.oauth.retry_min_delay, self.oauth.retry_max_delay)
+        self._save_at = time.time() + delay
+        log.error(
+            "cannot save the token cache; the new tokens are kept in memory and the write "
+            "is retried (free space or make it writable: a restart before then loses the "
+            "rotated refresh token)",
+            problem=detail,
+            file=str(self.store.cache_path),
+            attempt=self._save_failures,
+            retry_in_seconds=round(delay, 3),
+        )
+
+    async def _save(self) -> None:
+        try:
+            async with self._client_lock:
+                await asyncio.to_thread(self.client.save)
+        except CacheStorageError as error:
+            self.metrics.token_refresh.labels(STORAGE).inc()
+            self._not_saved(f"token cache: {error.strerror or error}")
+            return
+        if self._save_failures:
+            log.info("token cache saved", file=str(self.store.cache_path))
+        self._save_failures, self._save_at = 0, math.inf
 
     def _reauth_message(self, outcome: Outcome) -> str:
         meaning = REAUTH_CODES.get(outcome.aadsts or 0, "the sign-in is no longer valid")

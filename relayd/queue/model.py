@@ -8,11 +8,14 @@ a message's age is readable from its name.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from relayd.ops.files import open_regular
 
 QUEUED_STATES = ("incoming", "active", "deferred", "hold")
 # Waiting to be delivered: what queue depth and the oldest message's age are about
@@ -93,10 +96,14 @@ class QueuedMessage:
         return tuple(r for r in self.envelope.recipients if r not in settled)
 
     def read_content(self) -> bytes:
-        """The exact content bytes (blocking: call it from a thread for big messages)."""
-        with open(self.path, "rb") as handle:
-            handle.seek(self.content_offset)
-            return handle.read()
+        """The exact content bytes (blocking: call it from a thread).
+
+        Opened as every queue file is (no link followed, no blocking on a FIFO)."""
+        fd, info = open_regular(self.path)
+        try:
+            return os.pread(fd, max(0, info.st_size - self.content_offset), self.content_offset)
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
