@@ -136,10 +136,16 @@ class TokenStore:
                 raise _storage_error("cannot lock", self.lock_path, error) from None
             yield
         finally:
-            os.close(descriptor)  # closing releases the lock
+            # Closing releases the lock, even when close(2) reports an error: nothing
+            # was written through this descriptor, so there is nothing to lose.
+            with contextlib.suppress(OSError):
+                os.close(descriptor)
 
     def stamp(self) -> FileStamp | None:
-        return file_stamp(self.cache_path)
+        try:
+            return file_stamp(self.cache_path)
+        except OSError as error:
+            raise _storage_error("cannot stat", self.cache_path, error) from None
 
     def directory_exposure(self) -> str | None:
         """Why the cache's directory is unsafe (others may write in it), or None."""
@@ -153,6 +159,8 @@ class TokenStore:
                 return handle.read(), FileStamp(stamp.st_ino, stamp.st_mtime_ns, stamp.st_size)
         except FileNotFoundError:
             return None, None
+        except OSError as error:
+            raise _storage_error("cannot read", self.cache_path, error) from None
 
     def write_cache(self, text: str) -> FileStamp | None:
         try:
