@@ -372,6 +372,7 @@ class TokenManager:
         self._save_failures += 1
         delay = backoff(self._save_failures, self.oauth.retry_min_delay, self.oauth.retry_max_delay)
         self._save_at = time.time() + delay
+        self._wake.set()  # the refresher's next wake-up is now the write's retry
         log.error(
             "cannot save the token cache; the new tokens are kept in memory and the write "
             "is retried (free space or make it writable: a restart before then loses the "
