@@ -361,7 +361,8 @@ def about(delivery: Delivery, qid: str, recipient: str) -> bool:
 
 @dataclass
 class Tally:
-    points: int = 0
+    points: int = 0  # calls recorded, over all scenarios
+    ran: int = 0  # calls at which faults were injected (each must be, every one)
     runs: int = 0
     crash_states: int = 0
     found: list[str] = field(default_factory=list)
@@ -395,6 +396,7 @@ class Matrix:
         calls = self.record(scenario)
         assert calls, f"{scenario.name}: no file-system calls recorded"
         tally.points += len(calls)
+        reached: set[int] = set()
         for fault in points(calls):
             tally.runs += 1
             world = self.fresh(scenario)
@@ -405,6 +407,7 @@ class Matrix:
             if fired is None or fired.name != calls[fault.index].name:
                 tally.found.append(f"{where}: call not reached as recorded ({calls[fault.index]})")
                 continue
+            reached.add(fault.index)
             world.after_fault = True
             if not crashed:
                 tally.found += [f"{where}: {v}" for v in self._go_on(relay, scenario)]
@@ -416,6 +419,8 @@ class Matrix:
                 restarted = Relay(self.settings, copy_world)
                 found = self._restart(restarted, scenario)
                 tally.found += [f"{where} ({label}): {v}" for v in found]
+        assert reached == set(range(len(calls))), f"{scenario.name}: calls not injected"
+        tally.ran += len(reached)
 
     def _inject(self, relay: Relay, scenario: Scenario, fault: Fault) -> bool:
         try:
@@ -460,10 +465,10 @@ def test_every_file_system_call_of_the_spool_and_the_maildir_fails_and_crashes(
         print(f"  {name}: {calls} calls, {runs} runs")
     print(
         f"fault injection (spool, maildir): {tally.points} injection points enumerated, "
-        f"{tally.runs} runs ({tally.crash_states} crash states recovered), "
+        f"{tally.ran} run, {tally.runs} runs ({tally.crash_states} crash states recovered), "
         f"{len(tally.found)} invariant violations, {time.monotonic() - started:.1f}s"
     )
-    assert tally.points > 0 and tally.runs >= tally.points * 2
+    assert tally.points > 0 and tally.ran == tally.points and tally.runs >= tally.points * 2
     assert tally.found == [], "\n".join(tally.found[:40])
 
 
@@ -616,6 +621,7 @@ def test_every_file_system_call_of_the_token_store_fails_and_crashes(
     calls = list(injector.calls)
     assert calls and world.acked == "RT3" and not token_violations(settings, world, "RT3")
     tally.points = len(calls)
+    reached: set[int] = set()
     for fault in points(calls):
         tally.runs += 1
         world = fresh()
@@ -623,22 +629,25 @@ def test_every_file_system_call_of_the_token_store_fails_and_crashes(
         try:
             injector.run(functools.partial(token_operation, world), fault)
         except Crash:
+            reached.add(fault.index)
             for label, image in injector.crash_states():
                 tally.crash_states += 1
                 injector.restore(image)
                 found = token_violations(settings, None, world.acked)
                 tally.found += [f"{where} ({label}): {v}" for v in found]
             continue
-        if injector.fired is None:
+        if injector.fired is None or injector.fired.name != calls[fault.index].name:
             tally.found.append(f"{where}: call not reached as recorded")
             continue
+        reached.add(fault.index)
         if world.client.unsaved:  # the daemon retries the write, not the redemption
             world.client.save()
         tally.found += [f"{where}: {v}" for v in token_violations(settings, world, world.acked)]
+    tally.ran = len(reached)
     print(
         f"fault injection (token store): {tally.points} injection points enumerated, "
-        f"{tally.runs} runs ({tally.crash_states} crash states), "
+        f"{tally.ran} run, {tally.runs} runs ({tally.crash_states} crash states), "
         f"{len(tally.found)} invariant violations"
     )
-    assert tally.points > 0 and tally.runs >= tally.points * 2
+    assert tally.points > 0 and tally.ran == tally.points and tally.runs >= tally.points * 2
     assert tally.found == [], "\n".join(tally.found[:40])
