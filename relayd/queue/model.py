@@ -89,6 +89,9 @@ class QueuedMessage:
     size: int
     path: Path
     content_offset: int = field(repr=False, default=0)
+    # The content as the claim read it (it reads the whole file to check the CRC-32),
+    # kept for small messages so delivery does not open and read the file again.
+    content: bytes | None = field(repr=False, compare=False, default=None)
 
     @property
     def pending_recipients(self) -> tuple[str, ...]:
@@ -99,6 +102,8 @@ class QueuedMessage:
         """The exact content bytes (blocking: call it from a thread).
 
         Opened as every queue file is (no link followed, no blocking on a FIFO)."""
+        if self.content is not None:
+            return self.content
         fd, info = open_regular(self.path)
         try:
             return os.pread(fd, max(0, info.st_size - self.content_offset), self.content_offset)

@@ -18,6 +18,7 @@ from relayd.queue.fileformat import decode_header
 from relayd.queue.model import CorruptMessage, DeliveryState, QueuedMessage
 
 HEADER_LIMIT = 1_000_000  # bytes of the first line (the envelope) read at most
+KEEP_CONTENT_LIMIT = 1024 * 1024  # bigger contents are read again when delivered
 
 
 def read_message(
@@ -34,7 +35,8 @@ def read_message(
     except ValueError as error:
         raise CorruptMessage(f"{queue_id}: {error}") from None
     offset = newline + 1
-    envelope = decode_header(header, queue_id, memoryview(data)[offset:])
+    content = memoryview(data)[offset:]
+    envelope = decode_header(header, queue_id, content)
     return QueuedMessage(
         queue_id=queue_id,
         envelope=envelope,
@@ -42,6 +44,7 @@ def read_message(
         size=len(data),
         path=path,
         content_offset=offset,
+        content=bytes(content) if len(content) <= KEEP_CONTENT_LIMIT else None,
     )
 
 
