@@ -1,7 +1,7 @@
 """The claim path in-process: how fast the scheduler takes queued messages, and how much
 of that runs on the event loop's thread.
 
-    python3 bench/claims.py [--messages 3000] [--size 2048] [--repeat 3]
+    python3 bench/claims.py [--messages 3000] [--size 2048] [--repeat 5]
 
 Two figures per run, both over a spool filled beforehand (nothing is asserted):
 
@@ -98,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--size", type=int, default=2048)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--base", default="/var/tmp")
     args = parser.parse_args()
     claims, loop_us, drains = [], [], []

@@ -197,7 +197,9 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler error; retrying shortly")
                 pause, wait_for_transport = 1.0, False
-            if self.claims.ahead:  # the pass stopped early (a pause, a limit)
+            if self.claims.ahead and len(self._active) < self.active_limit:
+                # The pass stopped at a pause or a limit, not for want of a free slot:
+                # what was claimed ahead goes back, first in line.
                 given_back = await self.claims.give_back()
                 self._ready = {**dict.fromkeys(given_back), **self._ready}
             self._refresh_gauges()
@@ -324,8 +326,10 @@ class Scheduler:
         self._track(message.queue_id, self._deliver(message, submission, original_headers))
 
     async def _next_claim(self) -> tuple[str, object] | None:
-        """The next message to start, claimed in a thread (``relayd.delivery.claims``),
-        as many per thread hop as may start now; None when nothing is ready."""
+        """The next message to start, claimed in a thread (``relayd.delivery.claims``);
+        None when nothing is ready. One thread hop claims up to a full set of delivery
+        slots ahead (the ones claimed ahead start as slots free up), so under load a
+        hop is shared by several messages instead of costing one per message."""
         if not self.claims.ahead:
             first = await self._next_queue_id()
             if first is None:
@@ -334,7 +338,7 @@ class Scheduler:
         return self.claims.pop()
 
     def _claim_room(self) -> int:
-        room = self.active_limit - len(self._active)
+        room = self.active_limit
         if self.transport.rate_limited:  # each message spends 1 of rate, 1+ of daily
             room = min(room, self.rate.remaining(), self.daily.remaining())
         return max(1, min(int(room), CLAIM_BATCH))
