@@ -237,3 +237,21 @@ async def test_a_job_that_cannot_be_stored_fails_alone_in_its_group_commit(spool
     assert [r for i, r in enumerate(results) if i != 2] == [None] * 4
     assert names(spool, "incoming") == sorted(ids[:2] + ids[3:])
     assert names(spool, "tmp") == []
+
+
+async def test_the_directory_syncs_of_an_outcome_batch_are_shared(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five deferrals and five deliveries recorded together: meta/, active/ and
+    deferred/ are each synced once, not once per message."""
+    from relayd.queue.moves import Move
+
+    messages = [spool.claim(await commit(spool)) for _ in range(10)]
+    state = DeliveryState(attempts=1, done_recipients=("a@example.com",))
+    moves = [Move(m, "deferred", state, time.time() + 60) for m in messages[:5]]
+    moves += [Move(m, "delivered") for m in messages[5:]]
+    calls = FileCalls(monkeypatch, spool)
+    assert spool.apply(moves) == [None] * 10
+    synced = sorted(where for name, where in calls.calls if name == "fsync")
+    assert synced == ["active", "deferred", "meta"]
+    assert len(names(spool, "deferred")) == 5 and names(spool, "active") == []
