@@ -255,3 +255,14 @@ async def test_the_directory_syncs_of_an_outcome_batch_are_shared(
     synced = sorted(where for name, where in calls.calls if name == "fsync")
     assert synced == ["active", "deferred", "meta"]
     assert len(names(spool, "deferred")) == 5 and names(spool, "active") == []
+
+
+def test_recovery_sets_aside_what_it_cannot_remove_from_tmp(tmp_path: Path) -> None:
+    """A directory in tmp/ used to stop the start (unlink: EISDIR)."""
+    spool = Spool(tmp_path / "spool")
+    spool.recover()
+    (spool.path("tmp") / "planted").mkdir()
+    os.mkfifo(spool.path("tmp", new_queue_id()))
+    report = Spool(tmp_path / "spool").recover()
+    assert report["removed_partial"] == 1  # the FIFO: a name, removed like any other
+    assert names(spool, "tmp") == [] and names(spool, "corrupt") == ["planted"]
