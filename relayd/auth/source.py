@@ -92,6 +92,7 @@ class ResourceTokens:
         self._last_refresh: float | None = None
         self._failures = 0
         self._retry_at = 0.0
+        self._rejection = ""  # the upstream's last refusal of a fresh token
         self._usable = asyncio.Event()  # set while the state is not in BLOCKED_STATES
 
     @property
@@ -118,6 +119,7 @@ class ResourceTokens:
         await self.manager.refresh(self, "rejected by upstream", replace=token)
 
     def mark_rejected(self, reply: str) -> None:
+        self._rejection = reply
         if self._state != REJECTED:
             log.error(self._rejected_message(), reply=reply, resource=self.name)
         self._set_state(REJECTED)
@@ -141,6 +143,8 @@ class ResourceTokens:
             if problem.aadsts == CONSENT_MISSING:
                 return f"AADSTS{CONSENT_MISSING}: {self.resource.consent_advice(login)}"
             return f"{problem.explain().rstrip('.')}. Sign in again: {login}"
+        if self._state == REJECTED:
+            return f"{self._rejected_message()} (refused with: {self._rejection})"
         if problem is not None:
             return f"Entra ID token endpoint failing ({problem.explain()}); retrying"
         return f"state {self._state}"
