@@ -39,6 +39,7 @@ from relayd.transports.breaker import CircuitBreaker
 from relayd.transports.graph_client import (
     GRAPH_CONCURRENCY,
     GraphClient,
+    GraphPaused,
     GraphReply,
     GraphUnreachable,
 )
@@ -84,6 +85,7 @@ class GraphTransport:
         self.large_tokens = large_tokens  # Mail.ReadWrite: drafts and upload sessions
         # `relayd send-test --direct` passes a client that prints each request.
         self.client = client or GraphClient(settings)
+        self.client.gate = self._paused
         self.breaker = CircuitBreaker(start_probing=True)
         self._probe_lock = asyncio.Lock()
         self._auth_state_at_pause = auth.OK
@@ -183,6 +185,9 @@ class GraphTransport:
                 return Attempt.not_attempted(submission.recipients, AUTH, reply)
             try:
                 reply = await call(token)
+            except GraphPaused as error:
+                reply = f"not attempted: {error}"
+                return Attempt.not_attempted(submission.recipients, self.breaker.reason, reply)
             except GraphUnreachable as error:
                 self.metrics.graph_response(None)
                 return self._unreachable(submission, error)
@@ -259,6 +264,11 @@ class GraphTransport:
         return Attempt.held(submission.recipients, TOO_BIG, reply)
 
     # --- pauses ------------------------------------------------------------------------
+
+    def _paused(self) -> str | None:
+        """The client's gate: a request that queued for a slot does not go during a pause."""
+        remaining = self.breaker.remaining()
+        return f"Microsoft Graph is paused for {remaining:.1f}s" if remaining > 0 else None
 
     def _throttle(self, reply: GraphReply) -> float:
         """429 / 503 / 504: pause the whole transport for Retry-After (or throttle_pause)."""

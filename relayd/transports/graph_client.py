@@ -76,6 +76,10 @@ class GraphUnreachable(Exception):
         self.timed_out = timed_out
 
 
+class GraphPaused(GraphUnreachable):
+    """Not sent: the transport paused (429) while this request waited for a slot."""
+
+
 class GraphClient:
     """The Graph requests relayd makes for one mailbox (``/me`` is the signed-in user)."""
 
@@ -86,6 +90,9 @@ class GraphClient:
         self.base = settings.upstream.graph_url.rstrip("/")
         self.observer = observer
         self.in_flight = 0
+        # Asked once a request has its slot, just before it goes: a reason not to send
+        # it now (the transport paused while the request queued behind four others).
+        self.gate: Callable[[], str | None] = lambda: None
         self._slots = asyncio.Semaphore(GRAPH_CONCURRENCY)
         self._session: aiohttp.ClientSession | None = None
 
@@ -166,6 +173,9 @@ class GraphClient:
         detail = f"{len(body)} bytes" if body else "no body"
         started = time.monotonic()
         async with self._slots:
+            paused = self.gate()
+            if paused:
+                raise GraphPaused(paused)
             self.in_flight += 1
             try:
                 reply = await self._exchange(method, url, headers, body)

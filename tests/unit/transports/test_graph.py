@@ -3,6 +3,7 @@ means for the message, the recipients Graph is given, and large messages."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from email.mime.application import MIMEApplication
@@ -258,3 +259,21 @@ async def test_large_message_without_mail_readwrite_consent_is_held(
         await transport.close()
     assert attempt.hold and "refuses the token for drafts" in attempt.reply
     assert graph.messages == []
+
+
+async def test_requests_queued_behind_a_429_are_not_sent_during_the_pause(
+    transport: GraphTransport, graph: FakeGraph
+) -> None:
+    assert (await transport.deliver(submission(make_message(sender=MAILBOX), "u@x.org"))).delivered
+    graph.throttle_for(3)
+    content = make_message(sender=MAILBOX)
+
+    attempts = await asyncio.gather(
+        *(transport.deliver(submission(content, "u@x.org")) for _ in range(12))
+    )
+
+    assert not any(attempt.delivered for attempt in attempts)
+    # At most the four that had a slot reached Graph; the rest waited for a slot, saw
+    # the pause and went back to the queue untried.
+    assert graph.requests_while_throttled <= 4
+    assert sum(not attempt.attempted for attempt in attempts) >= 8
