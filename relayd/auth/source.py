@@ -164,6 +164,13 @@ class ResourceTokens:
 
     def _rejected_message(self) -> str:
         mailbox, login = self.manager.mailbox, self.manager.login_command
+        if self.name == "smtp" and "5.7.139" in self._rejection:
+            # Not the token: a new sign-in does not help (auto sends through Graph).
+            return (
+                f"Exchange Online refuses SMTP AUTH for {mailbox} (535 5.7.139): it is"
+                " disabled for the tenant or the mailbox; an administrator enables it with"
+                f" Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled $false"
+            )
         if self.name == "smtp":
             return (
                 "Exchange Online refused a freshly issued token too: check that SMTP AUTH is "
