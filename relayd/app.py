@@ -22,8 +22,8 @@ from pathlib import Path
 import structlog
 
 from relayd import config
-from relayd.auth.tokens import TokenManager, TokenSource
-from relayd.config import ConfigError, Settings
+from relayd.auth.tokens import TokenManager
+from relayd.config import MICROSOFT_TRANSPORTS, ConfigError, Settings
 from relayd.delivery.scheduler import Scheduler
 from relayd.ops import logging as relay_logging
 from relayd.ops import sdnotify
@@ -35,7 +35,9 @@ from relayd.ops.sdnotify import Notifier
 from relayd.queue.model import Envelope
 from relayd.queue.spool import Spool
 from relayd.smtp.listener import Listener, RelayHandler
+from relayd.transports.auto import AutoTransport
 from relayd.transports.base import Transport
+from relayd.transports.graph import GraphTransport
 from relayd.transports.maildir import MaildirTransport
 from relayd.transports.smtp import SmtpTransport
 
@@ -79,7 +81,7 @@ class Relay:
         self.listener = Listener(self.handler, settings.listen, settings.hostname)
         self.tokens = (
             TokenManager(settings, self.metrics, config_path=config_path)
-            if settings.upstream.transport == "smtp"
+            if settings.upstream.transport in MICROSOFT_TRANSPORTS
             else None
         )
         if self.tokens is None:
@@ -284,10 +286,21 @@ class Relay:
         self.metrics.queue_oldest_age.set(census.oldest_age(time.time()))
 
 
-def build_transport(settings: Settings, metrics: Metrics, tokens: TokenSource | None) -> Transport:
-    if settings.upstream.transport == "maildir":
+def build_transport(settings: Settings, metrics: Metrics, tokens: TokenManager | None) -> Transport:
+    """The transport ``upstream.transport`` names, each with its resource's tokens."""
+    choice = settings.upstream.transport
+    if choice == "maildir":
         return MaildirTransport(settings)
-    return SmtpTransport(settings, metrics, tokens)
+    assert tokens is not None, "Microsoft 365 transports need the token manager"
+    if choice == "smtp":
+        return SmtpTransport(settings, metrics, tokens.source("smtp"))
+    large = tokens.source("graph_large") if tokens.has("graph_large") else None
+    graph = GraphTransport(settings, metrics, tokens.source("graph"), large)
+    if choice == "graph":
+        metrics.using_transport("graph")
+        return graph
+    smtp = SmtpTransport(settings, metrics, tokens.source("smtp"))
+    return AutoTransport(smtp, graph, settings, metrics, on_switch=tokens.lead_with)
 
 
 def run(relay: Relay) -> None:

@@ -141,6 +141,8 @@ def _duration(default: float):
     return _setting(default, parse_duration, format_duration)
 
 
+TRANSPORTS = ("smtp", "graph", "auto", "maildir")
+MICROSOFT_TRANSPORTS = ("smtp", "graph", "auto")  # the ones that sign in to Microsoft 365
 LOOPBACK_ONLY = _networks(["127.0.0.0/8", "::1/128"])
 MiB = 1024 * 1024
 
@@ -178,9 +180,11 @@ class SpoolSettings:
 
 @dataclass(frozen=True)
 class UpstreamSettings:
-    # "smtp" forwards to Microsoft 365; "maildir" writes into a local Maildir
-    # (sandbox and staging systems that must never send real mail).
-    transport: str = _setting("smtp", _choice("smtp", "maildir"))
+    # "smtp" forwards to Microsoft 365 by SMTP AUTH; "graph" by Microsoft Graph's
+    # sendMail; "auto" by SMTP, moving to Graph while Exchange answers 535 5.7.139
+    # (SMTP AUTH disabled); "maildir" writes into a local Maildir (sandbox and staging
+    # systems that must never send real mail).
+    transport: str = _setting("smtp", _choice(*TRANSPORTS))
     host: str = _setting("smtp.office365.com", _text)
     port: int = _setting(587, _port)
     # Microsoft 365 only offers STARTTLS on 587; implicit TLS is for other servers.
@@ -198,6 +202,13 @@ class UpstreamSettings:
     throttle_pause: float = _duration(60)
     helo_name: str = _setting("", _text)
     maildir: Path = _setting(Path("/var/lib/relayd/maildir"), _path, str)
+    # Microsoft Graph (transport graph or auto). Sovereign clouds use other hosts.
+    graph_url: str = _setting("https://graph.microsoft.com/v1.0", _text)
+    # Messages over Graph's 4 MB request limit: draft + upload sessions (needs the
+    # delegated permission Mail.ReadWrite, asked for at sign-in); off, they are held.
+    graph_large_messages: bool = _setting(False, _boolean)
+    # auto: how often SMTP is tried again while mail goes through Graph.
+    smtp_probe_interval: float = _duration(3600)
 
 
 @dataclass(frozen=True)
@@ -418,14 +429,17 @@ def _resolve_secrets(settings: Settings, source: str, environ: Mapping) -> Setti
 
 def _check_consistency(settings: Settings, source: str) -> None:
     upstream, oauth, retry = settings.upstream, settings.oauth, settings.retry
-    if upstream.transport == "smtp":
+    if upstream.transport in MICROSOFT_TRANSPORTS:
         if "@" not in upstream.mailbox:
             raise ConfigError(
                 source, "upstream.mailbox", "required: the address of the sending mailbox"
             )
         for key in ("tenant_id", "client_id"):
             if not getattr(oauth, key):
-                raise ConfigError(source, f"oauth.{key}", "required when upstream.transport=smtp")
+                raise ConfigError(
+                    source, f"oauth.{key}", f"required when upstream.transport={upstream.transport}"
+                )
+    _check_graph(upstream, source)
     if oauth.authority and not oauth.authority.startswith("https://"):
         raise ConfigError(source, "oauth.authority", "must be an https:// URL")
     if retry.min_delay > retry.max_delay:
@@ -440,6 +454,18 @@ def _check_consistency(settings: Settings, source: str) -> None:
         path = getattr(getattr(settings, section), key)
         if path is not None and not path.is_file():
             raise ConfigError(source, f"{section}.{key}", f"{path} does not exist")
+
+
+def _check_graph(upstream: UpstreamSettings, source: str) -> None:
+    url = upstream.graph_url
+    if not url.startswith("https://") or len(url) <= len("https://"):
+        raise ConfigError(
+            source,
+            "upstream.graph_url",
+            f"must be an https:// URL such as https://graph.microsoft.com/v1.0, got {url!r}",
+        )
+    if upstream.smtp_probe_interval <= 0:
+        raise ConfigError(source, "upstream.smtp_probe_interval", "must be longer than 0s")
 
 
 # --- presentation --------------------------------------------------------------------

@@ -30,13 +30,14 @@ AUTH_RECHECK = 1.0  # seconds; see settle()
 # --- what happens next -----------------------------------------------------------------
 
 DELIVERED, DEFERRED, FAILED, RELEASED = "delivered", "deferred", "failed", "released"
+HELD = "held"  # to hold/ for an operator, the reason in last_error (relayd queue show)
 
 
 @dataclass(frozen=True)
 class Settlement:
     """The spool action for a finished attempt and the new delivery state."""
 
-    action: str  # DELIVERED | DEFERRED | FAILED | RELEASED
+    action: str  # DELIVERED | DEFERRED | FAILED | RELEASED | HELD
     state: DeliveryState
     next_attempt: float | None = None
     newly_failed: tuple[tuple[str, str], ...] = ()  # recipients to tell the sender about
@@ -67,6 +68,17 @@ def settle(
 ) -> Settlement:
     """Decide the message's next state from what the attempt achieved."""
     state = message.state
+    if attempt.hold:
+        # Not a failure and not a retry: nothing will change until a person acts, so
+        # the message waits in hold/ (never expires, never bounces) with the reason.
+        state = replace(
+            state,
+            attempts=state.attempts + (1 if attempt.attempted else 0),
+            last_attempt=now,
+            last_error=attempt.reply,
+            done_recipients=state.done_recipients + attempt.delivered,
+        )
+        return Settlement(HELD, state)
     if not attempt.attempted:
         if attempt.retry_after > 0:
             return Settlement(DEFERRED, state, now + attempt.retry_after)

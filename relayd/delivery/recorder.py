@@ -22,6 +22,7 @@ from relayd.delivery.outcome import (
     DEFERRED,
     DELIVERED,
     FAILED,
+    HELD,
     RELEASED,
     Settlement,
     received_at,
@@ -34,6 +35,8 @@ from relayd.queue.spool import Spool
 from relayd.transports.base import Attempt
 
 log = structlog.get_logger("relayd.scheduler")
+
+HOLD_PARKING = 86_400.0  # seconds; see _apply()
 
 
 class OutcomeRecorder:
@@ -135,6 +138,9 @@ class OutcomeRecorder:
             )
         elif decision.action == RELEASED:
             log.debug("released", reason=attempt.reason, detail=attempt.reply, **fields)
+        elif decision.action == HELD:
+            self.metrics.messages_held.labels(attempt.reason).inc()
+            log.warning("held", reason=attempt.reason, error=attempt.reply, **fields)
 
 
 def _apply_batch(
@@ -160,6 +166,13 @@ def _apply(spool: Spool, message: QueuedMessage, decision: Settlement) -> None:
         spool.defer(message, decision.state, decision.next_attempt)
     elif decision.action == FAILED:
         spool.fail(message, decision.state)
+    elif decision.action == HELD:
+        # Through deferred/ (the state and its reason written with it), then the
+        # operator's own hold: a crash between the two leaves it deferred, and it is
+        # held again at its next attempt. Parked far ahead so that no scan takes it
+        # in between.
+        spool.defer(message, decision.state, time.time() + HOLD_PARKING)
+        spool.hold(message.queue_id)
     else:
         spool.release_claim(message)
 

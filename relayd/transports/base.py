@@ -24,6 +24,9 @@ AUTH = "auth"  # no token, token refused, SMTP AUTH disabled: never a bounce
 SEND_AS_DENIED = "send_as_denied"  # 554 5.2.252 despite the sender policy: a config error
 DAILY_LIMIT = "daily_limit"  # the daily recipient budget is spent
 LOCAL = "local"  # a local error (maildir not writable, unexpected exception)
+# Label values for relayd_messages_held{reason}: the message waits for an operator.
+TOO_BIG = "too_big"  # over Graph's request limit and no other way is open
+HELD_REASONS = (TOO_BIG,)
 DEFER_REASONS = (
     TEMPORARY,
     THROTTLED,
@@ -98,6 +101,9 @@ class Attempt:
     reply: str = ""  # what the upstream said (or what went wrong), for logs
     retry_after: float = 0.0  # at least this long before the next attempt
     attempted: bool = True
+    # Hold the message (hold/, never expires, never bounces) until an operator releases
+    # it; ``reason`` is a HELD_REASONS value and ``reply`` says why and what fixes it.
+    hold: bool = False
 
     @classmethod
     def deferred_all(
@@ -117,6 +123,10 @@ class Attempt:
             attempted=False,
         )
 
+    @classmethod
+    def held(cls, recipients: tuple[str, ...], reason: str, reply: str) -> Attempt:
+        return cls(deferred=recipients, reason=reason, reply=reply, hold=True)
+
     def merge(self, other: Attempt) -> Attempt:
         """Combine the results for two disjoint sets of recipients."""
         return Attempt(
@@ -127,4 +137,5 @@ class Attempt:
             reply=self.reply or other.reply,
             retry_after=max(self.retry_after, other.retry_after),
             attempted=self.attempted or other.attempted,
+            hold=self.hold or other.hold,
         )

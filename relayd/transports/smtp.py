@@ -158,6 +158,18 @@ class SmtpTransport:
             submission.recipients, CONNECTION, "the upstream closed fresh connections"
         )
 
+    async def probe(self) -> str | None:
+        """Open one session now, paused or not (``upstream.transport: auto`` looks again
+        while Graph carries the mail): None when it authenticated (the session stays in
+        the pool for the next message), else what went wrong."""
+        self.breaker.resume()
+        try:
+            session, _ = await self.pool.acquire()
+        except _Unusable as problem:
+            return problem.attempt.reply
+        self.pool.release(session, reusable=True)
+        return None
+
     # --- sessions ------------------------------------------------------------------
 
     def _signed_in_again(self) -> bool:

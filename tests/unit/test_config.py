@@ -231,3 +231,29 @@ def test_every_key_is_documented_in_the_readme_and_the_example() -> None:
             if not re.search(rf"^\s+#?\s*{spec.name}:", example, re.MULTILINE):
                 missing.append(f"example: {section}.{spec.name}")
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("upstream", "key", "words"),
+    [
+        ({"transport": "carrier-pigeon"}, "upstream.transport", "expected one of smtp, graph"),
+        ({"graph_url": "http://graph.example"}, "upstream.graph_url", "must be an https:// URL"),
+        ({"graph_large_messages": "maybe"}, "upstream.graph_large_messages", "true or false"),
+        ({"smtp_probe_interval": "0s"}, "upstream.smtp_probe_interval", "longer than 0s"),
+        ({"transport": "graph", "mailbox": ""}, "upstream.mailbox", "required"),
+    ],
+)
+def test_the_graph_keys_are_checked(upstream: dict, key: str, words: str) -> None:
+    document = {
+        "upstream": {"mailbox": "relay@example.com", **upstream},
+        "oauth": {"tenant_id": "t", "client_id": "c"},
+    }
+    with pytest.raises(config.ConfigError) as refused:
+        config.from_mapping(document, "relayd.yaml", environ={})
+    assert refused.value.key == key and words in refused.value.problem
+
+
+def test_graph_needs_the_app_registration_as_smtp_does() -> None:
+    document = {"upstream": {"transport": "auto", "mailbox": "relay@example.com"}}
+    with pytest.raises(config.ConfigError, match=r"required when upstream\.transport=auto"):
+        config.from_mapping(document, "relayd.yaml", environ={})
