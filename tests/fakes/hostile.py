@@ -24,7 +24,7 @@ The misbehaviours, each set on the instance:
 
 What it saw: ``messages`` (every message whose final dot arrived, copies included),
 ``connections``, ``nested_mail`` (503s for a nested MAIL), ``resets`` (RSETs) and
-``sent_bytes`` (what the misbehaving replies wrote).
+``sent_bytes`` (every byte it wrote, floods included).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 
 import trustme
 
-from tests.fakes.exchange import server_tls_context
+from tests.fakes.exchange import relay_config, server_tls_context
 
 MAILBOX = "relay@example.com"
 GARBAGE = "garbage"
@@ -108,18 +108,7 @@ class HostileUpstream:
 
     def relay_config(self, ca_file: Path, **upstream: Any) -> dict:
         """Config overrides that point relayd at this server."""
-        return {
-            "upstream": {
-                "transport": "smtp",
-                "host": self.host,
-                "port": self.port,
-                "tls": "starttls",
-                "mailbox": self.mailbox,
-                "ca_file": str(ca_file),
-                **upstream,
-            },
-            "oauth": {"tenant_id": "fake-tenant", "client_id": "fake-client"},
-        }
+        return relay_config(self.host, self.port, self.mailbox, ca_file, **upstream)
 
     # --- one connection ------------------------------------------------------------
 

@@ -42,6 +42,16 @@ def temporary(submission: Submission) -> Attempt:
     return Attempt.deferred_all(submission.recipients, TEMPORARY, "451 4.7.500 Server busy")
 
 
+def half(submission: Submission) -> Attempt:
+    """a@ delivered, b@ deferred."""
+    return Attempt(
+        delivered=("a@example.org",),
+        deferred=("b@example.org",),
+        reason=TEMPORARY,
+        reply="451 try later",
+    )
+
+
 def rejected(submission: Submission) -> Attempt:
     reply = "550 5.1.10 RESOLVER.ADR.RecipientNotFound"
     return Attempt(failed=tuple((r, reply) for r in submission.recipients), reply=reply)
@@ -195,15 +205,6 @@ async def test_partial_refusal_delivers_the_others_and_reports_only_the_refused(
 
 async def test_deferred_recipients_are_retried_alone(make) -> None:
     h = make()
-
-    def half(submission: Submission) -> Attempt:
-        return Attempt(
-            delivered=("a@example.org",),
-            deferred=("b@example.org",),
-            reason=TEMPORARY,
-            reply="451 try later",
-        )
-
     h.transport.script = [half]
     await h.scheduler.start()
     queue_id = await h.queue(recipients=("a@example.org", "b@example.org"))
@@ -407,8 +408,8 @@ async def test_stop_during_a_claim_gives_the_message_back(make) -> None:
     assert h.state_of(queue_id) == "incoming" and h.transport.calls == []
 
 
-async def test_due_retries_are_not_starved_by_new_mail(make) -> None:
-    h = make(ScriptedTransport(concurrency=1))
+async def defer_one(h: Harness) -> str:
+    """A message that is deferred once (due again 0.1-0.2 s later) while deliveries wait."""
     h.transport.script = [temporary]
     h.transport.gate = asyncio.Event()
     await h.scheduler.start()
@@ -417,6 +418,12 @@ async def test_due_retries_are_not_starved_by_new_mail(make) -> None:
     h.transport.gate.set()
     await eventually(lambda: h.state_of(retried) == "deferred")
     h.transport.gate.clear()
+    return retried
+
+
+async def test_due_retries_are_not_starved_by_new_mail(make) -> None:
+    h = make(ScriptedTransport(concurrency=1))
+    retried = await defer_one(h)
     newer = await h.queue_many(30)  # a backlog of new mail, already notified
     await asyncio.sleep(0.3)  # the retry comes due (retry.max_delay 0.2s)
     h.transport.gate.set()
@@ -436,19 +443,6 @@ def small_batches(monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(ready, "SCAN_BATCH", 5)
     monkeypatch.setattr(ready, "READY_LIMIT", 10)
     return 5
-
-
-async def defer_one(h: Harness) -> str:
-    """A message that is deferred once (due again 0.1-0.2 s later) while deliveries wait."""
-    h.transport.script = [temporary]
-    h.transport.gate = asyncio.Event()
-    await h.scheduler.start()
-    retried = await h.queue()
-    await eventually(lambda: len(h.transport.calls) == 1)
-    h.transport.gate.set()
-    await eventually(lambda: h.state_of(retried) == "deferred")
-    h.transport.gate.clear()
-    return retried
 
 
 async def test_due_retry_takes_turns_with_a_backlog_on_disk_oldest_first(
@@ -510,15 +504,6 @@ def test_ready_queue_is_oldest_first_bounded_and_alternates() -> None:
 
 async def test_a_message_delivered_over_two_attempts_counts_once(make) -> None:
     h = make()
-
-    def half(submission: Submission) -> Attempt:
-        return Attempt(
-            delivered=("a@example.org",),
-            deferred=("b@example.org",),
-            reason=TEMPORARY,
-            reply="451 try later",
-        )
-
     h.transport.script = [half]
     await h.scheduler.start()
     queue_id = await h.queue(recipients=("a@example.org", "b@example.org"))
