@@ -263,13 +263,32 @@ class Relay:
         return self.scheduler.policy.refusal(envelope, content)
 
     async def _update_gauges(self) -> None:
+        """Refresh the queue gauges every second and recount the spool every 30 s.
+
+        A failure (an unreadable state directory, say) is logged once and retried: the
+        gauges must not stop for good because of one error.
+        """
         last_census = time.monotonic()
+        failing = False
         while True:
             await asyncio.sleep(GAUGE_INTERVAL)
-            if time.monotonic() - last_census >= CENSUS_INTERVAL:
-                await asyncio.to_thread(self.spool.take_census)
-                last_census = time.monotonic()
-            self._refresh_gauges()
+            try:
+                if time.monotonic() - last_census >= CENSUS_INTERVAL:
+                    last_census = time.monotonic()  # a failing recount waits its turn too
+                    await asyncio.to_thread(self.spool.take_census)
+                self._refresh_gauges()
+            except Exception as error:
+                if not failing:
+                    log.error(
+                        "cannot update the queue gauges; retrying",
+                        error=str(error) or type(error).__name__,
+                        retry_in=CENSUS_INTERVAL,
+                    )
+                failing = True
+                continue
+            if failing:
+                log.info("queue gauges updated again")
+                failing = False
 
     def _refresh_gauges_if_recovered(self) -> None:
         """Before a scrape: exact queue gauges, but never a half-recovered spool's."""

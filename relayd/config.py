@@ -197,6 +197,9 @@ class UpstreamSettings:
     rate_limit_per_minute: int = _setting(30, _integer(0))
     daily_recipient_limit: int = _setting(10_000, _integer(0))
     timeout: float = _duration(60)
+    # The wait for the reply to the final dot (RFC 5321 §4.5.3.2.6: 10 minutes), plus a
+    # second per 32 KiB of the message for its upload. upstream.timeout is for commands.
+    data_timeout: float = _duration(600)
     idle_timeout: float = _duration(60)
     # How long the whole upstream pauses after 421 / 432 4.3.2 (throttling).
     throttle_pause: float = _duration(60)

@@ -14,16 +14,18 @@ from dataclasses import dataclass, replace
 
 from relayd.config import RetrySettings
 from relayd.queue.model import DeliveryState, QueuedMessage, received_at_from_id
-from relayd.transports.base import AUTH, QUOTA, SEND_AS_DENIED, Attempt
+from relayd.transports.base import ACCOUNT_REASONS, AUTH, SEND_AS_DENIED, Attempt
 from relayd.units import format_duration
 
 REJECTED = "rejected"  # 5xx from the upstream for the message or a recipient
 EXPIRED = "expired"  # still undeliverable after retry.max_age
 FAIL_REASONS = (REJECTED, EXPIRED)
-# Problems of the relay's own making (its token, its mailbox's quota, its Send As
-# rights): an operator can fix them, so they wait for as long as it takes and never
-# expire into a bounce (the idea of Postfix's smtp_sasl_auth_soft_bounce).
-NEVER_EXPIRE = (AUTH, SEND_AS_DENIED, QUOTA)
+# Problems of the relay's own making (its token, its Send As rights, its mailbox or
+# tenant refused by Exchange: quota, mailbox full, restricted, blocked): an operator
+# can fix them, so they wait for as long as it takes and never expire into a bounce
+# (the idea of Postfix's smtp_sasl_auth_soft_bounce). Where Postfix would bounce a
+# 5xx about its own account, relayd waits: one bounce per queued message would follow.
+NEVER_EXPIRE = (AUTH, SEND_AS_DENIED, *ACCOUNT_REASONS)
 
 AUTH_RECHECK = 1.0  # seconds; see settle()
 

@@ -115,8 +115,12 @@ class OutcomeRecorder:
             "delay": round(now - received_at(message), 3),
         }
         if attempt.delivered:
-            self.metrics.messages_delivered.inc()
+            self.metrics.recipients_delivered.inc(len(attempt.delivered))
             log.info("delivered", reply=attempt.reply, recipients=len(attempt.delivered), **fields)
+        if decision.action == DELIVERED:
+            # Once per message, when every recipient is done (over however many
+            # attempts); a message with a recipient that failed counts as failed.
+            self.metrics.messages_delivered.inc()
         if decision.action == DEFERRED:
             self.metrics.messages_deferred.labels(attempt.reason).inc()
             log.info(

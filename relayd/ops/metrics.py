@@ -87,7 +87,14 @@ class Metrics:
 
         # Delivering
         self.messages_delivered = Counter(
-            "relayd_messages_delivered", "Messages delivered upstream", registry=r
+            "relayd_messages_delivered",
+            "Messages delivered to every recipient, each counted once, when it is done",
+            registry=r,
+        )
+        self.recipients_delivered = Counter(
+            "relayd_recipients_delivered",
+            "Recipients the upstream accepted a message for, each counted once",
+            registry=r,
         )
         self.messages_deferred = Counter(
             "relayd_messages_deferred",
@@ -108,6 +115,19 @@ class Metrics:
             "relayd_delivery_duration_seconds",
             "Upstream SMTP transaction time per message",
             buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_ambiguous = Counter(
+            "relayd_upstream_ambiguous",
+            "Messages whose final reply never came (connection lost, timed out or"
+            " unreadable after the final dot): they may have been delivered; sent again",
+            registry=r,
+        )
+        self.deliveries_paused = Gauge(
+            "relayd_deliveries_paused",
+            "1 for the reason no delivery starts now (throttled, connection, timeout, auth,"
+            " daily_limit, quota, mailbox_full, account_restricted, tenant_blocked)",
+            ["reason"],
             registry=r,
         )
         self.upstream_connections = Gauge(

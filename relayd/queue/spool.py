@@ -164,12 +164,12 @@ class Spool:
             try:
                 message = self._read_message(active, queue_id)
             except CorruptMessage:
-                self._count(state, -1, -_size_or_zero(active))
+                self._count(state, -1, -_size_or_zero(active), queue_id=queue_id)
                 self._set_aside(active, "cannot parse the queue file")
                 raise
             # Counted after reading: the file's size is known then, without a stat.
-            self._count(state, -1, -message.size)
-            self._count("active", +1, message.size, received_at_from_id(queue_id))
+            self._count(state, -1, -message.size, queue_id=queue_id)
+            self._count("active", +1, message.size, queue_id=queue_id)
             return message
         return None
 
@@ -177,7 +177,7 @@ class Spool:
         """Delivery is complete for every recipient: forget the message."""
         self._remove_meta(message.queue_id)
         os.unlink(self.path("active", message.queue_id))
-        self._count("active", -1, -message.size)
+        self._count("active", -1, -message.size, queue_id=message.queue_id)
 
     def defer(self, message: QueuedMessage, state: DeliveryState, next_attempt: float) -> None:
         """Put a message back to wait until ``next_attempt`` (a Unix time)."""
@@ -258,7 +258,7 @@ class Spool:
             except FileNotFoundError:
                 continue
             self._remove_meta(queue_id)
-            self._count(state, -1, -size)
+            self._count(state, -1, -size, queue_id=queue_id)
             return state
         self._refuse(queue_id, "deleted")
 
@@ -362,8 +362,8 @@ class Spool:
         """The current counters (cheap; kept up to date by every move this process makes)."""
         return self._counts.snapshot()
 
-    def _count(self, state: str, delta: int, size: int, received_at: float = 0.0) -> None:
-        self._counts.count(state, delta, size, received_at)
+    def _count(self, state: str, delta: int, size: int, *, queue_id: str) -> None:
+        self._counts.count(state, delta, size, queue_id=queue_id)
 
     # --- helpers -----------------------------------------------------------------
 
@@ -381,8 +381,8 @@ class Spool:
         if size is None:
             with contextlib.suppress(OSError):
                 size = self.path(target, queue_id).stat().st_size
-        self._count(source, -1, -(size or 0))
-        self._count(target, +1, size or 0, received_at_from_id(queue_id))
+        self._count(source, -1, -(size or 0), queue_id=queue_id)
+        self._count(target, +1, size or 0, queue_id=queue_id)
 
     def _read_message(self, path: Path, queue_id: str) -> QueuedMessage:
         try:

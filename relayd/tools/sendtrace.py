@@ -19,6 +19,7 @@ import aiosmtplib
 from relayd.ops.logging import redactor
 from relayd.transports.graph_client import Exchange
 from relayd.transports.replies import reply_text
+from relayd.transports.session import RelaySMTP
 
 
 class Steps:
@@ -56,8 +57,8 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split())[:300]
 
 
-class TracedSMTP(aiosmtplib.SMTP):
-    """aiosmtplib's client, printing each step of the session as it happens."""
+class TracedSMTP(RelaySMTP):
+    """The transport's client (aiosmtplib's), printing each step of the session."""
 
     def __init__(self, steps: Steps, **options: Any) -> None:
         super().__init__(**options)

@@ -9,7 +9,7 @@ the spool; the scheduler decides what an attempt means for the message
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from relayd.config import Settings
@@ -27,6 +27,12 @@ LOCAL = "local"  # a local error (maildir not writable, unexpected exception)
 # Label values for relayd_messages_held{reason}: the message waits for an operator.
 TOO_BIG = "too_big"  # over Graph's request limit and no other way is open
 HELD_REASONS = (TOO_BIG,)
+# The relay's own mailbox or tenant may not send now (relayd.transports.replies): the
+# whole upstream pauses until a person acts; never a bounce.
+MAILBOX_FULL = "mailbox_full"  # 554 5.2.2: the mailbox (its Sent Items) is full
+ACCOUNT_RESTRICTED = "account_restricted"  # 550 5.1.8: restricted from sending
+TENANT_BLOCKED = "tenant_blocked"  # 5.7.705 / 5.7.708 / 5.7.750: the tenant is blocked
+ACCOUNT_REASONS = (QUOTA, MAILBOX_FULL, ACCOUNT_RESTRICTED, TENANT_BLOCKED)
 DEFER_REASONS = (
     TEMPORARY,
     THROTTLED,
@@ -37,6 +43,18 @@ DEFER_REASONS = (
     SEND_AS_DENIED,
     DAILY_LIMIT,
     LOCAL,
+    MAILBOX_FULL,
+    ACCOUNT_RESTRICTED,
+    TENANT_BLOCKED,
+)
+# Label values of relayd_deliveries_paused{reason}: why no delivery starts right now.
+PAUSE_REASONS = (
+    THROTTLED,
+    CONNECTION,
+    TIMEOUT,
+    AUTH,
+    DAILY_LIMIT,
+    *ACCOUNT_REASONS,
 )
 
 
@@ -86,6 +104,20 @@ class Transport(Protocol):
 
 
 @dataclass(frozen=True)
+class Usage:
+    """What an attempt cost against the upstream's sending limits, as the upstream
+    counts them: Exchange counts a message whose content reached it (its DATA got a
+    reply, or the connection was lost after the final dot) and each recipient it
+    accepted at RCPT. The scheduler gives back the rest of what it reserved."""
+
+    messages: int = 0
+    recipients: int = 0
+
+
+NOTHING = Usage()
+
+
+@dataclass(frozen=True)
 class Attempt:
     """What one delivery attempt achieved, recipient by recipient.
 
@@ -104,6 +136,17 @@ class Attempt:
     # Hold the message (hold/, never expires, never bounces) until an operator releases
     # it; ``reason`` is a HELD_REASONS value and ``reply`` says why and what fixes it.
     hold: bool = False
+    # What the upstream counted (Usage); None: all that was reserved, as far as the
+    # transport knows. An attempt that was not attempted counted nothing.
+    usage: Usage | None = None
+
+    @property
+    def spent(self) -> Usage | None:
+        """The usage to keep; None: keep everything that was reserved."""
+        return NOTHING if not self.attempted else self.usage
+
+    def using(self, usage: Usage) -> Attempt:
+        return replace(self, usage=usage)
 
     @classmethod
     def deferred_all(
@@ -138,4 +181,5 @@ class Attempt:
             retry_after=max(self.retry_after, other.retry_after),
             attempted=self.attempted or other.attempted,
             hold=self.hold or other.hold,
+            usage=self.usage if self.usage is not None else other.usage,
         )

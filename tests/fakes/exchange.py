@@ -183,18 +183,7 @@ class FakeExchange:
 
     def relay_config(self, ca_file: Path, **upstream: Any) -> dict:
         """Config overrides that point relayd at this fake (oauth ids are placeholders)."""
-        return {
-            "upstream": {
-                "transport": "smtp",
-                "host": self.host,
-                "port": self.port,
-                "tls": "starttls",
-                "mailbox": self.mailbox,
-                "ca_file": str(ca_file),
-                **upstream,
-            },
-            "oauth": {"tenant_id": "fake-tenant", "client_id": "fake-client"},
-        }
+        return relay_config(self.host, self.port, self.mailbox, ca_file, **upstream)
 
     def received_by(self, address: str) -> list[ReceivedMessage]:
         return [m for m in self.messages if address in m.recipients]
@@ -381,6 +370,22 @@ class _ExchangeSMTP(SMTP):
         text = status if isinstance(status, str) else status.decode("utf-8", "replace")
         if text.startswith("421") and self.transport is not None:
             self.transport.close()  # RFC 5321 §3.8: 421 closes the channel
+
+
+def relay_config(host: str, port: int, mailbox: str, ca_file: Path, **upstream: Any) -> dict:
+    """Config overrides that point relayd at a fake upstream on ``host:port``."""
+    return {
+        "upstream": {
+            "transport": "smtp",
+            "host": host,
+            "port": port,
+            "tls": "starttls",
+            "mailbox": mailbox,
+            "ca_file": str(ca_file),
+            **upstream,
+        },
+        "oauth": {"tenant_id": "fake-tenant", "client_id": "fake-client"},
+    }
 
 
 def _parse_xoauth2(initial: str | bytes) -> tuple[str, str]:
