@@ -25,6 +25,7 @@ from relayd.transports import graph_large
 from relayd.transports.base import (
     AUTH,
     CONNECTION,
+    NOTHING,
     QUOTA,
     SEND_AS_DENIED,
     TEMPORARY,
@@ -34,6 +35,7 @@ from relayd.transports.base import (
     Attempt,
     Blocked,
     Submission,
+    Usage,
 )
 from relayd.transports.breaker import CircuitBreaker
 from relayd.transports.graph_client import (
@@ -127,8 +129,10 @@ class GraphTransport:
     async def deliver(self, submission: Submission) -> Attempt:
         if self.breaker.probing:  # after a pause, one message at a time until one goes
             async with self._probe_lock:
-                return await self._deliver(submission)
-        return await self._deliver(submission)
+                attempt = await self._deliver(submission)
+        else:
+            attempt = await self._deliver(submission)
+        return attempt.using(_counted(attempt))
 
     # --- one message -------------------------------------------------------------------
 
@@ -297,3 +301,14 @@ class GraphTransport:
             return False
         state = self.tokens.state
         return state in _USABLE_STATES and self._auth_state_at_pause not in _USABLE_STATES
+
+
+def _counted(attempt: Attempt) -> Usage | None:
+    """What Exchange counted against the mailbox's sending limits: a send Graph accepted
+    (202) costs one message and its recipients; a throttle, a refusal or a hold was no
+    send at all. A request lost in flight may have been sent: keep what was reserved."""
+    if attempt.delivered:
+        return Usage(messages=1, recipients=len(attempt.delivered))
+    if attempt.reason in (CONNECTION, TIMEOUT):
+        return None
+    return NOTHING

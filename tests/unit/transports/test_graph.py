@@ -16,7 +16,15 @@ import trustme
 
 from relayd.auth.tokens import REJECTED
 from relayd.ops.metrics import Metrics
-from relayd.transports.base import AUTH, SEND_AS_DENIED, THROTTLED, TOO_BIG, Submission
+from relayd.transports.base import (
+    AUTH,
+    NOTHING,
+    SEND_AS_DENIED,
+    THROTTLED,
+    TOO_BIG,
+    Submission,
+    Usage,
+)
 from relayd.transports.graph import GraphTransport
 from tests.fakes.graph import MAIL_READ_WRITE, MAIL_SEND, FakeGraph
 from tests.fakes.tokens import StandInTokens
@@ -277,3 +285,22 @@ async def test_requests_queued_behind_a_429_are_not_sent_during_the_pause(
     # the pause and went back to the queue untried.
     assert graph.requests_while_throttled <= 4
     assert sum(not attempt.attempted for attempt in attempts) >= 8
+
+
+async def test_only_what_graph_accepted_counts_against_the_sending_limits(
+    transport: GraphTransport, graph: FakeGraph
+) -> None:
+    """Issue 12 item 9 for Graph: a 429 or a refusal was never a send Exchange counted,
+    so the scheduler gives the budget back; an accepted send costs one message and
+    its recipients."""
+    graph.fail_next(400, "ErrorInvalidRecipients", "At least one recipient is not valid.")
+    refused = await transport.deliver(submission(make_message(sender=MAILBOX), "u@x.org"))
+    accepted = await transport.deliver(
+        submission(make_message(sender=MAILBOX), "u@x.org", "v@x.org")
+    )
+    graph.throttle_for(1)
+    throttled = await transport.deliver(submission(make_message(sender=MAILBOX), "u@x.org"))
+
+    assert throttled.spent == NOTHING
+    assert refused.spent == NOTHING
+    assert accepted.delivered and accepted.spent == Usage(messages=1, recipients=2)
