@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -115,8 +116,7 @@ class Relay:
                 config=self.settings.source,
             )
         await asyncio.to_thread(self._lock_spool)
-        if self.health is not None:
-            await self.health.start()
+        await self._start_health()
         self.phase = "recovering"
         report = await asyncio.to_thread(self.spool.recover)
         census = self.spool.census()
@@ -127,7 +127,7 @@ class Relay:
             queued=sum(census.messages[s] for s in ("incoming", "deferred", "hold")),
         )
         if self.tokens is not None:
-            await self.tokens.start()
+            await self._start_tokens()
         await self._start_listener()
         await self.scheduler.start()
         self._tasks.append(asyncio.create_task(self._update_gauges(), name="gauges"))
@@ -222,11 +222,39 @@ class Relay:
     def _lock_spool(self) -> None:
         """Before recovery: recovery moves active/ back, which must never happen under
         another daemon's feet."""
-        self.spool.ensure_layout()
+        directory = self.spool.directory
         try:
+            self.spool.ensure_layout()
             self.pid_file.acquire()
         except AlreadyRunning as error:
             raise StartupError(str(error)) from None
+        except OSError as error:
+            raise StartupError(
+                f"spool.directory: cannot use {directory}: {_os_reason(error, directory)}"
+            ) from None
+
+    async def _start_health(self) -> None:
+        """A busy metrics port is one line, whatever server raised it and how."""
+        if self.health is None:
+            return
+        metrics = self.settings.metrics
+        try:
+            await self.health.start()
+        except OSError as error:
+            where = f"{metrics.address}:{metrics.port}"
+            raise StartupError(
+                f"metrics.address/port: cannot listen on {where}: {_os_reason(error)}"
+            ) from None
+
+    async def _start_tokens(self) -> None:
+        assert self.tokens is not None
+        try:
+            await self.tokens.start()
+        except OSError as error:
+            path = self.settings.oauth.token_cache
+            raise StartupError(
+                f"oauth.token_cache: cannot use {path}: {_os_reason(error, path)}"
+            ) from None
 
     async def _start_listener(self) -> None:
         listen = self.settings.listen
@@ -234,7 +262,9 @@ class Relay:
             await self.listener.start()
         except OSError as error:
             where = f"{listen.address}:{listen.port}"
-            raise StartupError(f"cannot listen on {where} (listen.address/port): {error}") from None
+            raise StartupError(
+                f"cannot listen on {where} (listen.address/port): {_os_reason(error)}"
+            ) from None
 
     def _start_systemd_tasks(self) -> None:
         if not self.notifier.enabled:
@@ -308,3 +338,12 @@ def _register_secrets(settings: Settings) -> None:
     """The client secret must never be printed, whatever path a line takes."""
     if settings.oauth.client_secret:
         relay_logging.redactor.register(settings.oauth.client_secret.reveal(), permanent=True)
+
+
+def _os_reason(error: OSError, named: Path | None = None) -> str:
+    """The system's words for an OSError, without Python's "[Errno 98]" decoration;
+    with the path, unless it is the one the message names already."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    if error.filename and str(error.filename) != str(named):
+        return f"{reason} ({error.filename})"
+    return reason

@@ -7,11 +7,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from relayd import __version__, config
+import structlog
+
+from relayd import __version__, config, preflight
 from relayd.ops import logging as relay_logging
 from relayd.units import parse_duration
 
 DEFAULT_CONFIG = Path("/etc/relayd/relayd.yaml")
+EXIT_CANNOT_START = 2  # as for a bad configuration: the operator must change something
 
 
 def _add_config_option(parser: argparse.ArgumentParser, *, sandbox: bool = False) -> None:
@@ -19,7 +22,7 @@ def _add_config_option(parser: argparse.ArgumentParser, *, sandbox: bool = False
         "-c",
         "--config",
         type=Path,
-        default=None if sandbox else DEFAULT_CONFIG,
+        default=None,
         help=f"configuration file (default: {DEFAULT_CONFIG})",
     )
     if sandbox:
@@ -92,7 +95,7 @@ def _add_auth_commands(commands: argparse._SubParsersAction) -> None:
 def _auth(args: argparse.Namespace) -> int:
     from relayd.auth.signin import AuthCommands  # imported late: MSAL is slow to import
 
-    settings = _load_settings(args.config)
+    settings = _settings(args)
     relay_logging.configure(settings.logging.format, settings.logging.level)
     return args.auth_action(AuthCommands(settings, args.config), args)
 
@@ -231,10 +234,14 @@ def _settings(args: argparse.Namespace) -> config.Settings:
             raise  # unreachable: fail() exits
     given = args.config is not None
     args.config = args.config or DEFAULT_CONFIG
-    if not given and not args.config.exists() and hasattr(args, "sandbox"):
+    if not given and not args.config.exists():
+        sandbox = (
+            ", or add --sandbox to use the sandbox's (relayd serve --sandbox)"
+            if hasattr(args, "sandbox")
+            else ""
+        )
         print(
-            f"relayd: no configuration at {args.config}: give one with -c FILE, or add"
-            " --sandbox to use the sandbox's (relayd serve --sandbox)",
+            f"relayd: no configuration at {args.config}: give one with -c FILE{sandbox}",
             file=sys.stderr,
         )
         raise SystemExit(2)
@@ -253,20 +260,38 @@ def _serve(args: argparse.Namespace) -> int:
     from relayd.app import Relay, StartupError, run  # imported late: keeps --help fast
 
     settings = _settings(args)
+    findings = preflight.check(settings, serving=True)
+    if preflight.errors(findings):
+        for finding in preflight.errors(findings):
+            _cannot_start(finding.line(settings.source))
+        return EXIT_CANNOT_START
     relay_logging.configure(settings.logging.format, settings.logging.level)
+    for finding in findings:  # only warnings are left
+        structlog.get_logger("relayd.app").warning(finding.line(settings.source))
     loader = config.sandbox if args.sandbox else config.load
     try:
         run(Relay(settings, config_path=args.config, loader=loader))
     except StartupError as error:
-        print(f"relayd: cannot start: {error}", file=sys.stderr)
-        return 1
+        _cannot_start(str(error))
+        return EXIT_CANNOT_START
     except config.ConfigError as error:  # found at start-up, e.g. an unsafe token cache
         config.fail(error)
     return 0
 
 
+def _cannot_start(text: str) -> None:
+    """One line on stderr; under systemd, at priority err (sd-daemon(3) prefix)."""
+    prefix = relay_logging.priority_prefix("error", sys.stderr)
+    print(f"{prefix}relayd: cannot start: {text}", file=sys.stderr)
+
+
 def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    findings = preflight.check(settings, serving=False)
+    for finding in findings:
+        print(f"relayd: {finding.severity}: {finding.line(settings.source)}", file=sys.stderr)
+    if preflight.errors(findings):
+        return EXIT_CANNOT_START
     print(f"# {settings.source}: configuration is valid. Effective settings (secrets redacted):")
     print(config.dump(settings), end="")
     return 0

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from relayd.identifiers import is_address, is_domain_name, is_guid
 from relayd.units import format_duration, format_size, parse_duration, parse_size
 
 ENV_PREFIX = "RELAYD_"
@@ -63,9 +64,10 @@ def _integer(minimum: int = 0, maximum: int | None = None) -> Callable[[object],
             number = int(str(value).strip()) if not isinstance(value, int) else value
         except ValueError:
             raise ValueError(f"expected a whole number, got {value!r}") from None
-        if number < minimum or (maximum is not None and number > maximum):
-            upper = f" and {maximum}" if maximum is not None else ""
-            raise ValueError(f"must be at least {minimum}{upper}, got {number}")
+        if maximum is not None and not minimum <= number <= maximum:
+            raise ValueError(f"must be between {minimum} and {maximum}, got {number}")
+        if number < minimum:
+            raise ValueError(f"must be at least {minimum}, got {number}")
         return number
 
     return parse
@@ -287,15 +289,29 @@ def _read_document(path: str | Path) -> object:
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, "(file)", "the file does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(source, "(file)", "is a directory, not a configuration file") from None
     except OSError as error:
-        raise ConfigError(source, "(file)", f"cannot read: {error.strerror}") from None
+        raise ConfigError(source, "(file)", f"cannot read it: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(source, "(file)", f"not UTF-8 text ({error.reason})") from None
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "(file)"
-        raise ConfigError(source, where, f"not valid YAML: {error}") from None
+        where, problem = _yaml_problem(error)
+        raise ConfigError(source, where, f"not valid YAML: {problem}") from None
     return document or {}
+
+
+def _yaml_problem(error: yaml.YAMLError) -> tuple[str, str]:
+    """Where and what, on one line: PyYAML's own text spans several lines."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+    parts = [getattr(error, "problem", None), getattr(error, "context", None)]
+    problem = "; ".join(str(part) for part in parts if part) or str(error)
+    return where, " ".join(problem.split())
 
 
 def sandbox_directory(environ: Mapping[str, str] | None = None) -> Path:
@@ -419,13 +435,14 @@ def _resolve_secrets(settings: Settings, source: str, environ: Mapping) -> Setti
 def _check_consistency(settings: Settings, source: str) -> None:
     upstream, oauth, retry = settings.upstream, settings.oauth, settings.retry
     if upstream.transport == "smtp":
-        if "@" not in upstream.mailbox:
+        if not upstream.mailbox:
             raise ConfigError(
                 source, "upstream.mailbox", "required: the address of the sending mailbox"
             )
         for key in ("tenant_id", "client_id"):
             if not getattr(oauth, key):
                 raise ConfigError(source, f"oauth.{key}", "required when upstream.transport=smtp")
+    _check_identities(settings, source)
     if oauth.authority and not oauth.authority.startswith("https://"):
         raise ConfigError(source, "oauth.authority", "must be an https:// URL")
     if retry.min_delay > retry.max_delay:
@@ -440,6 +457,36 @@ def _check_consistency(settings: Settings, source: str) -> None:
         path = getattr(getattr(settings, section), key)
         if path is not None and not path.is_file():
             raise ConfigError(source, f"{section}.{key}", f"{path} does not exist")
+
+
+def _check_identities(settings: Settings, source: str) -> None:
+    """Values that Entra ID and Exchange would only refuse later, with less clear words."""
+    upstream, oauth = settings.upstream, settings.oauth
+    if upstream.mailbox and not is_address(upstream.mailbox):
+        raise ConfigError(
+            source,
+            "upstream.mailbox",
+            f"invalid: {upstream.mailbox!r} is not an email address (e.g. relay@contoso.com)",
+        )
+    for address in upstream.send_as:
+        if not is_address(address):
+            raise ConfigError(
+                source, "upstream.send_as", f"invalid: {address!r} is not an email address"
+            )
+    if oauth.tenant_id and not (is_guid(oauth.tenant_id) or is_domain_name(oauth.tenant_id)):
+        raise ConfigError(
+            source,
+            "oauth.tenant_id",
+            f"invalid: {oauth.tenant_id!r} is neither a GUID nor a domain name; copy the"
+            " Directory (tenant) ID from the app registration's overview",
+        )
+    if oauth.client_id and not is_guid(oauth.client_id):
+        raise ConfigError(
+            source,
+            "oauth.client_id",
+            f"invalid: {oauth.client_id!r} is not a GUID; copy the Application (client) ID"
+            " from the app registration's overview",
+        )
 
 
 # --- presentation --------------------------------------------------------------------

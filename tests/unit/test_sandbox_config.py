@@ -11,6 +11,7 @@ import yaml
 from relayd import config
 from relayd.app import Relay
 from relayd.ops.metrics import Metrics
+from tests.helpers import CLIENT_ID, TENANT_ID
 
 
 def test_defaults_need_no_microsoft_account_and_live_under_the_sandbox_directory(
@@ -41,7 +42,7 @@ def test_a_file_applies_on_top_but_never_turns_the_transport_back_to_smtp(tmp_pa
     document = {
         "listen": {"port": 2600},
         "upstream": {"transport": "smtp", "mailbox": "relay@example.com", "from_rewrite": False},
-        "oauth": {"tenant_id": "tenant", "client_id": "client"},
+        "oauth": {"tenant_id": TENANT_ID, "client_id": CLIENT_ID},
         "spool": None,  # an empty section keeps the sandbox's keys
     }
     path.write_text(yaml.safe_dump(document))
