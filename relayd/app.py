@@ -28,6 +28,7 @@ from relayd.config import ConfigError, Settings
 from relayd.delivery.scheduler import Scheduler
 from relayd.ops import logging as relay_logging
 from relayd.ops import sdnotify
+from relayd.ops.daemon_status import StatusFile
 from relayd.ops.health import HealthServer, readiness_report
 from relayd.ops.metrics import NOT_USED, Metrics
 from relayd.ops.pidfile import PID_FILE_NAME, AlreadyRunning, PidFile
@@ -36,7 +37,7 @@ from relayd.ops.sdnotify import Notifier
 from relayd.queue.model import Envelope
 from relayd.queue.spool import Spool
 from relayd.smtp.listener import Listener, RelayHandler
-from relayd.transports.base import Transport
+from relayd.transports.base import AUTH, Transport
 from relayd.transports.maildir import MaildirTransport
 from relayd.transports.smtp import SmtpTransport
 
@@ -87,6 +88,9 @@ class Relay:
             self.metrics.set_auth_state(NOT_USED)
         transport = build_transport(settings, self.metrics, self.tokens)
         self.scheduler = Scheduler(self.spool, transport, settings, self.metrics)
+        # Why deliveries wait, for `relayd queue list` / `show` (another process).
+        self.status_file = StatusFile(self.spool.directory)
+        self.scheduler.on_pause = self._deliveries_paused
         self.health = self._health_server(settings) if settings.metrics.enabled else None
         self.pid_file = PidFile(self.spool.directory / PID_FILE_NAME)
         self.ready = False  # listener bound and spool recovered
@@ -129,6 +133,7 @@ class Relay:
         if self.tokens is not None:
             await self._start_tokens()
         await self._start_listener()
+        self.status_file.start()
         await self.scheduler.start()
         self._tasks.append(asyncio.create_task(self._update_gauges(), name="gauges"))
         self.ready, self.phase = True, "ready"
@@ -158,6 +163,7 @@ class Relay:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._refresh_gauges()
+        await self.status_file.stop()
         if self.health is not None:
             await self.health.stop()
         self.pid_file.release()
@@ -281,6 +287,11 @@ class Relay:
         self._refresh_gauges()
         self.scheduler.wake()
         log.info("spool rescanned on request", **census.messages)
+
+    def _deliveries_paused(self, reason: str | None, detail: str) -> None:
+        """The scheduler paused or resumed deliveries (reason None): record it."""
+        advice = self.tokens.advice() if reason == AUTH and self.tokens is not None else None
+        self.status_file.update(reason, detail, advice)
 
     def _queued(self, queue_id: str) -> None:
         """A message was committed; delivery is started from here."""
