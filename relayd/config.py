@@ -144,6 +144,7 @@ def _duration(default: float):
 
 
 LOOPBACK_ONLY = _networks(["127.0.0.0/8", "::1/128"])
+LOOPBACK = "localhost"  # listen.address: 127.0.0.1 and ::1, whatever /etc/hosts says
 MiB = 1024 * 1024
 
 
@@ -152,7 +153,9 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class ListenSettings:
-    address: str = _setting("127.0.0.1", _text)
+    # "localhost": both loopbacks, 127.0.0.1 and ::1 (where the host has IPv6), so an
+    # application told "localhost" connects whichever its resolver prefers.
+    address: str = _setting(LOOPBACK, _text)
     port: int = _setting(2525, _port)
     allowed_clients: tuple = _setting(LOOPBACK_ONLY, _networks, lambda v: [str(n) for n in v])
     max_message_size: int = _size(35 * MiB)
@@ -487,6 +490,24 @@ def _check_identities(settings: Settings, source: str) -> None:
             f"invalid: {oauth.client_id!r} is not a GUID; copy the Application (client) ID"
             " from the app registration's overview",
         )
+
+
+def listen_hosts(address: str) -> list[str]:
+    """The addresses to bind for listen.address. ``localhost`` is both loopbacks, decided
+    here and not by the resolver: /etc/hosts may name only one, and a host may have
+    IPv6 switched off, where binding ::1 would fail. Anything else is bound as given."""
+    if address.strip().lower() != LOOPBACK:
+        return [address]
+    return ["127.0.0.1", "::1"] if _has_ipv6_loopback() else ["127.0.0.1"]
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 # --- presentation --------------------------------------------------------------------

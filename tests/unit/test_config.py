@@ -49,7 +49,7 @@ def test_units_accept_the_documented_forms() -> None:
 
 def test_defaults_match_the_issue(tmp_path: Path) -> None:
     settings = config.load(write(tmp_path, MAILDIR_ONLY), environ={})
-    assert settings.listen.address == "127.0.0.1"
+    assert settings.listen.address == "localhost"  # 127.0.0.1 and ::1: config.listen_hosts
     assert settings.listen.port == 2525
     assert settings.listen.max_message_size == 35 * 1024 * 1024
     assert settings.listen.max_recipients == 500
@@ -296,3 +296,13 @@ def test_send_as_entries_must_be_addresses() -> None:
     with pytest.raises(ConfigError) as caught:
         config.from_mapping(document, environ={})
     assert caught.value.key == "upstream.send_as"
+
+
+def test_localhost_means_both_loopbacks_and_other_addresses_stay_as_given(monkeypatch) -> None:
+    assert config.listen_hosts("127.0.0.1") == ["127.0.0.1"]
+    assert config.listen_hosts("0.0.0.0") == ["0.0.0.0"]
+    assert config.listen_hosts("::1") == ["::1"]
+    monkeypatch.setattr(config, "_has_ipv6_loopback", lambda: True)
+    assert config.listen_hosts("localhost") == ["127.0.0.1", "::1"]
+    monkeypatch.setattr(config, "_has_ipv6_loopback", lambda: False)  # IPv6 switched off
+    assert config.listen_hosts("LOCALHOST") == ["127.0.0.1"]
