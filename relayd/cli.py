@@ -1,8 +1,14 @@
-"""Command line: argument parsing and dispatch only; the work lives in the modules."""
+# PYTHON_ARGCOMPLETE_OK
+"""Command line: argument parsing and dispatch only; the work lives in the modules.
+
+The man page (share/man/man1/relayd.1) and the bash completion
+(share/bash-completion/completions/relayd) are generated from build_parser() by
+share/generate; a test checks that they are up to date."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -416,7 +422,12 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # bash completion is asking (argcomplete): answer, exit
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
