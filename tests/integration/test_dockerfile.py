@@ -177,3 +177,19 @@ def test_the_lock_pins_every_dependency_with_hashes() -> None:
     assert len(hashed) == len(pinned) > 10  # each pin is followed by its hashes
     assert "--find-links" not in text and "--index-url" not in text  # nothing of this machine
     assert "pip-compile" in text.splitlines()[4]  # the command that regenerates it
+
+
+def test_the_build_context_admits_everything_the_dockerfile_copies() -> None:
+    """.dockerignore starts from "*": a COPY of a file it does not admit fails the build."""
+    admitted = {
+        line[1:].rstrip("/")
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    for keyword, arguments in all_instructions():
+        if keyword != "COPY" or arguments.startswith("--from"):
+            continue
+        *sources, _ = arguments.split()
+        for source in sources:
+            assert source.rstrip("/") in admitted, f"COPY {source}: excluded by .dockerignore"
+            assert (REPO / source).exists()
