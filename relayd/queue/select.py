@@ -64,8 +64,9 @@ def address_matches(pattern: str, address: str) -> bool:
 
 
 def expand_ids(arguments: Iterable[str], stdin: TextIO) -> list[str]:
-    """The ids given, with ``-`` replaced by the ids on standard input (one a line;
-    blank lines and text after a space, e.g. `relayd queue list` columns, ignored)."""
+    """The ids given, with ``-`` replaced by the ids on standard input: the first word
+    of each line, so that `relayd queue list` output can be piped in as it is (its
+    heading, its indented "last error" lines and its "--" summary are skipped)."""
     return list(_expanded(arguments, stdin))
 
 
@@ -75,6 +76,10 @@ def _expanded(arguments: Iterable[str], stdin: TextIO) -> Iterator[str]:
             yield argument
             continue
         for line in stdin:
-            words = line.split()
-            if words:
-                yield words[0]
+            if _is_listing_decoration(line):
+                continue
+            yield line.split()[0]
+
+
+def _is_listing_decoration(line: str) -> bool:
+    return not line.strip() or line[0].isspace() or line.startswith(("Queue ID ", "-- "))

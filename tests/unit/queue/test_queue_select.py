@@ -53,8 +53,20 @@ def test_filters_combine() -> None:
 
 
 def test_ids_from_standard_input_take_the_first_word() -> None:
-    stdin = io.StringIO("AAA  incoming  3h\n\n  BBB\n")
+    stdin = io.StringIO("AAA\n\nBBB  incoming  3h\n")
     assert expand_ids(["X", "-", "Y"], stdin) == ["X", "AAA", "BBB", "Y"]
+
+
+def test_a_queue_listing_can_be_piped_in_as_it_is() -> None:
+    listing = (
+        "Queue ID             State       Age    Size  Tries  Sender\n"
+        "6616AF44077121D9442  deferred     3h    2.1K      4  <app@example.com> -> 2 recipients\n"
+        "                     last error: 451 4.7.0 Temporary server error\n"
+        "6616AF44077121D9443  deferred     3h    2.1K      4  <app@example.com> -> 1 recipient\n"
+        "-- 2 message(s), 4.2K: 2 deferred\n"
+        "-- deliveries are paused (auth) since 4m ago: …\n"
+    )
+    assert expand_ids(["-"], io.StringIO(listing)) == ["6616AF44077121D9442", "6616AF44077121D9443"]
 
 
 def test_shape_buckets_are_qshapes() -> None:
