@@ -23,7 +23,7 @@ def test_defaults_need_no_microsoft_account_and_live_under_the_sandbox_directory
     assert settings.spool.directory == tmp_path / "box" / "spool"
     assert settings.upstream.maildir == tmp_path / "box" / "maildir"
     assert settings.oauth.token_cache == tmp_path / "box" / "token_cache.json"
-    assert (settings.listen.address, settings.listen.port) == ("127.0.0.1", 2525)
+    assert (settings.listen.address, settings.listen.port) == ("localhost", 2525)
     assert (settings.metrics.address, settings.metrics.port) == ("127.0.0.1", 2526)
     assert str(tmp_path / "box") in settings.source
 
