@@ -35,9 +35,9 @@ def _add_config_option(parser: argparse.ArgumentParser, *, sandbox: bool = False
         parser.add_argument(
             "--sandbox",
             action="store_true",
-            help="the sandbox's settings: no Microsoft account, spool and Maildir under "
-            f"./{config.SANDBOX_DIR} (or ${config.SANDBOX_DIR_ENV}); with -c, that file's "
-            "settings apply, but the transport stays maildir",
+            help="the sandbox's settings: no Microsoft account, spool and Maildir in "
+            f"{config.SANDBOX_DIR}/ under the current directory (or ${config.SANDBOX_DIR_ENV}); "
+            "with -c, that file's settings apply, but the transport stays maildir",
         )
 
 

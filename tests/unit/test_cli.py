@@ -62,6 +62,18 @@ def test_generated_man_page_and_completion_are_up_to_date(tmp_path: Path) -> Non
     assert ".SH COMMAND \\fI\\,'relayd queue shape'\\/\\fR" in page
 
 
+ROFF_REQUESTS = {".TH", ".SH", ".SS", ".TP", ".B", ".I", ".BR", ".IR", ".PP", ".RS", ".RE", ".IP"}
+
+
+def test_no_help_text_turns_into_a_roff_request() -> None:
+    """A wrapped help line that starts with "." or "'" is a troff request (man prints
+    "a special character is not allowed in a name" and drops the line)."""
+    page = (REPO / "share" / GENERATED[0]).read_text().splitlines()
+    for number, line in enumerate(page, 1):
+        if line.startswith((".", "'")):
+            assert line.split()[0] in ROFF_REQUESTS or line.startswith('.\\"'), (number, line)
+
+
 def test_bash_completion_completes_commands_and_options(tmp_path: Path) -> None:
     """What the shipped script asks: relayd itself, with argcomplete's variables."""
 
