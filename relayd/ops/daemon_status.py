@@ -60,11 +60,14 @@ class StatusFile:
         self._task = asyncio.create_task(self._writer(), name="status-file")
 
     async def stop(self) -> None:
-        """Remove the file: a stopped daemon pauses nothing."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Remove the file: a stopped daemon pauses nothing. Only a daemon that started
+        the writer removes it: one that failed to start (another relayd holds the
+        spool) must leave the other one's file alone."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
         with contextlib.suppress(OSError):
             await asyncio.to_thread((self.spool_directory / STATUS_FILE_NAME).unlink)
 

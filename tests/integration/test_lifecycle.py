@@ -238,6 +238,8 @@ def test_a_second_daemon_on_the_same_spool_refuses_to_start(tmp_path: Path) -> N
         assert "already using this spool" in second.output()
         assert f"pid {first.process.pid}" in second.output()
         assert pid_file.read_text().strip() == str(first.process.pid)
+        status = json.loads((tmp_path / "spool" / "status.json").read_text())
+        assert status["pid"] == first.process.pid  # the first one's, left alone
         assert first.stop() == 0
     assert not pid_file.exists()  # removed at a clean stop
 
