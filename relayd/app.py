@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from relayd.config import MICROSOFT_TRANSPORTS, ConfigError, Settings
 from relayd.delivery.scheduler import Scheduler
 from relayd.ops import logging as relay_logging
 from relayd.ops import sdnotify
+from relayd.ops.daemon_status import StatusFile
 from relayd.ops.health import HealthServer, readiness_report
 from relayd.ops.metrics import NOT_USED, Metrics
 from relayd.ops.pidfile import PID_FILE_NAME, AlreadyRunning, PidFile
@@ -36,7 +38,7 @@ from relayd.queue.model import Envelope
 from relayd.queue.spool import Spool
 from relayd.smtp.listener import Listener, RelayHandler
 from relayd.transports.auto import AutoTransport
-from relayd.transports.base import Transport
+from relayd.transports.base import AUTH, Transport
 from relayd.transports.graph import GraphTransport
 from relayd.transports.maildir import MaildirTransport
 from relayd.transports.smtp import SmtpTransport
@@ -88,6 +90,9 @@ class Relay:
             self.metrics.set_auth_state(NOT_USED)
         transport = build_transport(settings, self.metrics, self.tokens)
         self.scheduler = Scheduler(self.spool, transport, settings, self.metrics)
+        # Why deliveries wait, for `relayd queue list` / `show` (another process).
+        self.status_file = StatusFile(self.spool.directory)
+        self.scheduler.on_pause = self._deliveries_paused
         self.health = self._health_server(settings) if settings.metrics.enabled else None
         self.pid_file = PidFile(self.spool.directory / PID_FILE_NAME)
         self.ready = False  # listener bound and spool recovered
@@ -117,8 +122,7 @@ class Relay:
                 config=self.settings.source,
             )
         await asyncio.to_thread(self._lock_spool)
-        if self.health is not None:
-            await self.health.start()
+        await self._start_health()
         self.phase = "recovering"
         report = await asyncio.to_thread(self.spool.recover)
         census = self.spool.census()
@@ -129,8 +133,9 @@ class Relay:
             queued=sum(census.messages[s] for s in ("incoming", "deferred", "hold")),
         )
         if self.tokens is not None:
-            await self.tokens.start()
+            await self._start_tokens()
         await self._start_listener()
+        self.status_file.start()
         await self.scheduler.start()
         self._tasks.append(asyncio.create_task(self._update_gauges(), name="gauges"))
         self.ready, self.phase = True, "ready"
@@ -160,6 +165,7 @@ class Relay:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._refresh_gauges()
+        await self.status_file.stop()
         if self.health is not None:
             await self.health.stop()
         self.pid_file.release()
@@ -224,11 +230,39 @@ class Relay:
     def _lock_spool(self) -> None:
         """Before recovery: recovery moves active/ back, which must never happen under
         another daemon's feet."""
-        self.spool.ensure_layout()
+        directory = self.spool.directory
         try:
+            self.spool.ensure_layout()
             self.pid_file.acquire()
         except AlreadyRunning as error:
             raise StartupError(str(error)) from None
+        except OSError as error:
+            raise StartupError(
+                f"spool.directory: cannot use {directory}: {_os_reason(error, directory)}"
+            ) from None
+
+    async def _start_health(self) -> None:
+        """A busy metrics port is one line, whatever server raised it and how."""
+        if self.health is None:
+            return
+        metrics = self.settings.metrics
+        try:
+            await self.health.start()
+        except OSError as error:
+            where = f"{metrics.address}:{metrics.port}"
+            raise StartupError(
+                f"metrics.address/port: cannot listen on {where}: {_os_reason(error)}"
+            ) from None
+
+    async def _start_tokens(self) -> None:
+        assert self.tokens is not None
+        try:
+            await self.tokens.start()
+        except OSError as error:
+            path = self.settings.oauth.token_cache
+            raise StartupError(
+                f"oauth.token_cache: cannot use {path}: {_os_reason(error, path)}"
+            ) from None
 
     async def _start_listener(self) -> None:
         listen = self.settings.listen
@@ -236,7 +270,9 @@ class Relay:
             await self.listener.start()
         except OSError as error:
             where = f"{listen.address}:{listen.port}"
-            raise StartupError(f"cannot listen on {where} (listen.address/port): {error}") from None
+            raise StartupError(
+                f"cannot listen on {where} (listen.address/port): {_os_reason(error)}"
+            ) from None
 
     def _start_systemd_tasks(self) -> None:
         if not self.notifier.enabled:
@@ -253,6 +289,11 @@ class Relay:
         self._refresh_gauges()
         self.scheduler.wake()
         log.info("spool rescanned on request", **census.messages)
+
+    def _deliveries_paused(self, reason: str | None, detail: str) -> None:
+        """The scheduler paused or resumed deliveries (reason None): record it."""
+        advice = self.tokens.advice() if reason == AUTH and self.tokens is not None else None
+        self.status_file.update(reason, detail, advice)
 
     def _queued(self, queue_id: str) -> None:
         """A message was committed; delivery is started from here."""
@@ -340,3 +381,12 @@ def _register_secrets(settings: Settings) -> None:
     """The client secret must never be printed, whatever path a line takes."""
     if settings.oauth.client_secret:
         relay_logging.redactor.register(settings.oauth.client_secret.reveal(), permanent=True)
+
+
+def _os_reason(error: OSError, named: Path | None = None) -> str:
+    """The system's words for an OSError, without Python's "[Errno 98]" decoration;
+    with the path, unless it is the one the message names already."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    if error.filename and str(error.filename) != str(named):
+        return f"{reason} ({error.filename})"
+    return reason

@@ -61,6 +61,12 @@ def received_at(message: QueuedMessage) -> float:
     return message.envelope.received_at or received_at_from_id(message.queue_id)
 
 
+def life_started(message: QueuedMessage) -> float:
+    """Where retry.max_age and the backoff count from: the arrival, or the operator's
+    requeue of a failed message (`relayd queue retry`, as postsuper -r)."""
+    return max(received_at(message), message.state.requeued_at)
+
+
 def settle(
     message: QueuedMessage,
     attempt: Attempt,
@@ -85,13 +91,15 @@ def settle(
         if attempt.retry_after > 0:
             return Settlement(DEFERRED, state, now + attempt.retry_after)
         return Settlement(RELEASED, state)
-    age = now - received_at(message)
+    age = now - life_started(message)
     newly_failed = attempt.failed
     deferred = attempt.deferred
     if deferred and age >= retry.max_age and attempt.reason not in NEVER_EXPIRE:
         gave_up = f"{attempt.reply} (gave up after {format_duration(round(age))} in the queue)"
         newly_failed += tuple((recipient, gave_up) for recipient in deferred)
         deferred = ()
+    # Only failures the sender has not been told about yet get a DSN.
+    untold = tuple(pair for pair in newly_failed if pair[0] not in state.reported)
     state = replace(
         state,
         attempts=state.attempts + 1,
@@ -99,6 +107,7 @@ def settle(
         last_error=attempt.reply if (deferred or newly_failed) else "",
         done_recipients=state.done_recipients + attempt.delivered,
         failed_recipients=state.failed_recipients + newly_failed,
+        reported=state.reported + tuple(recipient for recipient, _ in untold),
     )
     if deferred:
         if attempt.reason == AUTH:
@@ -107,8 +116,8 @@ def settle(
             delay = min(retry.min_delay, AUTH_RECHECK)
         else:
             delay = max(retry_delay(age, retry, rng), attempt.retry_after)
-        return Settlement(DEFERRED, state, now + delay, newly_failed)
+        return Settlement(DEFERRED, state, now + delay, untold)
     if state.failed_recipients:
         reason = EXPIRED if len(newly_failed) > len(attempt.failed) else REJECTED
-        return Settlement(FAILED, state, None, newly_failed, reason)
-    return Settlement(DELIVERED, state, None, newly_failed)
+        return Settlement(FAILED, state, None, untold, reason)
+    return Settlement(DELIVERED, state, None, untold)

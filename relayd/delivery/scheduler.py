@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import os
 import random
+from collections.abc import Callable
 
 import structlog
 
@@ -87,6 +88,7 @@ class Scheduler:
         self._claiming: asyncio.Future | None = None  # a claim running in a thread
         self._stopping = False
         self._paused: str | None = None
+        self.on_pause: Callable[[str | None, str], None] | None = None  # e.g. status.json
         for reason in DEFER_REASONS:
             metrics.messages_deferred.labels(reason)
         for reason in FAIL_REASONS:
@@ -402,6 +404,8 @@ class Scheduler:
         else:
             log.warning("deliveries paused", reason=reason, detail=detail)
         self._paused = reason
+        if self.on_pause is not None:
+            self.on_pause(reason, detail)
 
     def _refresh_gauges(self) -> None:
         paused = self._paused if self._paused in (None, *PAUSE_REASONS) else "other"

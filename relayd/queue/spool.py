@@ -31,7 +31,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
@@ -53,6 +53,7 @@ from relayd.queue.model import (
     check_queue_id,
     is_queue_id,
     received_at_from_id,
+    requeued,
 )
 
 log = structlog.get_logger("relayd.spool")
@@ -290,7 +291,9 @@ class Spool:
 
         Deferred: its next attempt (mtime) becomes now. Failed: back to deferred, due
         now, with its permanently failed recipients to be tried again (recipients
-        already delivered stay done, so nobody gets it twice). Incoming: already due.
+        already delivered stay done, so nobody gets it twice); its life starts again
+        (retry.max_age counts from now, as after Postfix's postsuper -r), and the
+        recipients a DSN already named get no second one. Incoming: already due.
         """
         check_queue_id(queue_id)
         now = time.time()
@@ -301,7 +304,7 @@ class Spool:
             # failed/ is the operator's: the daemon never touches it, so the state can
             # be rewritten before the message moves where delivery will see it.
             state = self._read_meta(queue_id)
-            self._write_meta(queue_id, replace(state, failed_recipients=()))
+            self._write_meta(queue_id, requeued(state, now))
             self.move(queue_id, "failed", "deferred")
             return "failed"
         if self.path("incoming", queue_id).exists():

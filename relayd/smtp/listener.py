@@ -19,7 +19,7 @@ import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relayd import headers
-from relayd.config import ListenSettings
+from relayd.config import ListenSettings, listen_hosts
 from relayd.ops.metrics import Metrics
 from relayd.queue.model import Envelope as SpoolEnvelope
 from relayd.queue.model import SpoolError, SpoolFull, new_queue_id
@@ -399,7 +399,7 @@ class Listener:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._protocol,
-            host=self.settings.address,
+            host=listen_hosts(self.settings.address),  # "localhost": 127.0.0.1 and ::1
             port=self.settings.port,
             reuse_address=True,
             backlog=512,

@@ -35,8 +35,10 @@ from typing import Any
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
+from tests.fakes.entra import CLIENT_ID, TENANT_ID
+
 HOSTNAME = "FAKE01.PROD.OUTLOOK.COM"
-MAILBOX = "relay@example.com"
+MAILBOX = "relay@contoso.example"  # not @example.com: serve refuses the example's placeholder
 DROP = "<drop the connection>"
 STAGES = ("connect", "auth", "mail", "rcpt", "data")
 
@@ -384,7 +386,7 @@ def relay_config(host: str, port: int, mailbox: str, ca_file: Path, **upstream: 
             "ca_file": str(ca_file),
             **upstream,
         },
-        "oauth": {"tenant_id": "fake-tenant", "client_id": "fake-client"},
+        "oauth": {"tenant_id": TENANT_ID, "client_id": CLIENT_ID},
     }
 
 

@@ -28,7 +28,7 @@ from relayd.transports.base import (
 from relayd.transports.graph import GraphTransport
 from tests.fakes.graph import MAIL_READ_WRITE, MAIL_SEND, FakeGraph
 from tests.fakes.tokens import StandInTokens
-from tests.helpers import load_settings, make_message
+from tests.helpers import CLIENT_ID, TENANT_ID, load_settings, make_message
 
 MAILBOX = "relay@contoso.example"
 
@@ -65,7 +65,7 @@ def make_transport(
 ) -> GraphTransport:
     overrides = {
         "upstream": graph.relay_config(ca_file, **upstream),
-        "oauth": {"tenant_id": "t", "client_id": "c"},
+        "oauth": {"tenant_id": TENANT_ID, "client_id": CLIENT_ID},
         "retry": {"min_delay": "0.1s", "max_delay": "0.2s"},
     }
     settings = load_settings(tmp_path, overrides)
