@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from relayd import headers
 from relayd.config import ListenSettings
@@ -24,7 +24,13 @@ from relayd.ops.metrics import Metrics
 from relayd.queue.model import Envelope as SpoolEnvelope
 from relayd.queue.model import SpoolError, SpoolFull, new_queue_id
 from relayd.queue.spool import Spool
-from relayd.smtp.addresses import bad_address_reply, valid_mailbox
+from relayd.smtp.addresses import (
+    bad_address_reply,
+    printable_name,
+    split_path,
+    valid_mailbox,
+    valid_recipient,
+)
 from relayd.smtp.content import READ_CHUNK, DataResult, check_content, read_data
 from relayd.smtp.wording import safe_reply
 
@@ -85,6 +91,35 @@ class RelaySMTP(SMTP):
     async def push(self, status: str | bytes) -> None:
         raw = status.encode("utf-8", "replace") if isinstance(status, str) else status
         await super().push(safe_reply(raw))
+        if raw.startswith(b"421") and self.transport is not None:
+            # RFC 5321 §3.8: a server that answers 421 closes the channel; a client that
+            # sent another command would otherwise have it answered (250 to a NOOP).
+            self.transport.close()
+
+    # --- greeting and AUTH ---------------------------------------------------------
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        await super().smtp_HELO(printable_name(hostname) if hostname else hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # The name is kept printable before anything stores it (envelope, Received:):
+        # a byte that is not UTF-8 once broke the spool's group commit for every
+        # session of the batch. Accepted and shown as "?" (Postfix's printable()); we
+        # differ from Postfix with smtputf8_enable=yes, which answers "500 5.5.2 bad
+        # UTF-8 syntax", because the name is only trace information (RFC 5321 §4.1.4:
+        # a server must not refuse mail for what the EHLO name says).
+        await super().smtp_EHLO(printable_name(hostname) if hostname else hostname)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        # relayd offers no AUTH (clients are allowed by address). RFC 5321 §4.2.4: 502
+        # command not implemented, as Postfix without SASL (unimpl_cmd). aiosmtpd's
+        # "538 5.7.11 Encryption required" would suggest that TLS makes it work.
+        await self.push(
+            "502 5.5.1 AUTH is not offered: this relay takes mail from allowed"
+            " clients (listen.allowed_clients) without authentication"
+        )
 
     # --- envelope ----------------------------------------------------------------
 
@@ -99,9 +134,10 @@ class RelaySMTP(SMTP):
         if not stripped:
             return "", ""  # aiosmtpd answers 501 syntax
         if stripped.startswith("<"):
-            address, closed, rest = stripped[1:].partition(">")
-            if not closed:
+            path = split_path(stripped)
+            if path is None:
                 return stripped, ""
+            address, rest = path
         else:
             address, _, rest = stripped.partition(" ")
         if address.startswith("@") and ":" in address:
@@ -110,6 +146,7 @@ class RelaySMTP(SMTP):
 
     # --- DATA ----------------------------------------------------------------------
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
@@ -131,11 +168,15 @@ class RelaySMTP(SMTP):
         await self.push(status)
 
     async def _read_data(self) -> DataResult:
-        content = await read_data(self._reader, self.data_size_limit or 0)
+        limit = self.data_size_limit or 0
+        content = await read_data(self._reader, limit)
         if content is None:
             return DataResult(b"", "too_big")
         settings = self.relay.settings
-        return check_content(content, settings.bare_line_endings, settings.max_line_length)
+        result = check_content(content, settings.bare_line_endings, settings.max_line_length)
+        if limit and len(result.content) > limit:  # bare line ends made CRLF grew it
+            return DataResult(b"", "too_big")
+        return result
 
 
 class RelayHandler:
@@ -212,7 +253,7 @@ class RelayHandler:
     async def handle_RCPT(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
     ) -> str:
-        if not valid_mailbox(address, envelope.mail_options):
+        if not valid_recipient(address, envelope.mail_options):
             self.metrics.reject("bad_address")
             return bad_address_reply(address, envelope.mail_options, "5.1.3")
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
@@ -232,6 +273,15 @@ class RelayHandler:
             return (
                 f"554 5.4.6 Routing loop detected: more than {self.settings.max_received_headers}"
                 " Received: headers (RFC 5321 6.3)"
+            )
+        if summary.from_count > 1:
+            self.metrics.reject("sender_policy")
+            # RFC 5322 §3.6: exactly one From:. Which one is the author cannot be told, and
+            # Exchange would judge the message by a From: nobody chose. RFC 5321 §4.3.2
+            # 554 at the end of DATA; RFC 3463 5.6.0, a problem with the content.
+            return (
+                f"554 5.6.0 Message refused: it has {summary.from_count} From: header"
+                " fields; RFC 5322 3.6 allows exactly one"
             )
         queue_id = new_queue_id()
         spool_envelope = _spool_envelope(server, envelope)
@@ -257,11 +307,12 @@ class RelayHandler:
 
     def refuse_data(self, problem: str) -> str:
         """The reply for a DATA that was read to its end but cannot be accepted."""
-        limit = self.settings.max_message_size
         replies = {
             "too_big": (
                 "too_big",
-                f"552 5.3.4 Message too big: the limit is {limit} bytes (listen.max_message_size)",
+                f"552 5.3.4 Message too big: relayd accepts at most"
+                f" {accepted_size(self.settings)} bytes (listen.max_message_size less"
+                f" {headers.ADDED_AT_MOST} kept for the header fields relayd adds)",
             ),
             "line_too_long": (
                 "line_too_long",
@@ -346,12 +397,18 @@ def _spool_envelope(server: RelaySMTP, envelope: Envelope) -> SpoolEnvelope:
         sender="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
         recipients=tuple(envelope.rcpt_tos),
         client=str(server.client_address or ""),
-        helo=session.host_name or "",
+        helo=session.host_name or "",  # printable_name() made it storable
         received_at=time.time(),
         mail_options=tuple(
             option for option in envelope.mail_options if not option.startswith("SIZE=")
         ),
     )
+
+
+def accepted_size(settings: ListenSettings) -> int:
+    """The SIZE advertised and enforced (RFC 1870): listen.max_message_size less the room
+    kept for what relayd adds, so that every message it accepts fits the upstream."""
+    return settings.max_message_size - headers.ADDED_AT_MOST
 
 
 def _peer_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -386,7 +443,7 @@ class Listener:
     def _protocol(self) -> RelaySMTP:
         return RelaySMTP(
             self.handler,
-            data_size_limit=self.settings.max_message_size,
+            data_size_limit=accepted_size(self.settings),
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=self.hostname,
