@@ -139,6 +139,15 @@ def _size(default: int):
     return _setting(default, parse_size, format_size)
 
 
+def _message_size(value: object) -> int:
+    # relayd keeps headers.ADDED_AT_MOST (4 KiB) of the limit for the fields it adds
+    # and accepts the rest (the SIZE it advertises); below 16 KiB little would be left.
+    size = parse_size(value)
+    if size < 16 * 1024:
+        raise ValueError(f"must be at least 16KiB, got {format_size(size)}")
+    return size
+
+
 def _duration(default: float):
     return _setting(default, parse_duration, format_duration)
 
@@ -160,7 +169,11 @@ class ListenSettings:
     address: str = _setting(LOOPBACK, _text)
     port: int = _setting(2525, _port)
     allowed_clients: tuple = _setting(LOOPBACK_ONLY, _networks, lambda v: [str(n) for n in v])
-    max_message_size: int = _size(35 * MiB)
+    # The largest message relayd hands to the upstream (set it to the upstream's limit).
+    # RFC 1870: relayd advertises and accepts 4 KiB less, measured without the dots
+    # added for transparency; those 4 KiB hold what relayd adds (Received:, a missing
+    # Date:/Message-ID:, the sender policy's From:), so whatever gets 250 fits.
+    max_message_size: int = _setting(35 * MiB, _message_size, format_size)
     max_recipients: int = _setting(500, _integer(1))
     # RFC 5321 §4.5.3.1.6: 998 characters + CRLF. Longer lines get 500 5.5.6.
     max_line_length: int = _setting(998, _integer(78, 1_000_000))

@@ -318,7 +318,7 @@ class Scheduler:
         submission = Submission(
             queue_id=queue_id,
             mail_from=mail_from,
-            recipients=message.pending_recipients,
+            recipients=self.policy.upstream_recipients(message.pending_recipients),
             content=prepared,
             mail_options=message.envelope.mail_options,
         )
@@ -355,6 +355,8 @@ class Scheduler:
             log.exception("unexpected delivery error", queue_id=message.queue_id)
             attempt = Attempt.deferred_all(submission.recipients, LOCAL, f"internal error: {error}")
         self._give_back(reserved, attempt)
+        # Told for the recipients as queued (<postmaster> went to the mailbox).
+        attempt = self.policy.envelope_attempt(message.pending_recipients, attempt)
         await self._conclude(message, attempt, original_headers)
 
     def _give_back(self, reserved: Reservation | None, attempt: Attempt) -> None:
