@@ -6,13 +6,30 @@
 # set it to the Docker network that your applications use (RELAYD_LISTEN_ALLOWED_CLIENTS
 # or listen.allowed_clients in the mounted file). Its default admits loopback only.
 
-FROM python:3.11-slim AS build
-RUN python -m venv /opt/relayd
-COPY pyproject.toml README.md /src/
-COPY relayd /src/relayd
-RUN /opt/relayd/bin/pip install --no-cache-dir /src
+#
+# The base image is pinned by patch version and by digest (of the multi-architecture
+# index), so a rebuild starts from the same bytes. To move to a new patch release:
+#   docker buildx imagetools inspect python:3.11.N-slim-bookworm    # prints "Digest: sha256:…"
+# and put the tag and that digest in both FROM lines. (The digest below was taken from
+# public build files, not pulled here: verify it with the command above once.)
+#
+# Dependencies come from requirements.lock (exact versions and hashes) in a layer of
+# their own, before the source is copied: a change to relayd reinstalls only relayd.
+# Regenerate the lock after changing pyproject.toml's dependencies (README, "Docker").
 
-FROM python:3.11-slim
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/relayd
+COPY requirements.lock /src/requirements.lock
+RUN /opt/relayd/bin/pip install --no-cache-dir --require-hashes -r /src/requirements.lock
+COPY pyproject.toml README.md /src/
+COPY share /src/share
+COPY relayd /src/relayd
+# --no-deps: everything it needs is installed above, from the lock; --no-build-isolation:
+# built with the lock's setuptools, not whatever the index offers today.
+RUN /opt/relayd/bin/pip install --no-cache-dir --no-deps --no-build-isolation /src
+
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
 LABEL org.opencontainers.image.title="relayd" \
       org.opencontainers.image.description="Local SMTP relay that queues durably and forwards to Microsoft 365 with OAuth 2.0"
 

@@ -7,6 +7,9 @@ Rows (nothing is asserted; the figures are what this machine did):
 * ``smtp``: ``relayd serve`` as a subprocess, signed in through the fake Entra ID
   (MSAL over HTTPS), delivering to the fake Exchange Online over STARTTLS + AUTH
   XOAUTH2 with a pool of 3 connections, rate limit off.
+* ``graph``: ``relayd serve`` with ``upstream.transport: graph``, signed in through the
+  fake Entra ID for Microsoft Graph, sending to the fake Graph (tests/fakes/graph.py,
+  HTTPS) with at most 4 requests at once, rate limit off.
 * ``maildir``: ``relayd serve`` with the maildir transport (a durable Maildir write
   per message instead of the upstream).
 
@@ -40,6 +43,7 @@ from relayd.queue.spool import Spool
 from tests.auth_helpers import auth_overrides, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra
 from tests.fakes.exchange import FakeExchange
+from tests.fakes.graph import FakeGraph
 from tests.helpers import (
     RelayProcess,
     deep_merge,
@@ -52,6 +56,7 @@ from tests.helpers import (
 QUIET = {"logging": {"level": "warning"}, "metrics": {"enabled": False}}
 PATHS = {
     "smtp": "relayd serve → fake Exchange (STARTTLS + XOAUTH2, pool 3)",
+    "graph": "relayd serve → fake Graph (HTTPS sendMail, 4 requests at once)",
     "maildir": "relayd serve → Maildir",
 }
 
@@ -107,6 +112,7 @@ async def run_row(tmp: Path, path: str, args: argparse.Namespace, drain: bool) -
     ca.cert_pem.write_to_path(str(ca_file))
     with FakeEntra(ca) as entra:
         fake = FakeExchange(ca, validator=entra.is_valid_access_token, mailbox=MAILBOX)
+        graph = FakeGraph(ca, grant=entra.token_grant, mailbox=MAILBOX)
         if path == "smtp":
             await fake.start()
             overrides = {
@@ -114,15 +120,24 @@ async def run_row(tmp: Path, path: str, args: argparse.Namespace, drain: bool) -
                 "oauth": auth_overrides(tmp, entra, ca_file)["oauth"],
             }
             maildir = None
+        elif path == "graph":
+            await graph.start()
+            overrides = {
+                "upstream": graph.relay_config(ca_file, rate_limit_per_minute=0),
+                "oauth": auth_overrides(tmp, entra, ca_file)["oauth"],
+            }
+            maildir = None
         else:
             overrides, maildir = {"upstream": {"transport": "maildir"}}, tmp / "maildir" / "new"
         config_path = write_config(tmp, deep_merge(QUIET, overrides))
-        if path == "smtp":
+        if path in ("smtp", "graph"):
             await asyncio.to_thread(sign_in, config.load(config_path), ca_file)
         if drain:
             await prefill(tmp / "spool", args.messages, args.size)
 
         def delivered() -> int:
+            if path == "graph":
+                return len(graph.messages)
             if maildir is None:
                 return len(fake.messages)
             return len(os.listdir(maildir)) if maildir.is_dir() else 0
@@ -135,8 +150,9 @@ async def run_row(tmp: Path, path: str, args: argparse.Namespace, drain: bool) -
         finally:
             relay.stop()
             await fake.stop()
+            await graph.stop()
     load = "spool drain" if drain else f"{args.clients} clients"
-    peak = fake.stats.peak_connections if path == "smtp" else "-"
+    peak = {"smtp": fake.stats.peak_connections, "graph": graph.peak_in_flight}.get(path, "-")
     return {"path": PATHS[path], "load": load, **result, "peak": peak}
 
 
@@ -166,5 +182,5 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--size", type=int, default=2048)
-    parser.add_argument("--rows", default="smtp,maildir")
+    parser.add_argument("--rows", default="smtp,graph,maildir")
     asyncio.run(main(parser.parse_args()))

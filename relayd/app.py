@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -22,11 +23,12 @@ from pathlib import Path
 import structlog
 
 from relayd import config
-from relayd.auth.tokens import TokenManager, TokenSource
-from relayd.config import ConfigError, Settings
+from relayd.auth.tokens import TokenManager
+from relayd.config import MICROSOFT_TRANSPORTS, ConfigError, Settings
 from relayd.delivery.scheduler import Scheduler
 from relayd.ops import logging as relay_logging
 from relayd.ops import sdnotify
+from relayd.ops.daemon_status import StatusFile
 from relayd.ops.health import HealthServer, readiness_report
 from relayd.ops.metrics import NOT_USED, Metrics
 from relayd.ops.pidfile import PID_FILE_NAME, AlreadyRunning, PidFile
@@ -35,7 +37,9 @@ from relayd.ops.sdnotify import Notifier
 from relayd.queue.model import Envelope
 from relayd.queue.spool import Spool
 from relayd.smtp.listener import Listener, RelayHandler
-from relayd.transports.base import Transport
+from relayd.transports.auto import AutoTransport
+from relayd.transports.base import AUTH, Transport
+from relayd.transports.graph import GraphTransport
 from relayd.transports.maildir import MaildirTransport
 from relayd.transports.smtp import SmtpTransport
 
@@ -79,13 +83,16 @@ class Relay:
         self.listener = Listener(self.handler, settings.listen, settings.hostname)
         self.tokens = (
             TokenManager(settings, self.metrics, config_path=config_path)
-            if settings.upstream.transport == "smtp"
+            if settings.upstream.transport in MICROSOFT_TRANSPORTS
             else None
         )
         if self.tokens is None:
             self.metrics.set_auth_state(NOT_USED)
         transport = build_transport(settings, self.metrics, self.tokens)
         self.scheduler = Scheduler(self.spool, transport, settings, self.metrics)
+        # Why deliveries wait, for `relayd queue list` / `show` (another process).
+        self.status_file = StatusFile(self.spool.directory)
+        self.scheduler.on_pause = self._deliveries_paused
         self.health = self._health_server(settings) if settings.metrics.enabled else None
         self.pid_file = PidFile(self.spool.directory / PID_FILE_NAME)
         self.ready = False  # listener bound and spool recovered
@@ -115,8 +122,7 @@ class Relay:
                 config=self.settings.source,
             )
         await asyncio.to_thread(self._lock_spool)
-        if self.health is not None:
-            await self.health.start()
+        await self._start_health()
         self.phase = "recovering"
         report = await asyncio.to_thread(self.spool.recover)
         census = self.spool.census()
@@ -127,8 +133,9 @@ class Relay:
             queued=sum(census.messages[s] for s in ("incoming", "deferred", "hold")),
         )
         if self.tokens is not None:
-            await self.tokens.start()
+            await self._start_tokens()
         await self._start_listener()
+        self.status_file.start()
         await self.scheduler.start()
         self._tasks.append(asyncio.create_task(self._update_gauges(), name="gauges"))
         self.ready, self.phase = True, "ready"
@@ -158,6 +165,7 @@ class Relay:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._refresh_gauges()
+        await self.status_file.stop()
         if self.health is not None:
             await self.health.stop()
         self.pid_file.release()
@@ -222,14 +230,42 @@ class Relay:
     def _lock_spool(self) -> None:
         """Before recovery: recovery moves active/ back, which must never happen under
         another daemon's feet."""
-        self.spool.ensure_layout()
-        problem = self.spool.exposure()  # others could plant links or FIFOs in it
-        if problem:
-            raise ConfigError(self.settings.source, "spool.directory", problem)
+        directory = self.spool.directory
         try:
+            self.spool.ensure_layout()
+            problem = self.spool.exposure()  # others could plant links or FIFOs in it
+            if problem:
+                raise ConfigError(self.settings.source, "spool.directory", problem)
             self.pid_file.acquire()
         except AlreadyRunning as error:
             raise StartupError(str(error)) from None
+        except OSError as error:
+            raise StartupError(
+                f"spool.directory: cannot use {directory}: {_os_reason(error, directory)}"
+            ) from None
+
+    async def _start_health(self) -> None:
+        """A busy metrics port is one line, whatever server raised it and how."""
+        if self.health is None:
+            return
+        metrics = self.settings.metrics
+        try:
+            await self.health.start()
+        except OSError as error:
+            where = f"{metrics.address}:{metrics.port}"
+            raise StartupError(
+                f"metrics.address/port: cannot listen on {where}: {_os_reason(error)}"
+            ) from None
+
+    async def _start_tokens(self) -> None:
+        assert self.tokens is not None
+        try:
+            await self.tokens.start()
+        except OSError as error:
+            path = self.settings.oauth.token_cache
+            raise StartupError(
+                f"oauth.token_cache: cannot use {path}: {_os_reason(error, path)}"
+            ) from None
 
     async def _start_listener(self) -> None:
         listen = self.settings.listen
@@ -237,7 +273,9 @@ class Relay:
             await self.listener.start()
         except OSError as error:
             where = f"{listen.address}:{listen.port}"
-            raise StartupError(f"cannot listen on {where} (listen.address/port): {error}") from None
+            raise StartupError(
+                f"cannot listen on {where} (listen.address/port): {_os_reason(error)}"
+            ) from None
 
     def _start_systemd_tasks(self) -> None:
         if not self.notifier.enabled:
@@ -255,6 +293,11 @@ class Relay:
         self.scheduler.wake()
         log.info("spool rescanned on request", **census.messages)
 
+    def _deliveries_paused(self, reason: str | None, detail: str) -> None:
+        """The scheduler paused or resumed deliveries (reason None): record it."""
+        advice = self.tokens.advice() if reason == AUTH and self.tokens is not None else None
+        self.status_file.update(reason, detail, advice)
+
     def _queued(self, queue_id: str) -> None:
         """A message was committed; delivery is started from here."""
         self.scheduler.notify(queue_id)
@@ -264,13 +307,32 @@ class Relay:
         return self.scheduler.policy.refusal(envelope, content)
 
     async def _update_gauges(self) -> None:
+        """Refresh the queue gauges every second and recount the spool every 30 s.
+
+        A failure (an unreadable state directory, say) is logged once and retried: the
+        gauges must not stop for good because of one error.
+        """
         last_census = time.monotonic()
+        failing = False
         while True:
             await asyncio.sleep(GAUGE_INTERVAL)
-            if time.monotonic() - last_census >= CENSUS_INTERVAL:
-                await asyncio.to_thread(self.spool.take_census)
-                last_census = time.monotonic()
-            self._refresh_gauges()
+            try:
+                if time.monotonic() - last_census >= CENSUS_INTERVAL:
+                    last_census = time.monotonic()  # a failing recount waits its turn too
+                    await asyncio.to_thread(self.spool.take_census)
+                self._refresh_gauges()
+            except Exception as error:
+                if not failing:
+                    log.error(
+                        "cannot update the queue gauges; retrying",
+                        error=str(error) or type(error).__name__,
+                        retry_in=CENSUS_INTERVAL,
+                    )
+                failing = True
+                continue
+            if failing:
+                log.info("queue gauges updated again")
+                failing = False
 
     def _refresh_gauges_if_recovered(self) -> None:
         """Before a scrape: exact queue gauges, but never a half-recovered spool's."""
@@ -287,10 +349,21 @@ class Relay:
         self.metrics.queue_oldest_age.set(census.oldest_age(time.time()))
 
 
-def build_transport(settings: Settings, metrics: Metrics, tokens: TokenSource | None) -> Transport:
-    if settings.upstream.transport == "maildir":
+def build_transport(settings: Settings, metrics: Metrics, tokens: TokenManager | None) -> Transport:
+    """The transport ``upstream.transport`` names, each with its resource's tokens."""
+    choice = settings.upstream.transport
+    if choice == "maildir":
         return MaildirTransport(settings)
-    return SmtpTransport(settings, metrics, tokens)
+    assert tokens is not None, "Microsoft 365 transports need the token manager"
+    if choice == "smtp":
+        return SmtpTransport(settings, metrics, tokens.source("smtp"))
+    large = tokens.source("graph_large") if tokens.has("graph_large") else None
+    graph = GraphTransport(settings, metrics, tokens.source("graph"), large)
+    if choice == "graph":
+        metrics.using_transport("graph")
+        return graph
+    smtp = SmtpTransport(settings, metrics, tokens.source("smtp"))
+    return AutoTransport(smtp, graph, settings, metrics, on_switch=tokens.lead_with)
 
 
 def run(relay: Relay) -> None:
@@ -311,3 +384,12 @@ def _register_secrets(settings: Settings) -> None:
     """The client secret must never be printed, whatever path a line takes."""
     if settings.oauth.client_secret:
         relay_logging.redactor.register(settings.oauth.client_secret.reveal(), permanent=True)
+
+
+def _os_reason(error: OSError, named: Path | None = None) -> str:
+    """The system's words for an OSError, without Python's "[Errno 98]" decoration;
+    with the path, unless it is the one the message names already."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    if error.filename and str(error.filename) != str(named):
+        return f"{reason} ({error.filename})"
+    return reason

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from relayd.identifiers import is_address, is_domain_name, is_guid
 from relayd.units import format_duration, format_size, parse_duration, parse_size
 
 ENV_PREFIX = "RELAYD_"
@@ -63,9 +64,10 @@ def _integer(minimum: int = 0, maximum: int | None = None) -> Callable[[object],
             number = int(str(value).strip()) if not isinstance(value, int) else value
         except ValueError:
             raise ValueError(f"expected a whole number, got {value!r}") from None
-        if number < minimum or (maximum is not None and number > maximum):
-            upper = f" and {maximum}" if maximum is not None else ""
-            raise ValueError(f"must be at least {minimum}{upper}, got {number}")
+        if maximum is not None and not minimum <= number <= maximum:
+            raise ValueError(f"must be between {minimum} and {maximum}, got {number}")
+        if number < minimum:
+            raise ValueError(f"must be at least {minimum}, got {number}")
         return number
 
     return parse
@@ -137,11 +139,23 @@ def _size(default: int):
     return _setting(default, parse_size, format_size)
 
 
+def _message_size(value: object) -> int:
+    # relayd keeps headers.ADDED_AT_MOST (4 KiB) of the limit for the fields it adds
+    # and accepts the rest (the SIZE it advertises); below 16 KiB little would be left.
+    size = parse_size(value)
+    if size < 16 * 1024:
+        raise ValueError(f"must be at least 16KiB, got {format_size(size)}")
+    return size
+
+
 def _duration(default: float):
     return _setting(default, parse_duration, format_duration)
 
 
+TRANSPORTS = ("smtp", "graph", "auto", "maildir")
+MICROSOFT_TRANSPORTS = ("smtp", "graph", "auto")  # the ones that sign in to Microsoft 365
 LOOPBACK_ONLY = _networks(["127.0.0.0/8", "::1/128"])
+LOOPBACK = "localhost"  # listen.address: 127.0.0.1 and ::1, whatever /etc/hosts says
 MiB = 1024 * 1024
 
 
@@ -150,10 +164,16 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class ListenSettings:
-    address: str = _setting("127.0.0.1", _text)
+    # "localhost": both loopbacks, 127.0.0.1 and ::1 (where the host has IPv6), so an
+    # application told "localhost" connects whichever its resolver prefers.
+    address: str = _setting(LOOPBACK, _text)
     port: int = _setting(2525, _port)
     allowed_clients: tuple = _setting(LOOPBACK_ONLY, _networks, lambda v: [str(n) for n in v])
-    max_message_size: int = _size(35 * MiB)
+    # The largest message relayd hands to the upstream (set it to the upstream's limit).
+    # RFC 1870: relayd advertises and accepts 4 KiB less, measured without the dots
+    # added for transparency; those 4 KiB hold what relayd adds (Received:, a missing
+    # Date:/Message-ID:, the sender policy's From:), so whatever gets 250 fits.
+    max_message_size: int = _setting(35 * MiB, _message_size, format_size)
     max_recipients: int = _setting(500, _integer(1))
     # RFC 5321 §4.5.3.1.6: 998 characters + CRLF. Longer lines get 500 5.5.6.
     max_line_length: int = _setting(998, _integer(78, 1_000_000))
@@ -178,9 +198,11 @@ class SpoolSettings:
 
 @dataclass(frozen=True)
 class UpstreamSettings:
-    # "smtp" forwards to Microsoft 365; "maildir" writes into a local Maildir
-    # (sandbox and staging systems that must never send real mail).
-    transport: str = _setting("smtp", _choice("smtp", "maildir"))
+    # "smtp" forwards to Microsoft 365 by SMTP AUTH; "graph" by Microsoft Graph's
+    # sendMail; "auto" by SMTP, moving to Graph while Exchange answers 535 5.7.139
+    # (SMTP AUTH disabled); "maildir" writes into a local Maildir (sandbox and staging
+    # systems that must never send real mail).
+    transport: str = _setting("smtp", _choice(*TRANSPORTS))
     host: str = _setting("smtp.office365.com", _text)
     port: int = _setting(587, _port)
     # Microsoft 365 only offers STARTTLS on 587; implicit TLS is for other servers.
@@ -193,11 +215,21 @@ class UpstreamSettings:
     rate_limit_per_minute: int = _setting(30, _integer(0))
     daily_recipient_limit: int = _setting(10_000, _integer(0))
     timeout: float = _duration(60)
+    # The wait for the reply to the final dot (RFC 5321 §4.5.3.2.6: 10 minutes), plus a
+    # second per 32 KiB of the message for its upload. upstream.timeout is for commands.
+    data_timeout: float = _duration(600)
     idle_timeout: float = _duration(60)
     # How long the whole upstream pauses after 421 / 432 4.3.2 (throttling).
     throttle_pause: float = _duration(60)
     helo_name: str = _setting("", _text)
     maildir: Path = _setting(Path("/var/lib/relayd/maildir"), _path, str)
+    # Microsoft Graph (transport graph or auto). Sovereign clouds use other hosts.
+    graph_url: str = _setting("https://graph.microsoft.com/v1.0", _text)
+    # Messages over Graph's 4 MB request limit: draft + upload sessions (needs the
+    # delegated permission Mail.ReadWrite, asked for at sign-in); off, they are held.
+    graph_large_messages: bool = _setting(False, _boolean)
+    # auto: how often SMTP is tried again while mail goes through Graph.
+    smtp_probe_interval: float = _duration(3600)
 
 
 @dataclass(frozen=True)
@@ -287,15 +319,29 @@ def _read_document(path: str | Path) -> object:
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, "(file)", "the file does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(source, "(file)", "is a directory, not a configuration file") from None
     except OSError as error:
-        raise ConfigError(source, "(file)", f"cannot read: {error.strerror}") from None
+        raise ConfigError(source, "(file)", f"cannot read it: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(source, "(file)", f"not UTF-8 text ({error.reason})") from None
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "(file)"
-        raise ConfigError(source, where, f"not valid YAML: {error}") from None
+        where, problem = _yaml_problem(error)
+        raise ConfigError(source, where, f"not valid YAML: {problem}") from None
     return document or {}
+
+
+def _yaml_problem(error: yaml.YAMLError) -> tuple[str, str]:
+    """Where and what, on one line: PyYAML's own text spans several lines."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+    parts = [getattr(error, "problem", None), getattr(error, "context", None)]
+    problem = "; ".join(str(part) for part in parts if part) or str(error)
+    return where, " ".join(problem.split())
 
 
 def sandbox_directory(environ: Mapping[str, str] | None = None) -> Path:
@@ -418,14 +464,18 @@ def _resolve_secrets(settings: Settings, source: str, environ: Mapping) -> Setti
 
 def _check_consistency(settings: Settings, source: str) -> None:
     upstream, oauth, retry = settings.upstream, settings.oauth, settings.retry
-    if upstream.transport == "smtp":
-        if "@" not in upstream.mailbox:
+    if upstream.transport in MICROSOFT_TRANSPORTS:
+        if not upstream.mailbox:
             raise ConfigError(
                 source, "upstream.mailbox", "required: the address of the sending mailbox"
             )
         for key in ("tenant_id", "client_id"):
             if not getattr(oauth, key):
-                raise ConfigError(source, f"oauth.{key}", "required when upstream.transport=smtp")
+                raise ConfigError(
+                    source, f"oauth.{key}", f"required when upstream.transport={upstream.transport}"
+                )
+    _check_graph(upstream, source)
+    _check_identities(settings, source)
     if oauth.authority and not oauth.authority.startswith("https://"):
         raise ConfigError(source, "oauth.authority", "must be an https:// URL")
     if retry.min_delay > retry.max_delay:
@@ -440,6 +490,66 @@ def _check_consistency(settings: Settings, source: str) -> None:
         path = getattr(getattr(settings, section), key)
         if path is not None and not path.is_file():
             raise ConfigError(source, f"{section}.{key}", f"{path} does not exist")
+
+
+def _check_graph(upstream: UpstreamSettings, source: str) -> None:
+    url = upstream.graph_url
+    if not url.startswith("https://") or len(url) <= len("https://"):
+        raise ConfigError(
+            source,
+            "upstream.graph_url",
+            f"must be an https:// URL such as https://graph.microsoft.com/v1.0, got {url!r}",
+        )
+    if upstream.smtp_probe_interval <= 0:
+        raise ConfigError(source, "upstream.smtp_probe_interval", "must be longer than 0s")
+
+
+def _check_identities(settings: Settings, source: str) -> None:
+    """Values that Entra ID and Exchange would only refuse later, with less clear words."""
+    upstream, oauth = settings.upstream, settings.oauth
+    if upstream.mailbox and not is_address(upstream.mailbox):
+        raise ConfigError(
+            source,
+            "upstream.mailbox",
+            f"invalid: {upstream.mailbox!r} is not an email address (e.g. relay@contoso.com)",
+        )
+    for address in upstream.send_as:
+        if not is_address(address):
+            raise ConfigError(
+                source, "upstream.send_as", f"invalid: {address!r} is not an email address"
+            )
+    if oauth.tenant_id and not (is_guid(oauth.tenant_id) or is_domain_name(oauth.tenant_id)):
+        raise ConfigError(
+            source,
+            "oauth.tenant_id",
+            f"invalid: {oauth.tenant_id!r} is neither a GUID nor a domain name; copy the"
+            " Directory (tenant) ID from the app registration's overview",
+        )
+    if oauth.client_id and not is_guid(oauth.client_id):
+        raise ConfigError(
+            source,
+            "oauth.client_id",
+            f"invalid: {oauth.client_id!r} is not a GUID; copy the Application (client) ID"
+            " from the app registration's overview",
+        )
+
+
+def listen_hosts(address: str) -> list[str]:
+    """The addresses to bind for listen.address. ``localhost`` is both loopbacks, decided
+    here and not by the resolver: /etc/hosts may name only one, and a host may have
+    IPv6 switched off, where binding ::1 would fail. Anything else is bound as given."""
+    if address.strip().lower() != LOOPBACK:
+        return [address]
+    return ["127.0.0.1", "::1"] if _has_ipv6_loopback() else ["127.0.0.1"]
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 # --- presentation --------------------------------------------------------------------

@@ -14,6 +14,20 @@ from email.utils import formatdate
 
 _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
 _SAFE_TRACE_TOKEN = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
+TRACE_TOKEN_MAX = 255  # a client's or our own name in Received: and Message-ID:
+FIELD_LINE_MAX = 998  # RFC 5322 §2.1.1: a line is at most 998 characters plus CRLF
+
+# What relayd may add to a message on its way to the upstream, at most (RFC 1870 counts
+# the message as the upstream receives it, so this room is kept out of listen.
+# max_message_size: the listener advertises and accepts max_message_size - ADDED_AT_MOST).
+# The worst cases, each checked by tests/unit/test_headers.py:
+#   Received: (received_field)                          ~920 octets
+#   Date: and Message-ID: when missing (missing_fields)  ~340 octets
+#   the sender policy's From: (rewritten or added)     ~1010 octets (FIELD_LINE_MAX)
+# Every part is bounded by a length cap in the code that writes it; 4 KiB covers them
+# with room to spare. (The Maildir transport's Return-Path:/Envelope-To: are local and
+# meet no upstream limit.)
+ADDED_AT_MOST = 4096
 
 
 @dataclass(frozen=True)
@@ -24,6 +38,7 @@ class HeaderSummary:
     has_message_id: bool
     has_date: bool
     message_id: str
+    from_count: int = 0
 
 
 def header_block(content: bytes) -> bytes:
@@ -57,6 +72,20 @@ def _field_pattern(name: bytes) -> re.Pattern[bytes]:
     )
 
 
+def field_spans(block: bytes, name: bytes) -> list[tuple[int, int]]:
+    """Where each field called ``name`` is in ``block``: from its name to the CRLF that
+    ends its last continuation line, in order."""
+    return [match.span() for match in _whole_field_pattern(name).finditer(block)]
+
+
+@functools.cache
+def _whole_field_pattern(name: bytes) -> re.Pattern[bytes]:
+    return re.compile(
+        rb"^" + re.escape(name) + rb"[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*",
+        re.MULTILINE | re.IGNORECASE,
+    )
+
+
 def summarize(content: bytes) -> HeaderSummary:
     block = header_block(content)
     names = field_names(block)
@@ -66,6 +95,7 @@ def summarize(content: bytes) -> HeaderSummary:
         has_message_id=message_id is not None,
         has_date=b"date" in names,
         message_id=(message_id or b"").decode("utf-8", "replace")[:200],
+        from_count=names.count(b"from"),
     )
 
 
@@ -78,7 +108,7 @@ def _date(second: int) -> str:
 
 def trace_token(text: str) -> str:
     """A client-supplied name made safe for a Received: field (no header injection)."""
-    return _SAFE_TRACE_TOKEN.sub("?", text)[:255] or "unknown"
+    return _SAFE_TRACE_TOKEN.sub("?", text)[:TRACE_TOKEN_MAX] or "unknown"
 
 
 def received_field(

@@ -15,6 +15,7 @@ from typing import Any
 
 from relayd import config
 from relayd.auth.client import Outcome, TokenClient
+from relayd.auth.resources import all_scopes, resources_for
 from relayd.auth.store import TokenStore
 from tests.fakes.entra import MAILBOX, FakeEntra, sign_in_in_browser
 from tests.helpers import REPO, base_config, deep_merge, free_port, write_config
@@ -58,10 +59,11 @@ def sign_in(settings: config.Settings, ca_file: Path) -> Outcome:
     (as another process would): authorization code flow through the fake's browser step."""
     store = TokenStore(settings.oauth.token_cache)
     client = TokenClient(settings.oauth, settings.upstream.mailbox, store)
-    flow = client.start_auth_code_flow(settings.oauth.redirect_uri)
+    resources = resources_for(settings)  # consent for all; the code redeemed for the first
+    flow = client.start_auth_code_flow(settings.oauth.redirect_uri, all_scopes(resources))
     location = sign_in_in_browser(flow["auth_uri"], ca_file)
     response = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(location).query))
-    return client.finish_auth_code_flow(flow, response)
+    return client.finish_auth_code_flow(flow, response, list(resources[0].scopes))
 
 
 def cached_refresh_tokens(cache_path: Path) -> set[str]:

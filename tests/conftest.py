@@ -11,7 +11,11 @@ import trustme
 from tests.fakes.entra import entra  # noqa: F401 (the fake Entra ID fixture)
 from tests.fakes.exchange import MAILBOX, FakeExchange
 from tests.fakes.tokens import StandInTokens
-from tests.serving import serve, upstream  # noqa: F401 (relayd serve → fake Microsoft 365)
+from tests.serving import (  # noqa: F401 (relayd serve → fake Microsoft 365)
+    graph_api,
+    serve,
+    upstream,
+)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from relayd import config
+from tests.fakes.entra import CLIENT_ID, TENANT_ID  # GUIDs: config refuses other shapes
 
 REPO = Path(__file__).resolve().parent.parent
 QUEUED_AS = re.compile(rb"queued as ([0-9A-F]{19})")
@@ -62,11 +63,11 @@ def unreachable_upstream(tmp_path: Path) -> dict[str, Any]:
             "transport": "smtp",
             "host": "127.0.0.1",
             "port": free_port(),
-            "mailbox": "relay@example.com",
+            "mailbox": "relay@contoso.example",
         },
         "oauth": {
-            "tenant_id": "tenant",
-            "client_id": "client",
+            "tenant_id": TENANT_ID,
+            "client_id": CLIENT_ID,
             "authority": f"https://127.0.0.1:{free_port()}/tenant",
             "token_cache": str(tmp_path / "token_cache.json"),
         },

@@ -22,6 +22,7 @@ from relayd.queue.model import PENDING_STATES
 from tests.auth_helpers import auth_overrides, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra
 from tests.fakes.exchange import FakeExchange, ReceivedMessage
+from tests.fakes.graph import FakeGraph
 from tests.harness import FAST_RETRY
 from tests.helpers import RelayProcess, deep_merge, eventually, scrape, write_config
 
@@ -80,6 +81,14 @@ async def upstream(ca: trustme.CA, entra: FakeEntra) -> AsyncIterator[FakeExchan
     """The fake Exchange, accepting exactly the access tokens the fake Entra ID issued."""
     fake = FakeExchange(ca, validator=entra.is_valid_access_token, mailbox=MAILBOX)
     await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def graph_api(ca: trustme.CA, entra: FakeEntra) -> AsyncIterator[FakeGraph]:
+    """The fake Microsoft Graph, accepting the fake Entra ID's Graph tokens only."""
+    fake = await FakeGraph(ca, grant=entra.token_grant, mailbox=MAILBOX).start()
     yield fake
     await fake.stop()
 

@@ -318,14 +318,18 @@ class TokenClient:
     def usernames(self) -> list[str]:
         return [a.get("username", "?") for a in list(self.cache.search(CredentialType.ACCOUNT))]
 
-    def cached_access_token(self) -> tuple[str, float, float] | None:
-        """The longest-lived cached access token: (token, issued at, expires at)."""
+    def cached_access_token(
+        self, scopes: list[str] | None = None
+    ) -> tuple[str, float, float] | None:
+        """The longest-lived cached access token for ``scopes`` (default: oauth.scopes):
+        (token, issued at, expires at)."""
         account = self.account()
         if account is None:
             return None
         query = {"home_account_id": account["home_account_id"], "client_id": self.oauth.client_id}
         best: tuple[str, float, float] | None = None
-        for entry in self.cache.search(CredentialType.ACCESS_TOKEN, self.scopes, query=query):
+        wanted = scopes or self.scopes
+        for entry in self.cache.search(CredentialType.ACCESS_TOKEN, wanted, query=query):
             expires_at = float(entry.get("expires_on", 0))
             if best is None or expires_at > best[2]:
                 best = (entry["secret"], float(entry.get("cached_at", 0)), expires_at)
@@ -343,9 +347,9 @@ class TokenClient:
         ]
         return max(times) if times else None
 
-    def view(self) -> CacheView:
+    def view(self, scopes: list[str] | None = None) -> CacheView:
         account = self.account()
-        cached = self.cached_access_token()
+        cached = self.cached_access_token(scopes)
         token, issued_at, expires_at = cached if cached else (None, 0.0, 0.0)
         return CacheView(
             account=account.get("username") if account else None,
@@ -363,24 +367,34 @@ class TokenClient:
 
     # --- token operations (network; call inside or as transactions) --------------------
 
-    def start_auth_code_flow(self, redirect_uri: str) -> dict[str, Any]:
-        """MSAL's authorization code flow with PKCE; ``auth_uri`` is for the browser."""
+    def start_auth_code_flow(
+        self, redirect_uri: str, scopes: list[str] | None = None
+    ) -> dict[str, Any]:
+        """MSAL's authorization code flow with PKCE; ``auth_uri`` is for the browser.
+
+        ``scopes`` may span several resources: the browser asks consent for all of
+        them; the code is then redeemed for one (``finish_auth_code_flow``)."""
         with warnings.catch_warnings():
             # MSAL suggests response_mode=form_post; the code must be in the URL so a
             # person can paste it back. PKCE protects the code either way.
             warnings.simplefilter("ignore", UserWarning)
             return self.app().initiate_auth_code_flow(
-                self.scopes, redirect_uri=redirect_uri, login_hint=self.mailbox
+                scopes or self.scopes, redirect_uri=redirect_uri, login_hint=self.mailbox
             )
 
-    def finish_auth_code_flow(self, flow: dict[str, Any], response: dict[str, str]) -> Outcome:
-        """Redeem the code the browser brought back (state and PKCE checked by MSAL)."""
+    def finish_auth_code_flow(
+        self, flow: dict[str, Any], response: dict[str, str], scopes: list[str] | None = None
+    ) -> Outcome:
+        """Redeem the code the browser brought back (state and PKCE checked by MSAL), for
+        ``scopes`` of one resource (Entra ID answers AADSTS28000 to two)."""
+        wanted = scopes or self.scopes
         return self.redeem(
-            lambda app: app.acquire_token_by_auth_code_flow(flow, response, scopes=self.scopes)
+            lambda app: app.acquire_token_by_auth_code_flow(flow, response, scopes=wanted)
         )
 
-    def refresh(self) -> Outcome:
-        """Redeem the refresh token now (rotating it) and persist the result."""
+    def refresh(self, scopes: list[str] | None = None) -> Outcome:
+        """Redeem the refresh token now (rotating it) for ``scopes`` (default:
+        oauth.scopes; the same refresh token serves every resource) and persist it."""
         result: dict[str, Any] | None = None
         try:
             with self.transaction():
@@ -388,7 +402,7 @@ class TokenClient:
                 if account is None:
                     return Outcome(NO_ACCOUNT, "nobody has signed in")
                 result = self.app().acquire_token_silent_with_error(
-                    self.scopes, account, force_refresh=True
+                    scopes or self.scopes, account, force_refresh=True
                 )
         except CacheStorageError as error:
             return storage_problem(classify(result) if result else None, error)

@@ -28,6 +28,8 @@ from relayd.auth.client import (
     Outcome,
     TokenClient,
 )
+from relayd.auth.resources import Resource, all_scopes, resources_for
+from relayd.auth.source import CONSENT_MISSING
 from relayd.auth.store import TokenStore, stamp_to_json
 from relayd.auth.tokens import NO_TOKEN, OK, REAUTH_REQUIRED
 from relayd.config import Settings
@@ -50,6 +52,10 @@ class AuthCommands:
     ) -> None:
         self.settings, self.oauth = settings, settings.oauth
         self.mailbox = settings.upstream.mailbox
+        # The tokens the transport needs; the sign-in asks consent for all of them and
+        # redeems the code for the first (Entra ID issues one resource per request).
+        self.resources = resources_for(settings)
+        self.lead_scopes = list(self.resources[0].scopes)
         self.store = TokenStore(self.oauth.token_cache)
         self.login_command = f"relayd auth login -c {config_path}"
         self.stdin = stdin or sys.stdin
@@ -83,7 +89,7 @@ class AuthCommands:
     def _browser_login(self) -> Outcome:
         client = self.client()
         redirect_uri = self.oauth.redirect_uri
-        flow = client.start_auth_code_flow(redirect_uri)
+        flow = client.start_auth_code_flow(redirect_uri, all_scopes(self.resources))
         answers: queue.Queue[tuple[str, dict[str, str] | None]] = queue.Queue()
         listener = RedirectListener.start(redirect_uri, answers)
         self.say(f"Sign in as {self.mailbox}: open this address in a browser (any machine):")
@@ -104,7 +110,7 @@ class AuthCommands:
                 listener.stop()
         for value in response.values():
             redactor.register(value)  # the authorization code, in case anything logs it
-        return client.finish_auth_code_flow(flow, response)
+        return client.finish_auth_code_flow(flow, response, self.lead_scopes)
 
     def _read_pasted(self, answers: queue.Queue) -> None:
         for line in self.stdin:
@@ -132,7 +138,20 @@ class AuthCommands:
 
     def _device_code_login(self) -> Outcome:
         client = self.client(public=True)  # the device code flow is for public clients
-        flow = client.app().initiate_device_flow(scopes=client.scopes)
+        outcome = self._device_code(client, self.lead_scopes)
+        if not outcome.ok:
+            return outcome
+        # Entra ID refuses a device code for two resources at the token endpoint
+        # (AADSTS28000), so consent for the others is asked with a code of their own,
+        # and only when the refresh token does not already cover them.
+        for resource in self.resources[1:]:
+            if client.refresh(list(resource.scopes)).aadsts == CONSENT_MISSING:
+                self.say(f"Consent is needed for {resource.permissions} too ({resource.purpose}):")
+                self._device_code(client, list(resource.scopes))
+        return outcome
+
+    def _device_code(self, client: TokenClient, scopes: list[str]) -> Outcome:
+        flow = client.app().initiate_device_flow(scopes=scopes)
         if "user_code" not in flow:
             raise LoginAborted(f"Entra ID refused the device code flow: {flow.get('error')}")
         self.say(flow["message"])
@@ -166,7 +185,7 @@ class AuthCommands:
         client = self.client()
         try:
             outcome = client.redeem(
-                lambda app, token: app.acquire_token_by_refresh_token(token, client.scopes),
+                lambda app, token: app.acquire_token_by_refresh_token(token, self.lead_scopes),
                 refresh_token,
             )
         except MailboxMismatch as error:
@@ -175,7 +194,7 @@ class AuthCommands:
         return self._report(outcome, "Imported the refresh token of")
 
     def refresh(self) -> int:
-        outcome = self.client().refresh()
+        outcome = self.client().refresh(self.lead_scopes)
         return self._report(outcome, "Refreshed the tokens of")
 
     def logout(self) -> int:
@@ -191,17 +210,41 @@ class AuthCommands:
         if outcome.ok:
             self.say(f"{verb} {outcome.username}.")
             self.say(f"Access token valid until {when(outcome.expires_at)}.")
+            missing = self._other_resources()
             self.say(
                 f"Token cache: {self.store.cache_path} (mode 0600). A running relayd uses it "
                 f"within {self.oauth.cache_poll_interval:g}s."
             )
-            return 0
+            return 1 if missing else 0
         if outcome.kind == "no_account":
             self.say(f"Nobody has signed in as {self.mailbox}. Run: {self.login_command}")
         else:
             self.say(f"Entra ID refused: {outcome.explain()}")
             self.say(f"Sign in again: {self.login_command}")
         return 1
+
+    def _other_resources(self) -> list[Resource]:
+        """After the first token: the other resources' with the same refresh token. The
+        required ones that Entra ID refused; each refusal printed with what to do."""
+        if len(self.resources) == 1:
+            return []
+        client = self.client()
+        missing = []
+        for resource in self.resources[1:]:
+            outcome = client.refresh(list(resource.scopes))
+            label = f"Token for {resource.purpose} ({resource.permissions})"
+            if outcome.ok:
+                self.say(f"{label}: valid until {when(outcome.expires_at)}.")
+                continue
+            if outcome.aadsts == CONSENT_MISSING:
+                self.say(f"{label}: AADSTS65001, {resource.consent_advice(self.login_command)}.")
+            else:
+                self.say(f"{label}: Entra ID refused: {outcome.explain()}")
+            if resource.required:
+                missing.append(resource)
+            else:
+                self.say("Mail still flows without it; only that capability waits.")
+        return missing
 
     # --- status --------------------------------------------------------------------------
 
@@ -232,7 +275,8 @@ class AuthCommands:
         return {
             "account": view.account,
             "mailbox": self.mailbox,
-            "scopes": list(self.oauth.scopes),
+            "scopes": all_scopes(self.resources),
+            "resources": self._resource_reports(client, daemon if current else None),
             "state": state,
             "healthy": healthy,
             "advice": advice or (None if healthy else f"sign in again: {self.login_command}"),
@@ -245,12 +289,31 @@ class AuthCommands:
             "token_cache": str(self.store.cache_path),
         }
 
+    def _resource_reports(
+        self, client: TokenClient, daemon: dict[str, Any] | None
+    ) -> dict[str, dict[str, Any]]:
+        """Each resource's cached access token, and the state the daemon last saw."""
+        seen = (daemon or {}).get("resources") or {}
+        reports = {}
+        for resource in self.resources:
+            expires_at = client.view(list(resource.scopes)).expires_at or None
+            recorded = seen.get(resource.name) or {}
+            reports[resource.name] = {
+                "scopes": list(resource.scopes),
+                "purpose": resource.purpose,
+                "required": resource.required,
+                "access_token_expires_at": expires_at,
+                "state": recorded.get("state"),
+                "advice": recorded.get("advice"),
+            }
+        return reports
+
     def _print_status(self, report: dict[str, Any]) -> None:
         daemon = report["daemon"]
         rows = [
             ("Account", report["account"] or f"none (upstream.mailbox is {self.mailbox})"),
             ("Scopes", " ".join(report["scopes"])),
-            ("Access token", _expiry(report["access_token_expires_at"])),
+            *self._resource_rows(report["resources"]),
             ("Refresh token", _rotation(report["refresh_token_rotated_at"])),
             ("Last refresh", when(report["last_refresh"]) if report["last_refresh"] else "-"),
             ("Daemon saw", _daemon_line(daemon, report["daemon_saw_this_cache"])),
@@ -259,8 +322,23 @@ class AuthCommands:
         ]
         for label, value in rows:
             self.say(f"{label + ':':<15} {value}")
+        for name, resource in report["resources"].items():
+            if resource["advice"] and len(report["resources"]) > 1:
+                self.say(f"{name + ':':<15} {resource['advice']}")
         if report["advice"]:
             self.say(f"What to do:     {report['advice']}")
+
+    @staticmethod
+    def _resource_rows(resources: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        """One "Access token" row per resource (one row, as before, when there is one)."""
+        rows = []
+        for name, resource in resources.items():
+            text = _expiry(resource["access_token_expires_at"])
+            if len(resources) > 1:
+                state = f" [{resource['state']}]" if resource["state"] else ""
+                text = f"{name} ({' '.join(resource['scopes'])}): {text}{state}"
+            rows.append(("Access token", text))
+        return rows
 
 
 class LoginAborted(Exception):

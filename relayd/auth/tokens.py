@@ -1,11 +1,18 @@
-"""Delegated OAuth 2.0 tokens for the sending mailbox (MSAL), as delivery sees them.
+"""Delegated OAuth 2.0 tokens for one sending mailbox (MSAL), as delivery sees them.
 
-Delivery depends only on the ``TokenSource`` protocol below. ``TokenManager``
-implements it for the daemon: it loads the cache, keeps the access token fresh ahead
-of its expiry, redeems the refresh token every ``oauth.keepalive_interval`` even when
-no mail flows (refresh tokens die after 90 days unused), retries Entra ID outages with
-backoff, and notices a sign-in made by ``relayd auth login`` in another process.
+Delivery depends only on the ``TokenSource`` protocol (``relayd.auth.source``), one per
+resource: SMTP AUTH, Microsoft Graph, Graph drafts for large messages. A
+``TokenManager`` serves every resource one mailbox needs from one sign-in: it loads
+the cache, keeps each access token fresh ahead of its expiry, redeems the refresh
+token every ``oauth.keepalive_interval`` even when no mail flows (refresh tokens die
+after 90 days unused), retries Entra ID outages with backoff, and notices a sign-in
+made by ``relayd auth login`` in another process. It holds nothing keyed by the
+mailbox outside itself, so a relay with several mailboxes runs one manager for each.
 MSAL work runs in a thread (``relayd.auth.client``); files are in ``relayd.auth.store``.
+
+The manager is also the ``TokenSource`` of its *lead* resource (the one the transport
+uses now): the auth state in the metrics and at the top of the state file is the
+lead's; every resource's own state is in the state file's ``resources``.
 """
 
 from __future__ import annotations
@@ -16,19 +23,25 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from relayd.auth.client import (
-    CONFIG,
     NO_ACCOUNT,
     REAUTH,
-    REAUTH_CODES,
     STORAGE,
     CacheView,
     Outcome,
     TokenClient,
+)
+from relayd.auth.resources import Resource, resources_for, smtp_resource
+from relayd.auth.source import (
+    CONSENT_MISSING,
+    AuthUnavailable,
+    ResourceTokens,
+    TokenSource,
+    backoff,
 )
 from relayd.auth.store import CacheStorageError, TokenStore, exposure, stamp_to_json
 from relayd.config import ConfigError, Settings
@@ -43,64 +56,27 @@ from relayd.ops.auth_states import (
 )
 from relayd.ops.metrics import Metrics
 
+__all__ = [
+    "BLOCKED_STATES",
+    "NO_TOKEN",
+    "OK",
+    "REAUTH_REQUIRED",
+    "REFRESHING",
+    "REJECTED",
+    "UNAVAILABLE",
+    "AuthUnavailable",
+    "ResourceTokens",
+    "TokenManager",
+    "TokenSource",
+]
+
 log = structlog.get_logger("relayd.tokens")
 
 STATE_WRITE_TIMEOUT = 10.0  # seconds stop() waits for the last auth state write
-# 2**30 × retry_min_delay is far beyond any retry_max_delay: the exponent stops there,
-# so a secret expired for weeks (thousands of failures) never overflows a float.
-MAX_BACKOFF_EXPONENT = 30
-
-
-def backoff(failures: int, min_delay: float, max_delay: float) -> float:
-    """min_delay × 2^(failures − 1), at most max_delay, for any number of failures."""
-    exponent = min(max(failures - 1, 0), MAX_BACKOFF_EXPONENT)
-    return min(max_delay, min_delay * 2**exponent)
-
-
-class AuthUnavailable(Exception):
-    """No usable access token right now. Deliveries wait; mail is never bounced for it."""
-
-    def __init__(self, state: str, detail: str) -> None:
-        super().__init__(f"{state}: {detail}")
-        self.state, self.detail = state, detail
-
-
-class TokenSource(Protocol):
-    """What delivery needs from the token module."""
-
-    @property
-    def state(self) -> str:
-        """One of AUTH_STATES."""
-        ...
-
-    async def access_token(self) -> str:
-        """A valid access token for XOAUTH2 (usually cached). Raises AuthUnavailable."""
-        ...
-
-    async def token_rejected(self, token: str, reply: str) -> None:
-        """The upstream answered 535 5.7.3 to ``token``: drop it and refresh once.
-
-        The next ``access_token()`` returns the fresh token. Delivery calls
-        ``mark_rejected`` if the fresh token is refused as well.
-        """
-        ...
-
-    def mark_rejected(self, reply: str) -> None:
-        """A fresh token was refused too: state REJECTED, logged loudly, until a new
-        sign-in or a later successful authentication (``mark_accepted``)."""
-        ...
-
-    def mark_accepted(self) -> None:
-        """The upstream accepted a token (235): the state is OK again."""
-        ...
-
-    async def wait_until_usable(self) -> None:
-        """Return when the state changes away from a blocked one (e.g. after login)."""
-        ...
 
 
 class TokenManager:
-    """The daemon's ``TokenSource``: cache, refresher task and auth state."""
+    """Every token one mailbox needs: cache, refresher, auth states, the state file."""
 
     def __init__(
         self,
@@ -109,6 +85,7 @@ class TokenManager:
         *,
         config_path: Path | None = None,
         client: TokenClient | None = None,
+        resources: tuple[Resource, ...] | None = None,
     ) -> None:
         self.oauth = settings.oauth
         self.mailbox = settings.upstream.mailbox
@@ -117,60 +94,56 @@ class TokenManager:
         self.store = TokenStore(self.oauth.token_cache)
         self.client = client or TokenClient(self.oauth, self.mailbox, self.store)
         self.login_command = f"relayd auth login -c {config_path or settings.source}"
-        self._state = NO_TOKEN
-        self._view = CacheView(None, (), None, 0.0, 0.0, None)
-        self._problem: Outcome | None = None
-        self._last_refresh: float | None = None
-        self._failures = 0
-        self._retry_at = 0.0
-        self._save_failures = 0  # writes of tokens kept in memory that failed (disk)
-        self._save_at = math.inf
+        chosen = resources or resources_for(settings) or (smtp_resource(settings),)
+        self.slots = {resource.name: ResourceTokens(self, resource) for resource in chosen}
+        self._lead = next(iter(self.slots.values()))
         # One TokenClient call at a time: it holds MSAL's in-memory cache, not thread-safe.
         self._client_lock = asyncio.Lock()
-        self._usable = asyncio.Event()  # set while the state is not in BLOCKED_STATES
         self._wake = asyncio.Event()
         self._state_dirty = asyncio.Event()
         self._closing = False
         self._tasks: list[asyncio.Task] = []
+        self._save_failures = 0  # writes of tokens kept in memory that failed (disk)
+        self._save_at = math.inf
         metrics.set_auth_state(NO_TOKEN)
 
-    # --- TokenSource ---------------------------------------------------------------------
+    def source(self, name: str) -> ResourceTokens:
+        """The ``TokenSource`` of one resource ("smtp", "graph", "graph_large")."""
+        return self.slots[name]
+
+    def has(self, name: str) -> bool:
+        return name in self.slots
+
+    def lead_with(self, name: str) -> None:
+        """The transport now depends on ``name`` (auto moved to Graph, or back)."""
+        if name in self.slots and self.slots[name] is not self._lead:
+            self._lead = self.slots[name]
+            self.shown(self._lead)
+            self.state_changed(self._lead)
+
+    # --- TokenSource of the lead resource ---------------------------------------------
 
     @property
     def state(self) -> str:
-        return self._state
+        return self._lead.state
 
     async def access_token(self) -> str:
-        if self._state in (NO_TOKEN, REAUTH_REQUIRED):
-            raise AuthUnavailable(self._state, self.advice())
-        if not self._token_usable() and self._state != UNAVAILABLE:
-            await self._refresh("expired")  # unusual: the refresher renews ahead of expiry
-        if self._token_usable() and self._view.token:
-            return self._view.token
-        raise AuthUnavailable(self._state, self.advice())
+        return await self._lead.access_token()
 
     async def token_rejected(self, token: str, reply: str) -> None:
-        log.warning("upstream refused the access token; renewing it", reply=reply)
-        await self._refresh("rejected by upstream", replace=token)
+        await self._lead.token_rejected(token, reply)
 
     def mark_rejected(self, reply: str) -> None:
-        if self._state != REJECTED:
-            log.error(
-                "Exchange Online refused a freshly issued token too: check that SMTP AUTH is "
-                f"enabled for {self.mailbox} (Set-CASMailbox -Identity {self.mailbox} "
-                "-SmtpClientAuthenticationDisabled $false) and that the app has SMTP.Send; "
-                f"then sign in again: {self.login_command}",
-                reply=reply,
-            )
-        self._set_state(REJECTED)
+        self._lead.mark_rejected(reply)
 
     def mark_accepted(self) -> None:
-        if self._state == REJECTED:
-            log.info("upstream accepts the token again")
-            self._set_state(OK)
+        self._lead.mark_accepted()
 
     async def wait_until_usable(self) -> None:
-        await self._usable.wait()
+        await self._lead.wait_until_usable()
+
+    def advice(self) -> str:
+        return self._lead.advice()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -192,15 +165,23 @@ class TokenManager:
         problem = self.store.directory_exposure()
         if problem:
             raise ConfigError(self._source, "oauth.token_cache", problem)
-        view = await self._in_thread(self._reload)
+        views = await self._in_thread(self._reload)
         previous = await asyncio.to_thread(self.store.read_state) or {}
-        self._adopt(view, startup=True)
-        if (
-            previous.get("state") == REAUTH_REQUIRED
-            and previous.get("cache") == stamp_to_json(self.client.stamp)
-            and view.account
-        ):  # the last run saw Entra refuse this very cache: do not redeem it again
-            self._fail(Outcome(REAUTH, previous.get("detail", ""), previous.get("aadsts")))
+        self._adopt(views, startup=True)
+        if previous.get("cache") != stamp_to_json(self.client.stamp):
+            return
+        for slot in self.slots.values():
+            before = self._previous_state(previous, slot)
+            if before.get("state") == REAUTH_REQUIRED and slot.view.account:
+                # The last run saw Entra refuse this very cache: do not redeem it again.
+                outcome = Outcome(REAUTH, before.get("detail") or "", before.get("aadsts"))
+                slot.fail(outcome)
+
+    def _previous_state(self, previous: dict[str, Any], slot: ResourceTokens) -> dict[str, Any]:
+        resources = previous.get("resources")
+        if isinstance(resources, dict):
+            return resources.get(slot.name) or {}
+        return previous if slot is next(iter(self.slots.values())) else {}
 
     async def stop(self) -> None:
         """Stop the refresher; the cache is already persisted after every change."""
@@ -221,29 +202,16 @@ class TokenManager:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(writer, STATE_WRITE_TIMEOUT)
 
-    # --- what a person reads ------------------------------------------------------------
-
-    def advice(self) -> str:
-        if self._state == NO_TOKEN:
-            return f"nobody has signed in as {self.mailbox}: run {self.login_command}"
-        if self._state == REAUTH_REQUIRED and self._problem is not None:
-            return f"{self._problem.explain().rstrip('.')}. Sign in again: {self.login_command}"
-        if self._problem is not None:
-            return f"Entra ID token endpoint failing ({self._problem.explain()}); retrying"
-        return f"state {self._state}"
-
     def state_document(self) -> dict[str, Any]:
-        """The auth state file's content, read by `relayd auth status`."""
-        problem = self._problem
+        """The auth state file's content, read by `relayd auth status`: the lead's state
+        at the top (as before there were several resources), each resource's below."""
+        lead = self._lead
         return {
-            "state": self._state,
-            "account": self._view.account,
-            "aadsts": problem.aadsts if problem else None,
-            "detail": problem.detail if problem else None,
-            "advice": self.advice() if self._state != OK else None,
-            "access_token_expires_at": self._view.expires_at or None,
-            "refresh_token_rotated_at": self._view.rotated_at,
-            "last_refresh": self._last_refresh,
+            **{key: value for key, value in lead.document().items() if key != "scopes"},
+            "lead": lead.name,
+            "account": lead.view.account,
+            "refresh_token_rotated_at": lead.view.rotated_at,
+            "resources": {name: slot.document() for name, slot in self.slots.items()},
             "cache": stamp_to_json(self.client.stamp),
             "pid": os.getpid(),
             "updated_at": time.time(),
@@ -276,101 +244,60 @@ class TokenManager:
     async def _tick(self) -> None:
         if self.client.changed_on_disk():  # one stat(): `relayd auth` wrote the cache
             self._adopt(await self._in_thread(self._reload))
-        now = time.time()
-        if self.client.unsaved and now >= self._save_at:
+        if self.client.unsaved and time.time() >= self._save_at:
             await self._save()
-        if now >= self._next_due():
-            keepalive = self._keepalive_due() <= now
-            await self._refresh("keep-alive" if keepalive else "access token expiring")
+        for slot in self.slots.values():
+            now = time.time()
+            if now >= slot.next_due():
+                keepalive = slot.keepalive_due() <= now
+                await self.refresh(slot, "keep-alive" if keepalive else "access token expiring")
 
     def _next_due(self) -> float:
-        if self.client.unsaved:  # the write is retried, never the redemption
-            return min(self._save_at, self._refresh_due())
-        return self._refresh_due()
+        due = min(slot.next_due() for slot in self.slots.values())
+        return min(due, self._save_at) if self.client.unsaved else due
 
-    def _refresh_due(self) -> float:
-        if self._state in (NO_TOKEN, REAUTH_REQUIRED):
-            # Only a new sign-in (a cache change) helps. Asking again would not even reach
-            # Entra ID: MSAL answers a repeated request from its 60-second cache of 400s.
-            return math.inf
-        if self._failures:
-            return self._retry_at
-        view = self._view
-        lifetime = max(0.0, view.expires_at - view.issued_at)
-        renew_at = view.expires_at - min(self.oauth.refresh_margin, lifetime / 2)
-        return min(renew_at, self._keepalive_due())
-
-    def _keepalive_due(self) -> float:
-        return (self._view.rotated_at or 0.0) + self.oauth.keepalive_interval
-
-    async def _refresh(self, reason: str, replace: str | None = None) -> None:
+    async def refresh(self, slot: ResourceTokens, reason: str, replace: str | None = None) -> None:
+        """Redeem the refresh token for ``slot``'s resource (one caller at a time)."""
         async with self._client_lock:
-            if replace is not None and replace != self._view.token:
+            if replace is not None and replace != slot.token:
                 return  # another delivery already caused a renewal
-            if reason == "expired" and self._token_usable():
+            if reason == "expired" and slot.token_usable():
                 return
-            if self._state == OK:
-                self._set_state(REFRESHING)
-            outcome = await asyncio.to_thread(self.client.refresh)
-            view = await asyncio.to_thread(self.client.view)
+            slot.refreshing()
+            outcome = await asyncio.to_thread(self.client.refresh, slot.scopes)
+            views = await asyncio.to_thread(self._views)
         self.metrics.token_refresh.labels(outcome.kind).inc()
-        if outcome.ok:
-            self._succeed(view, reason)
-        elif outcome.kind == STORAGE and outcome.access_token:
-            self._succeed(view, reason)  # the new tokens are good: use them
-            self._not_saved(outcome.detail)
+        if outcome.ok or (outcome.kind == STORAGE and outcome.access_token):
+            # STORAGE with a token: Entra ID rotated the tokens, the disk did not take
+            # them. They are good: use them, keep them in memory, retry the write.
+            slot.succeed(views[slot.name], reason)
+            for other in self.slots.values():
+                if other is not slot:  # the shared refresh token was rotated
+                    other.rotated(views[other.name].rotated_at)
+            if outcome.kind == STORAGE:
+                self._not_saved(outcome.detail)
+            elif not self.client.unsaved:
+                self._save_failures, self._save_at = 0, math.inf
         elif outcome.kind == NO_ACCOUNT:
-            self._adopt(view)
+            self._adopt(views)
+        elif outcome.kind == REAUTH and outcome.aadsts != CONSENT_MISSING:
+            # The refresh token itself was refused: the sign-in is gone for every
+            # resource. One ERROR line says so, not one per resource.
+            slot.fail(outcome)
+            for other in self.slots.values():
+                if other is not slot:
+                    other.fail(outcome, announce=False)
         else:
-            self._fail(outcome)
-
-    def _succeed(self, view: CacheView, reason: str) -> None:
-        self._failures, self._problem, self._last_refresh = 0, None, time.time()
-        if not self.client.unsaved:
-            self._save_failures, self._save_at = 0, math.inf
-        self._show(view)
-        log.info(
-            "access token renewed",
-            reason=reason,
-            account=view.account,
-            expires_in_seconds=round(view.expires_at - time.time()),
-        )
-        self._set_state(REJECTED if self._state == REJECTED else OK)
-
-    def _fail(self, outcome: Outcome) -> None:
-        self._problem = outcome
-        if outcome.kind == REAUTH:
-            self._view = CacheView(self._view.account, (), None, 0.0, 0.0, self._view.rotated_at)
-            self.metrics.access_token_expiry.set(0)
-            if self._state != REAUTH_REQUIRED:
-                log.error(self._reauth_message(outcome), aadsts=outcome.aadsts)
-            self._set_state(REAUTH_REQUIRED)
-            return
-        self._failures += 1
-        delay = backoff(self._failures, self.oauth.retry_min_delay, self.oauth.retry_max_delay)
-        if outcome.kind == CONFIG:  # only a configuration change helps: retry slowly
-            delay = self.oauth.retry_max_delay
-        self._retry_at = time.time() + delay
-        level = log.error if outcome.kind in (CONFIG, STORAGE) else log.warning
-        level(
-            "cannot use the token cache file; retrying"
-            if outcome.kind == STORAGE
-            else "cannot renew the access token; retrying",
-            problem=outcome.explain(),
-            attempt=self._failures,
-            retry_in_seconds=round(delay, 3),
-        )
-        if not self._token_usable():
-            self._set_state(UNAVAILABLE)
-        elif self._state == REFRESHING:  # the cached token still serves meanwhile
-            self._set_state(OK)
+            slot.fail(outcome)
 
     # --- tokens the cache file could not take ---------------------------------------------
 
     def _not_saved(self, detail: str) -> None:
-        """The refresh worked, the write did not: keep the tokens, retry the write."""
+        """The refresh worked, the write did not: keep the tokens, retry the write (with
+        the refresh backoff), never the redemption."""
         self._save_failures += 1
-        delay = backoff(self._save_failures, self.oauth.retry_min_delay, self.oauth.retry_max_delay)
+        oauth = self.oauth
+        delay = backoff(self._save_failures, oauth.retry_min_delay, oauth.retry_max_delay)
         self._save_at = time.time() + delay
         self._wake.set()  # the refresher's next wake-up is now the write's retry
         log.error(
@@ -395,28 +322,25 @@ class TokenManager:
             log.info("token cache saved", file=str(self.store.cache_path))
         self._save_failures, self._save_at = 0, math.inf
 
-    def _reauth_message(self, outcome: Outcome) -> str:
-        meaning = REAUTH_CODES.get(outcome.aadsts or 0, "the sign-in is no longer valid")
-        return (
-            f"Entra ID refused the refresh token: AADSTS{outcome.aadsts} ({meaning}). "
-            f"Deliveries are paused and mail stays queued. Sign in again: {self.login_command}"
-        )
-
     # --- cache changes --------------------------------------------------------------------
 
-    def _reload(self) -> CacheView:
-        self.client.reload()
-        return self.client.view()
+    def _views(self) -> dict[str, CacheView]:
+        return {name: self.client.view(slot.scopes) for name, slot in self.slots.items()}
 
-    async def _in_thread(self, function: Any) -> CacheView:
+    def _reload(self) -> dict[str, CacheView]:
+        self.client.reload()
+        return self._views()
+
+    async def _in_thread(self, function: Any) -> dict[str, CacheView]:
         async with self._client_lock:
             return await asyncio.to_thread(function)
 
-    def _adopt(self, view: CacheView, startup: bool = False) -> None:
+    def _adopt(self, views: dict[str, CacheView], startup: bool = False) -> None:
         """Take over what the cache file holds (at start, or written by `relayd auth`)."""
-        before = self._state
-        self._show(view)
-        self._failures, self._problem = 0, None
+        before = self._lead.state
+        view = views[self._lead.name]
+        for name, slot in self.slots.items():
+            slot.adopt(views[name])
         if view.account is None:
             if view.others:
                 log.error(
@@ -427,38 +351,26 @@ class TokenManager:
                 log.warning(f"mail stays queued until someone signs in: {self.advice()}")
             elif before != NO_TOKEN:
                 log.info("the token cache no longer holds an account (signed out)")
-            self._set_state(NO_TOKEN)
             return
         if startup:
             log.info("token cache loaded", account=view.account, file=str(self.store.cache_path))
         else:
             log.info("token cache changed by another process; using it", account=view.account)
-        self._set_state(OK if self._token_usable() else REFRESHING)
         self._wake.set()
 
-    def _show(self, view: CacheView) -> None:
-        self._view = view
-        self.metrics.access_token_expiry.set(view.expires_at)
-        if view.rotated_at:
-            self.metrics.refresh_token_rotated.set(view.rotated_at)
+    # --- what the resources report ------------------------------------------------------
 
-    def _token_usable(self) -> bool:
-        """A cached token with a useful time left (a quarter of its life, at most 60 s)."""
-        view = self._view
-        needed = min(60.0, (view.expires_at - view.issued_at) / 4)
-        return view.token is not None and view.expires_at - time.time() > needed
+    def shown(self, slot: ResourceTokens) -> None:
+        """``slot`` took a new view of the cache: export the lead's."""
+        if slot is not self._lead:
+            return
+        self.metrics.access_token_expiry.set(slot.view.expires_at)
+        if slot.view.rotated_at:
+            self.metrics.refresh_token_rotated.set(slot.view.rotated_at)
 
-    # --- state ----------------------------------------------------------------------------
-
-    def _set_state(self, state: str) -> None:
-        if state != self._state:
-            log.debug("auth state", state=state, previous=self._state)
-        self._state = state
-        self.metrics.set_auth_state(state)
-        if state in BLOCKED_STATES:
-            self._usable.clear()
-        else:
-            self._usable.set()
+    def state_changed(self, slot: ResourceTokens) -> None:
+        if slot is self._lead:
+            self.metrics.set_auth_state(slot.state)
         self._state_dirty.set()
 
     async def _state_writer(self) -> None:

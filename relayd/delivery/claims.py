@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import Callable
+from typing import Protocol
 
 import structlog
 
@@ -28,15 +29,22 @@ log = structlog.get_logger("relayd.scheduler")
 CLAIM_BATCH = 32  # messages claimed together in one thread hop, at most
 
 Claimed = tuple[QueuedMessage, Submission, bytes]  # message, submission, original headers
-Prepare = Callable[[Envelope, bytes], tuple[str, bytes]]  # the sender policy
+
+
+class Policy(Protocol):
+    """What a claim needs from the sender policy (``relayd.delivery.policy``)."""
+
+    def prepare(self, envelope: Envelope, content: bytes) -> tuple[str, bytes]: ...
+
+    def upstream_recipients(self, recipients: tuple[str, ...]) -> tuple[str, ...]: ...
 
 
 class Claims:
-    """Claims for one scheduler; ``prepare`` is read on each use (SIGHUP may change it)."""
+    """Claims for one scheduler; ``policy`` is asked each time (SIGHUP may replace it)."""
 
-    def __init__(self, spool: Spool, prepare: Callable[[], Prepare]) -> None:
+    def __init__(self, spool: Spool, policy: Callable[[], Policy]) -> None:
         self.spool = spool
-        self._prepare = prepare
+        self._policy = policy
         self._claiming: asyncio.Future | None = None  # claims running in a thread
         # Claimed in the last hop, not started yet: (id, Claimed, an error, or None).
         self._ahead: collections.deque[tuple[str, object]] = collections.deque()
@@ -108,16 +116,17 @@ class Claims:
         message = self.spool.claim(queue_id)
         if message is None:
             return None
+        policy = self._policy()
         try:
             content = message.read_content()
-            mail_from, prepared = self._prepare()(message.envelope, content)
+            mail_from, prepared = policy.prepare(message.envelope, content)
         except BaseException:
             self.spool.release_claim(message)
             raise
         submission = Submission(
             queue_id=queue_id,
             mail_from=mail_from,
-            recipients=message.pending_recipients,
+            recipients=policy.upstream_recipients(message.pending_recipients),
             content=prepared,
             mail_options=message.envelope.mail_options,
         )

@@ -1,8 +1,11 @@
 """Delivery status notifications (RFC 3464) for recipients that failed for good.
 
 A DSN is an ordinary message relayd queues to the original envelope sender with the
-null reverse-path, so that it is never answered by another DSN (RFC 5321 §6.1 and
-§4.5.5). Its three parts: a text a person can act on, the machine-readable
+null reverse-path, so that relayd never answers it with another DSN (RFC 5321 §6.1
+and §4.5.5). On the way out the sender policy applies as to any message: through
+Exchange Online it leaves with the mailbox as ``MAIL FROM`` and ``From:`` (Exchange
+accepts no other sender); RFC 3834's ``Auto-Submitted`` keeps machines from answering.
+Its three parts: a text a person can act on, the machine-readable
 ``message/delivery-status`` and the original header block (``text/rfc822-headers``,
 RFC 6522 §4), never the body: it may be large and it was already at the sender.
 """

@@ -14,6 +14,16 @@ from collections.abc import Callable
 Clock = Callable[[], float]
 
 
+class Spent:
+    """One spend in a window: when, and how many units still count."""
+
+    __slots__ = ("at", "units")
+
+    def __init__(self, at: float, units: int) -> None:
+        self.at = at
+        self.units = units
+
+
 class SlidingWindow:
     """At most ``limit`` units in any ``window`` seconds; a limit of 0 means no limit.
 
@@ -27,7 +37,7 @@ class SlidingWindow:
         self.limit = limit
         self.window = window
         self._clock = clock
-        self._events: deque[tuple[float, int]] = deque()
+        self._events: deque[Spent] = deque()
         self._used = 0
 
     @property
@@ -56,23 +66,72 @@ class SlidingWindow:
         if must_free <= 0:
             return 0.0
         freed = 0
-        for at, count in self._events:
-            freed += count
+        for event in self._events:
+            freed += event.units
             if freed >= must_free:
-                return max(0.0, at + self.window - now)
+                return max(0.0, event.at + self.window - now)
         return 0.0  # unreachable: everything in the window frees at least must_free
 
-    def spend(self, units: int = 1) -> None:
+    def spend(self, units: int = 1) -> Spent:
+        """Spend ``units`` now; the returned record can give part of them back."""
+        event = Spent(self._clock(), units)
         if self.unlimited or units <= 0:
-            return
-        self._events.append((self._clock(), units))
+            event.units = 0
+            return event
+        self._events.append(event)
         self._used += units
+        return event
+
+    def refund(self, spent: Spent, units: int) -> None:
+        """Give back up to ``units`` of an earlier spend that the upstream never counted.
+
+        The rest of that spend keeps its own time: giving back from a later spend
+        instead would let the window free up before the upstream's own does.
+        """
+        units = min(units, spent.units)
+        if units <= 0:
+            return
+        spent.units -= units
+        self._used -= units
 
     def set_limit(self, limit: int) -> None:
         """SIGHUP: a new limit applies at once to what was already spent."""
         self.limit = limit
 
     def _expire(self, now: float) -> None:
-        while self._events and self._events[0][0] + self.window <= now:
-            _, count = self._events.popleft()
-            self._used -= count
+        while self._events and self._events[0].at + self.window <= now:
+            event = self._events.popleft()
+            self._used -= event.units
+            event.units = 0  # out of the window: nothing left to give back
+
+
+class Reservation:
+    """What one message took from a SendingBudget: one message, its recipients."""
+
+    __slots__ = ("message", "recipients")
+
+    def __init__(self, message: Spent, recipients: Spent) -> None:
+        self.message = message
+        self.recipients = recipients
+
+
+class SendingBudget:
+    """The upstream's two sending limits (Exchange Online: 30 messages a minute,
+    10,000 recipients a day), reserved when a message is claimed and given back for
+    what the upstream never counted."""
+
+    def __init__(self, per_minute: int, per_day: int, clock: Clock = time.monotonic) -> None:
+        self.rate = SlidingWindow(per_minute, 60.0, clock)
+        self.daily = SlidingWindow(per_day, 86_400.0, clock)
+
+    def set_limits(self, per_minute: int, per_day: int) -> None:
+        self.rate.set_limit(per_minute)
+        self.daily.set_limit(per_day)
+
+    def reserve(self, recipients: int) -> Reservation:
+        return Reservation(self.rate.spend(1), self.daily.spend(recipients))
+
+    def give_back(self, reservation: Reservation, messages: int, recipients: int) -> None:
+        """Keep ``messages`` and ``recipients`` of the reservation; return the rest."""
+        self.rate.refund(reservation.message, reservation.message.units - messages)
+        self.daily.refund(reservation.recipients, reservation.recipients.units - recipients)

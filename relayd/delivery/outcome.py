@@ -14,29 +14,32 @@ from dataclasses import dataclass, replace
 
 from relayd.config import RetrySettings
 from relayd.queue.model import DeliveryState, QueuedMessage, received_at_from_id
-from relayd.transports.base import AUTH, QUOTA, SEND_AS_DENIED, Attempt
+from relayd.transports.base import ACCOUNT_REASONS, AUTH, SEND_AS_DENIED, Attempt
 from relayd.units import format_duration
 
 REJECTED = "rejected"  # 5xx from the upstream for the message or a recipient
 EXPIRED = "expired"  # still undeliverable after retry.max_age
 FAIL_REASONS = (REJECTED, EXPIRED)
-# Problems of the relay's own making (its token, its mailbox's quota, its Send As
-# rights): an operator can fix them, so they wait for as long as it takes and never
-# expire into a bounce (the idea of Postfix's smtp_sasl_auth_soft_bounce).
-NEVER_EXPIRE = (AUTH, SEND_AS_DENIED, QUOTA)
+# Problems of the relay's own making (its token, its Send As rights, its mailbox or
+# tenant refused by Exchange: quota, mailbox full, restricted, blocked): an operator
+# can fix them, so they wait for as long as it takes and never expire into a bounce
+# (the idea of Postfix's smtp_sasl_auth_soft_bounce). Where Postfix would bounce a
+# 5xx about its own account, relayd waits: one bounce per queued message would follow.
+NEVER_EXPIRE = (AUTH, SEND_AS_DENIED, *ACCOUNT_REASONS)
 
 AUTH_RECHECK = 1.0  # seconds; see settle()
 
 # --- what happens next -----------------------------------------------------------------
 
 DELIVERED, DEFERRED, FAILED, RELEASED = "delivered", "deferred", "failed", "released"
+HELD = "held"  # to hold/ for an operator, the reason in last_error (relayd queue show)
 
 
 @dataclass(frozen=True)
 class Settlement:
     """The spool action for a finished attempt and the new delivery state."""
 
-    action: str  # DELIVERED | DEFERRED | FAILED | RELEASED
+    action: str  # DELIVERED | DEFERRED | FAILED | RELEASED | HELD
     state: DeliveryState
     next_attempt: float | None = None
     newly_failed: tuple[tuple[str, str], ...] = ()  # recipients to tell the sender about
@@ -58,6 +61,12 @@ def received_at(message: QueuedMessage) -> float:
     return message.envelope.received_at or received_at_from_id(message.queue_id)
 
 
+def life_started(message: QueuedMessage) -> float:
+    """Where retry.max_age and the backoff count from: the arrival, or the operator's
+    requeue of a failed message (`relayd queue retry`, as postsuper -r)."""
+    return max(received_at(message), message.state.requeued_at)
+
+
 def settle(
     message: QueuedMessage,
     attempt: Attempt,
@@ -67,17 +76,30 @@ def settle(
 ) -> Settlement:
     """Decide the message's next state from what the attempt achieved."""
     state = message.state
+    if attempt.hold:
+        # Not a failure and not a retry: nothing will change until a person acts, so
+        # the message waits in hold/ (never expires, never bounces) with the reason.
+        state = replace(
+            state,
+            attempts=state.attempts + (1 if attempt.attempted else 0),
+            last_attempt=now,
+            last_error=attempt.reply,
+            done_recipients=state.done_recipients + attempt.delivered,
+        )
+        return Settlement(HELD, state)
     if not attempt.attempted:
         if attempt.retry_after > 0:
             return Settlement(DEFERRED, state, now + attempt.retry_after)
         return Settlement(RELEASED, state)
-    age = now - received_at(message)
+    age = now - life_started(message)
     newly_failed = attempt.failed
     deferred = attempt.deferred
     if deferred and age >= retry.max_age and attempt.reason not in NEVER_EXPIRE:
         gave_up = f"{attempt.reply} (gave up after {format_duration(round(age))} in the queue)"
         newly_failed += tuple((recipient, gave_up) for recipient in deferred)
         deferred = ()
+    # Only failures the sender has not been told about yet get a DSN.
+    untold = tuple(pair for pair in newly_failed if pair[0] not in state.reported)
     state = replace(
         state,
         attempts=state.attempts + 1,
@@ -85,6 +107,7 @@ def settle(
         last_error=attempt.reply if (deferred or newly_failed) else "",
         done_recipients=state.done_recipients + attempt.delivered,
         failed_recipients=state.failed_recipients + newly_failed,
+        reported=state.reported + tuple(recipient for recipient, _ in untold),
     )
     if deferred:
         if attempt.reason == AUTH:
@@ -93,8 +116,8 @@ def settle(
             delay = min(retry.min_delay, AUTH_RECHECK)
         else:
             delay = max(retry_delay(age, retry, rng), attempt.retry_after)
-        return Settlement(DEFERRED, state, now + delay, newly_failed)
+        return Settlement(DEFERRED, state, now + delay, untold)
     if state.failed_recipients:
         reason = EXPIRED if len(newly_failed) > len(attempt.failed) else REJECTED
-        return Settlement(FAILED, state, None, newly_failed, reason)
-    return Settlement(DELIVERED, state, None, newly_failed)
+        return Settlement(FAILED, state, None, untold, reason)
+    return Settlement(DELIVERED, state, None, untold)

@@ -6,30 +6,47 @@ that, so relayd makes every message acceptable before it leaves:
 
 * the upstream ``MAIL FROM`` is always the mailbox, or the ``From:`` address when
   that address is permitted;
-* with ``upstream.from_rewrite`` (the default), a ``From:`` that is not permitted is
-  replaced by the mailbox, keeping the display name, and the original goes into
-  ``Reply-To:`` when the message has none, so answers still reach the application's
-  people;
-* without it, such a message is refused at the end of DATA (``refusal``) so the
-  application learns at once instead of from a bounce days later.
+* a ``From:`` that is not permitted is replaced by the mailbox, keeping the display
+  name, and the original goes into ``Reply-To:`` when the message has none, so answers
+  still reach the application's people;
+* a message without ``From:`` gets one (RFC 5322 §3.6 wants exactly one), as Postfix's
+  cleanup adds a missing ``From:`` for local clients; ours names the mailbox (or the
+  envelope sender when it is permitted), and a foreign envelope sender goes into
+  ``Reply-To:``;
+* ``From:`` fields after the first (the listener refuses such messages now; these are
+  queued from before) are renamed ``X-Original-From:``, so that the upstream sees one;
+* with ``upstream.from_rewrite: false`` a foreign ``From:`` is refused at the end of
+  DATA instead (``refusal``), so the application learns at once. Mail that is already
+  queued when the setting or ``upstream.send_as`` changes is still rewritten on the way
+  out: it got a ``250``, and Exchange's SendAsDenied is not cured by retrying.
 
-The stored message is never changed: the rewrite happens on the way out, so a
-corrected ``upstream.send_as`` (SIGHUP) applies to mail already queued. Only the
-``From:`` field is replaced; every other byte stays as it is.
+``RCPT TO:<postmaster>`` (RFC 5321 §4.5.1, no domain) is delivered to the mailbox:
+``upstream_recipients`` maps it on the way out and ``envelope_attempt`` tells the result
+for the recipient as queued.
+
+The stored message is never changed: the policy applies on the way out, so a
+corrected ``upstream.send_as`` (SIGHUP) applies to mail already queued. Only ``From:``
+fields change or are added; every other byte stays as it is. What this adds is bounded
+(a new ``From:`` line is at most ``headers.FIELD_LINE_MAX``), inside the room the
+listener keeps for relayd's additions (``headers.ADDED_AT_MOST``).
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from email.utils import formataddr, getaddresses
 
 from relayd import headers
 from relayd.config import UpstreamSettings
 from relayd.queue.model import Envelope
+from relayd.smtp.addresses import is_postmaster
+from relayd.transports.base import Attempt
+
+EXTRA_FROM_NAME = b"X-Original-From"
 
 
 class SenderPolicy:
-    """Decides the upstream envelope sender and the ``From:`` a message leaves with."""
+    """Decides the upstream envelope, and the ``From:`` a message leaves with."""
 
     def __init__(self, upstream: UpstreamSettings) -> None:
         self.mailbox = upstream.mailbox.strip()
@@ -64,44 +81,125 @@ class SenderPolicy:
         """The upstream ``MAIL FROM`` and the content to send."""
         if not self.active:
             return envelope.sender, content
-        addresses = from_addresses(content)
-        if addresses and all(self.permits(address) for address in addresses):
-            return addresses[0], content
-        if addresses and self.rewrite:
-            return self.mailbox, rewrite_from(content, self.mailbox)
-        return self.mailbox, content
+        block = headers.header_block(content)
+        spans = headers.field_spans(block, b"from")
+        if not spans:
+            return self._with_added_from(envelope, content, block)
+        first = _addresses(_field_value(block, spans[0]))
+        if all(self.permits(address) for address in first):
+            mail_from, replacement = first[0], None
+        else:
+            mail_from, replacement = self.mailbox, _rewritten_from(block, spans[0], self.mailbox)
+        if replacement is None and len(spans) == 1:
+            return mail_from, content  # the common case: sent exactly as stored
+        return mail_from, _replace_fields(content, spans, replacement)
+
+    def upstream_recipients(self, recipients: tuple[str, ...]) -> tuple[str, ...]:
+        """The ``RCPT TO`` addresses for the envelope's recipients: ``<postmaster>``
+        (RFC 5321 §4.5.1) is the mailbox, and an address asked for twice goes once."""
+        if not self.active:
+            return recipients
+        return tuple(dict.fromkeys(self._upstream(recipient) for recipient in recipients))
+
+    def envelope_attempt(self, recipients: tuple[str, ...], attempt: Attempt) -> Attempt:
+        """``attempt`` (made for ``upstream_recipients(recipients)``) told for the
+        recipients as queued: each gets the result of the address it was sent to."""
+        if not self.active or not any(is_postmaster(r) for r in recipients):
+            return attempt
+        sent_to = {recipient: self._upstream(recipient) for recipient in recipients}
+        failed = dict(attempt.failed)
+        return dataclasses.replace(
+            attempt,
+            delivered=tuple(r for r in recipients if sent_to[r] in attempt.delivered),
+            failed=tuple((r, failed[sent_to[r]]) for r in recipients if sent_to[r] in failed),
+            deferred=tuple(r for r in recipients if sent_to[r] in attempt.deferred),
+        )
+
+    # --- helpers -------------------------------------------------------------------
+
+    def _upstream(self, recipient: str) -> str:
+        return self.mailbox if is_postmaster(recipient) else recipient
+
+    def _with_added_from(
+        self, envelope: Envelope, content: bytes, block: bytes
+    ) -> tuple[str, bytes]:
+        """The content with a ``From:`` at the end of its header section."""
+        sender = envelope.sender
+        if sender and self.permits(sender):
+            mail_from, added = sender, _from_field("", sender)
+        else:
+            mail_from, added = self.mailbox, _from_field("", self.mailbox)
+            if sender and b"reply-to" not in headers.field_names(block):
+                added += f"Reply-To: <{sender}>\r\n".encode()
+        end = len(block)
+        return mail_from, content[:end] + added + content[end:]
 
 
 def from_addresses(content: bytes) -> list[str]:
-    """The addresses in the ``From:`` field ("" for one that cannot be parsed)."""
-    value = headers.field_value(headers.header_block(content), b"from")
-    if value is None:
-        return []
-    pairs = getaddresses([value.decode("utf-8", "replace")])
-    return [address for _, address in pairs] or [""]
+    """The addresses in every ``From:`` field ("" for one that cannot be parsed)."""
+    block = headers.header_block(content)
+    found: list[str] = []
+    for span in headers.field_spans(block, b"from"):
+        found += _addresses(_field_value(block, span))
+    return found
 
 
 def rewrite_from(content: bytes, mailbox: str) -> bytes:
-    """Replace the ``From:`` field by the mailbox (same display name); keep the
-    original in ``Reply-To:`` unless the message already has one."""
+    """The content with its first ``From:`` replaced by the mailbox (same display name)
+    and the original kept in ``Reply-To:`` unless the message already has one."""
     block = headers.header_block(content)
-    match = _field_span(block, b"from")
-    if match is None:
+    spans = headers.field_spans(block, b"from")
+    if not spans:
         return content
-    original = headers.field_value(block, b"from") or b""
-    pairs = getaddresses([original.decode("utf-8", "replace")])
-    display_name = pairs[0][0] if pairs else ""
-    new_from = f"From: {formataddr((display_name, mailbox), charset='utf-8')}\r\n".encode()
-    added = b""
-    if b"reply-to" not in headers.field_names(block):
-        added = b"Reply-To: " + original + b"\r\n"
-    return content[: match.start()] + new_from + added + content[match.end() :]
+    return _replace_fields(content, spans[:1], _rewritten_from(block, spans[0], mailbox))
 
 
-def _field_span(block: bytes, name: bytes) -> re.Match[bytes] | None:
-    """The first field called ``name`` with its continuation lines and final CRLF."""
-    pattern = re.compile(
-        rb"^" + re.escape(name) + rb"[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*",
-        re.MULTILINE | re.IGNORECASE,
-    )
-    return pattern.search(block)
+def _rewritten_from(block: bytes, span: tuple[int, int], mailbox: str) -> bytes:
+    """The mailbox's ``From:`` (the original display name kept when it fits on one
+    line) and, unless the message has one, a ``Reply-To:`` with the original value
+    exactly as it was written, folding included."""
+    value = _field_value(block, span)
+    pairs = getaddresses([_unfolded(value).decode("utf-8", "replace")])
+    new_from = _from_field(pairs[0][0] if pairs else "", mailbox)
+    if b"reply-to" in headers.field_names(block):
+        return new_from
+    if value.find(b"\r\n") + len(b"Reply-To:") > headers.FIELD_LINE_MAX:
+        # "Reply-To:" is 4 octets longer than "From:": fold after the colon (RFC 5322
+        # §3.2.2 FWS) rather than make a line longer than §2.1.1 allows.
+        value = b"\r\n" + (value if value[:1] in (b" ", b"\t") else b" " + value)
+    return new_from + b"Reply-To:" + value
+
+
+def _replace_fields(content: bytes, spans: list[tuple[int, int]], first: bytes | None) -> bytes:
+    """The first ``From:`` replaced by ``first`` (None: kept), each later one renamed."""
+    start, end = spans[0]
+    pieces = [content[:start], content[start:end] if first is None else first]
+    for extra_start, extra_end in spans[1:]:
+        pieces += [content[end:extra_start], EXTRA_FROM_NAME, content[extra_start + 4 : extra_end]]
+        end = extra_end
+    pieces.append(content[end:])
+    return b"".join(pieces)
+
+
+def _field_value(block: bytes, span: tuple[int, int]) -> bytes:
+    """The raw value of the field at ``span``: after the colon, to its final CRLF."""
+    start, end = span
+    return block[block.index(b":", start) + 1 : end]
+
+
+def _unfolded(value: bytes) -> bytes:
+    return value.replace(b"\r\n", b"").strip()
+
+
+def _addresses(value: bytes) -> list[str]:
+    pairs = getaddresses([_unfolded(value).decode("utf-8", "replace")])
+    return [address for _, address in pairs] or [""]
+
+
+def _from_field(display_name: str, address: str) -> bytes:
+    """``From: name <address>`` on one line; without the name when that line would be
+    longer than RFC 5322 §2.1.1 allows (which also bounds what relayd adds)."""
+    field = f"From: {formataddr((display_name, address), charset='utf-8')}\r\n".encode()
+    if display_name and len(field) > headers.FIELD_LINE_MAX + 2:
+        return _from_field("", address)
+    return field

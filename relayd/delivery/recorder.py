@@ -30,6 +30,7 @@ from relayd.delivery.outcome import (
     DEFERRED,
     DELIVERED,
     FAILED,
+    HELD,
     RELEASED,
     Settlement,
     received_at,
@@ -45,6 +46,7 @@ from relayd.transports.base import Attempt
 log = structlog.get_logger("relayd.scheduler")
 
 FIRST_RECORD_RETRY = 1.0  # seconds; doubles up to retry.min_delay
+HOLD_PARKING = 86_400.0  # seconds; see _apply_batch()
 
 
 class OutcomeRecorder:
@@ -174,8 +176,12 @@ class OutcomeRecorder:
             "delay": round(now - received_at(message), 3),
         }
         if attempt.delivered:
-            self.metrics.messages_delivered.inc()
+            self.metrics.recipients_delivered.inc(len(attempt.delivered))
             log.info("delivered", reply=attempt.reply, recipients=len(attempt.delivered), **fields)
+        if decision.action == DELIVERED:
+            # Once per message, when every recipient is done (over however many
+            # attempts); a message with a recipient that failed counts as failed.
+            self.metrics.messages_delivered.inc()
         if decision.action == DEFERRED:
             self.metrics.messages_deferred.labels(attempt.reason).inc()
             log.info(
@@ -197,13 +203,20 @@ class OutcomeRecorder:
             )
         elif decision.action == RELEASED:
             log.debug("released", reason=attempt.reason, detail=attempt.reply, **fields)
+        elif decision.action == HELD:
+            self.metrics.messages_held.labels(attempt.reason).inc()
+            log.warning("held", reason=attempt.reason, error=attempt.reply, **fields)
 
 
 def _apply_batch(
     spool: Spool, items: list[tuple[QueuedMessage, Settlement]]
 ) -> list[OSError | None]:
     """In the outcomes thread: the spool moves of a batch; one failure stays its own."""
-    return spool.apply([_move(message, decision) for message, decision in items])
+    errors = spool.apply([_move(message, decision) for message, decision in items])
+    for (message, decision), error in zip(items, errors, strict=True):
+        if decision.action == HELD and error is None:
+            _hold(spool, message.queue_id)
+    return errors
 
 
 _MOVES = {DELIVERED: "delivered", DEFERRED: "deferred", FAILED: "failed", RELEASED: "released"}
@@ -212,7 +225,26 @@ _MOVES = {DELIVERED: "delivered", DEFERRED: "deferred", FAILED: "failed", RELEAS
 def _move(message: QueuedMessage, decision: Settlement) -> Move:
     if decision.action in (DEFERRED, FAILED):
         return Move(message, _MOVES[decision.action], decision.state, decision.next_attempt)
+    if decision.action == HELD:
+        # Through deferred/ (the state and its reason written with it), then the
+        # operator's own hold (_apply_batch): a crash between the two leaves it
+        # deferred, and it is held again at its next attempt. Parked far ahead so that
+        # no scan takes it in between.
+        return Move(message, "deferred", decision.state, time.time() + HOLD_PARKING)
     return Move(message, _MOVES[decision.action])
+
+
+def _hold(spool: Spool, queue_id: str) -> None:
+    """A HELD outcome's second step. Failing it is no reason to write the outcome
+    again: the message waits in deferred/ and is held at its next attempt."""
+    try:
+        spool.hold(queue_id)
+    except (OSError, SpoolError) as error:
+        log.error(
+            "cannot hold a message; it is held at its next attempt",
+            queue_id=queue_id,
+            error=str(error),
+        )
 
 
 def _iso(timestamp: float | None) -> str | None:

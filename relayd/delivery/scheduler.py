@@ -1,15 +1,16 @@
 """Which message goes next: new mail at once, deferred mail when due, within the limits.
 
 The queue lives on disk; the scheduler keeps only a bounded set of messages in
-flight (``active``) and a bounded list of ids to take next (``ready``), filled by the
-listener's ``notify`` (no directory scan for new mail) and by scans of the spool
-(start-up, deferred messages coming due, ``wake`` after an operator's change, a
-periodic safety net).
+flight (``active``) and bounded lanes of ids to take next (``relayd.delivery.ready``:
+new mail oldest first and due retries, taking turns), filled by the listener's
+``notify`` (no directory scan for new mail) and by scans of the spool.
 
 Before it claims a message it asks whether the upstream may be used now: not while
-the transport is paused (throttling, unreachable, no token), not beyond the rate
-limit or the daily recipient budget. Excess mail therefore waits in the spool; it
-is never sent only to be refused.
+the transport is paused (throttling, unreachable, no token, the account refused),
+not beyond the rate limit or the daily recipient budget. Excess mail therefore waits
+in the spool; it is never sent only to be refused. A claimed message reserves its
+share of both limits; after the attempt, whatever the upstream never counted (the
+attempt's ``Usage``) is given back.
 
 Each claimed message is delivered by a task, and its ``Attempt`` settled: the spool
 moves it (delivered, deferred until when, failed, released), metrics and one log
@@ -21,33 +22,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import random
-import time
+from collections.abc import Callable
 
 import structlog
 
 from relayd.config import Settings
 from relayd.delivery import dsn
 from relayd.delivery.claims import CLAIM_BATCH, Claims
-from relayd.delivery.limits import SlidingWindow
+from relayd.delivery.limits import Reservation, SendingBudget
 from relayd.delivery.outcome import (
     FAIL_REASONS,
     RELEASED,
 )
 from relayd.delivery.policy import SenderPolicy
+from relayd.delivery.ready import MIN_SCAN_GAP, RESCAN_INTERVAL, ReadySource
 from relayd.delivery.recorder import OutcomeRecorder
 from relayd.ops.metrics import Metrics
 from relayd.queue.model import CorruptMessage, QueuedMessage
 from relayd.queue.spool import Spool
-from relayd.transports.base import DAILY_LIMIT, DEFER_REASONS, LOCAL, Attempt, Submission, Transport
+from relayd.transports.base import (
+    DAILY_LIMIT,
+    DEFER_REASONS,
+    LOCAL,
+    PAUSE_REASONS,
+    Attempt,
+    Submission,
+    Transport,
+)
 
 log = structlog.get_logger("relayd.scheduler")
 
-RESCAN_INTERVAL = 15.0  # safety net: see operator changes and anything missed
-READY_LIMIT = 10_000  # ids kept in memory; beyond, the spool is scanned instead
-SCAN_BATCH = 500
-MIN_SCAN_GAP = 0.05  # never scan the spool in a tight loop
 STOP_SETTLE_TIMEOUT = 10.0
 
 
@@ -68,28 +73,27 @@ class Scheduler:
         self.metrics = metrics
         self._rng = rng or random.Random()  # noqa: S311 (retry jitter, not a secret)
         upstream = settings.upstream
-        self.rate = SlidingWindow(upstream.rate_limit_per_minute, 60.0)
-        self.daily = SlidingWindow(upstream.daily_recipient_limit, 86_400.0)
+        self.budget = SendingBudget(upstream.rate_limit_per_minute, upstream.daily_recipient_limit)
+        self.rate, self.daily = self.budget.rate, self.budget.daily
         self._fqdn = settings.hostname  # resolved once: getfqdn() may block on DNS
         reporter = self._dsn_reporter(settings)
         self.recorder = OutcomeRecorder(spool, metrics, self.notify, reporter)
         self._apply_settings(settings)
         self._active: dict[str, asyncio.Task] = {}
         self._settling: set[asyncio.Task] = set()
-        self._ready: dict[str, None] = {}  # insertion-ordered set
-        self._scan_due_at = 0.0  # monotonic; 0 = scan as soon as the ready list is empty
-        self._last_scan = -MIN_SCAN_GAP
-        self._next_deferred: float | None = None  # wall clock
-        self._finished_during_scan: set[str] | None = None
+        self._ready = ReadySource(spool)  # the ids to take next, bounded and fair
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self.claims = Claims(spool, lambda: self.policy.prepare)
+        self.claims = Claims(spool, lambda: self.policy)
         self._stopping = False
         self._paused: str | None = None
+        self.on_pause: Callable[[str | None, str], None] | None = None  # e.g. status.json
         for reason in DEFER_REASONS:
             metrics.messages_deferred.labels(reason)
         for reason in FAIL_REASONS:
             metrics.messages_failed.labels(reason)
+        for reason in (*PAUSE_REASONS, "other"):
+            metrics.deliveries_paused.labels(reason)
 
     # --- interface -------------------------------------------------------------------
 
@@ -121,16 +125,12 @@ class Scheduler:
         """A message was committed: take it as soon as there is room."""
         if self._stopping:
             return
-        if len(self._ready) < READY_LIMIT:
-            self._ready[queue_id] = None
-        else:
-            self._scan_due_at = 0.0
+        self._ready.notify(queue_id)
         self._wakeup.set()
 
     def wake(self) -> None:
         """Rescan the spool now (an operator released, requeued or deleted something)."""
-        self._scan_due_at = 0.0
-        self._next_deferred = None
+        self._ready.wake()
         self._wakeup.set()
 
     def reconfigure(self, settings: Settings) -> None:
@@ -142,8 +142,8 @@ class Scheduler:
                 configured=settings.upstream.transport,
             )
         self._apply_settings(settings)
-        self.rate.set_limit(settings.upstream.rate_limit_per_minute)
-        self.daily.set_limit(settings.upstream.daily_recipient_limit)
+        upstream = settings.upstream
+        self.budget.set_limits(upstream.rate_limit_per_minute, upstream.daily_recipient_limit)
         self.transport.reconfigure(settings)
         self.wake()
 
@@ -200,8 +200,7 @@ class Scheduler:
             if self.claims.ahead and len(self._active) < self.active_limit:
                 # The pass stopped at a pause or a limit, not for want of a free slot:
                 # what was claimed ahead goes back, first in line.
-                given_back = await self.claims.give_back()
-                self._ready = {**dict.fromkeys(given_back), **self._ready}
+                self._ready.lanes.add_incoming(await self.claims.give_back())
             self._refresh_gauges()
             await self._sleep(pause, wait_for_transport)
 
@@ -227,7 +226,7 @@ class Scheduler:
                     return wait, False
             claim = await self._next_claim()
             if claim is None:
-                return self._idle_time(), False
+                return self._ready.idle_time(), False
             await self._start(*claim)
         return RESCAN_INTERVAL, False  # full: a finishing delivery wakes us
 
@@ -248,58 +247,10 @@ class Scheduler:
             # saying so turn this loop into a busy one.
             await asyncio.sleep(MIN_SCAN_GAP)
 
-    def _idle_time(self) -> float:
-        until_scan = self._scan_due_at - time.monotonic()
-        if self._next_deferred is not None:
-            until_scan = min(until_scan, self._next_deferred - time.time())
-        return max(MIN_SCAN_GAP, until_scan)
-
     async def _next_queue_id(self) -> str | None:
-        # Retries that came due are looked for even while new mail is waiting, and go
-        # first: a steady flow of new mail must not starve them.
-        if self._scan_needed() and (not self._ready or self._deferred_due()):
-            await self._scan()
-        if not self._ready:
-            return None
-        queue_id = next(iter(self._ready))
-        del self._ready[queue_id]
-        return queue_id
-
-    def _scan_needed(self) -> bool:
-        now = time.monotonic()
-        if now - self._last_scan < MIN_SCAN_GAP:
-            return False
-        return self._deferred_due() or now >= self._scan_due_at
-
-    def _deferred_due(self) -> bool:
-        return self._next_deferred is not None and self._next_deferred <= time.time()
-
-    async def _scan(self) -> None:
-        exclude = set(self._active) | set(self._ready)
-        self._finished_during_scan = set()
-        try:
-            found, next_deferred = await asyncio.to_thread(self._find_due, exclude)
-        finally:
-            finished, self._finished_during_scan = self._finished_during_scan, None
-        self._last_scan = time.monotonic()
-        # A message that finished while the scan ran may have been deferred already;
-        # taking it now would ignore its next-attempt time.
-        found = [q for q in found if q not in finished and q not in self._active]
-        self._ready = {**dict.fromkeys(found), **self._ready}
-        self._next_deferred = next_deferred
-        more_waiting = len(found) >= SCAN_BATCH
-        self._scan_due_at = 0.0 if more_waiting else self._last_scan + RESCAN_INTERVAL
-
-    def _find_due(self, exclude: set[str]) -> tuple[list[str], float | None]:
-        """In a thread: due ids, and when the next deferred one not among them is due."""
-        found = self.spool.due(time.time(), SCAN_BATCH, exclude)
-        taken = exclude.union(found)
-        upcoming = (
-            entry.next_attempt
-            for entry in self.spool.entries(("deferred",))
-            if entry.queue_id not in taken and entry.next_attempt is not None
-        )
-        return found, min(upcoming, default=None)
+        # Retries that came due are looked for even while new mail is waiting, and
+        # take turns with it (ReadyQueue): a backlog of new mail must not starve them.
+        return await self._ready.next(self._active)
 
     # --- one message -------------------------------------------------------------------
 
@@ -313,6 +264,7 @@ class Scheduler:
         if not isinstance(claimed, tuple):
             return  # somebody else took it (operator) or it is not due any more
         message, submission, original_headers = claimed
+        reserved: Reservation | None = None
         if self.transport.rate_limited:
             wanted = len(submission.recipients)
             wait = self.daily.wait_time(wanted)
@@ -321,9 +273,9 @@ class Scheduler:
                 postponed = Attempt.not_attempted(submission.recipients, DAILY_LIMIT, text, wait)
                 self._track(message.queue_id, self._conclude(message, postponed, b""))
                 return
-            self.daily.spend(wanted)
-            self.rate.spend(1)
-        self._track(message.queue_id, self._deliver(message, submission, original_headers))
+            reserved = self.budget.reserve(wanted)
+        work = self._deliver(message, submission, original_headers, reserved)
+        self._track(message.queue_id, work)
 
     async def _next_claim(self) -> tuple[str, object] | None:
         """The next message to start, claimed in a thread (``relayd.delivery.claims``);
@@ -334,7 +286,8 @@ class Scheduler:
             first = await self._next_queue_id()
             if first is None:
                 return None
-            await self.claims.claim([first, *self._take_ready(self._claim_room() - 1)])
+            more = (self._ready.lanes.pop() for _ in range(self._claim_room() - 1))
+            await self.claims.claim([first, *itertools.takewhile(bool, more)])
         return self.claims.pop()
 
     def _claim_room(self) -> int:
@@ -343,12 +296,6 @@ class Scheduler:
             room = min(room, self.rate.remaining(), self.daily.remaining())
         return max(1, min(int(room), CLAIM_BATCH))
 
-    def _take_ready(self, count: int) -> list[str]:
-        taken = list(itertools.islice(self._ready, max(0, count)))
-        for queue_id in taken:
-            del self._ready[queue_id]
-        return taken
-
     def _track(self, queue_id: str, work) -> None:
         task = asyncio.create_task(work, name=f"deliver-{queue_id}")
         self._active[queue_id] = task
@@ -356,14 +303,17 @@ class Scheduler:
 
     def _finished(self, queue_id: str, task: asyncio.Task) -> None:
         self._active.pop(queue_id, None)
-        if self._finished_during_scan is not None:
-            self._finished_during_scan.add(queue_id)
+        self._ready.finished(queue_id)
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed", queue_id=queue_id, error=repr(task.exception()))
         self._wakeup.set()
 
     async def _deliver(
-        self, message: QueuedMessage, submission: Submission, original_headers: bytes
+        self,
+        message: QueuedMessage,
+        submission: Submission,
+        original_headers: bytes,
+        reserved: Reservation | None = None,
     ) -> None:
         try:
             if submission.recipients:
@@ -376,7 +326,17 @@ class Scheduler:
         except Exception as error:
             log.exception("unexpected delivery error", queue_id=message.queue_id)
             attempt = Attempt.deferred_all(submission.recipients, LOCAL, f"internal error: {error}")
+        self._give_back(reserved, attempt)
+        # Told for the recipients as queued (<postmaster> went to the mailbox).
+        attempt = self.policy.envelope_attempt(message.pending_recipients, attempt)
         await self._conclude(message, attempt, original_headers)
+
+    def _give_back(self, reserved: Reservation | None, attempt: Attempt) -> None:
+        """Return the budget the upstream never counted (a connection that failed, a
+        432, a refused MAIL or DATA command), so mail does not wait behind it."""
+        spent = attempt.spent
+        if reserved is not None and spent is not None:
+            self.budget.give_back(reserved, spent.messages, spent.recipients)
 
     async def _conclude(self, message: QueuedMessage, attempt: Attempt, original: bytes) -> None:
         """Record the outcome; once it is known, even a shutdown does not interrupt that."""
@@ -395,10 +355,10 @@ class Scheduler:
         if decision is None:
             return
         if decision.action == RELEASED:
-            self._scan_due_at = 0.0  # it is queued again: find it once unblocked
+            self._ready.rescan_soon()  # it is queued again: find it once unblocked
         elif decision.next_attempt is not None:
             # Come back for it when it is due (the periodic scan is only a safety net).
-            self._next_deferred = min(self._next_deferred or math.inf, decision.next_attempt)
+            self._ready.come_back_at(decision.next_attempt)
 
     # --- pauses and gauges --------------------------------------------------------
 
@@ -411,8 +371,13 @@ class Scheduler:
         else:
             log.warning("deliveries paused", reason=reason, detail=detail)
         self._paused = reason
+        if self.on_pause is not None:
+            self.on_pause(reason, detail)
 
     def _refresh_gauges(self) -> None:
+        paused = self._paused if self._paused in (None, *PAUSE_REASONS) else "other"
+        for reason in (*PAUSE_REASONS, "other"):
+            self.metrics.deliveries_paused.labels(reason).set(1 if reason == paused else 0)
         self.metrics.upstream_circuit_open.set(1 if self.circuit_open else 0)
         self.metrics.rate_limit_tokens.set(self.rate.remaining())
         self.metrics.daily_recipients_used.set(self.daily.used())

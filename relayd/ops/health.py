@@ -1,9 +1,13 @@
 """HTTP on metrics.address:metrics.port: /metrics, /healthz and /readyz.
 
-A deliberately small HTTP/1.x server on the daemon's own event loop (asyncio
-streams): one request per connection, GET and HEAD only, the request head bounded in
-size and in time, and a bounded number of connections, so a slow or hostile client
-can neither hold the endpoint nor grow the daemon's memory.
+aiohttp's HTTP server, the library relayd's Graph client uses too (one HTTP library in
+both directions), on the daemon's own event loop: one request per connection, GET and
+HEAD only. aiohttp parses; a thin guard in front of each connection keeps the limits
+the endpoint has always had, so a slow or hostile client can neither hold it nor grow
+the daemon's memory: the request head bounded in size (MAX_REQUEST_BYTES in all,
+MAX_HEADER_LINES lines: 431) and in time (REQUEST_TIMEOUT: 408, and as long again to
+take the answer), and at most MAX_CONNECTIONS connections (503 beyond; a flood of
+twice as many is cut off without a word).
 
 - ``/metrics``: the Prometheus text format, or OpenMetrics when the scraper asks for it
   (``Accept``), gzip when accepted.
@@ -19,6 +23,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +32,7 @@ from http import HTTPStatus
 from typing import Any, Protocol
 
 import structlog
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
@@ -38,21 +44,11 @@ MAX_CONNECTIONS = 16
 REQUEST_TIMEOUT = 5.0  # seconds to send the request head, and again to take the answer
 LINGER_BYTES = 65536  # what a refused client may still send before we hang up
 _METHODS = ("GET", "HEAD")
-
-
-class BadRequest(Exception):
-    """The request head cannot be understood; answered with ``status``."""
-
-    def __init__(self, status: HTTPStatus, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str] = field(default_factory=dict)
+# aiohttp logs a malformed request with its traceback at ERROR; the client gets its 400
+# and the daemon's log stays about mail.
+_AIOHTTP_LOG = logging.getLogger("relayd.health.aiohttp")
+_AIOHTTP_LOG.addHandler(logging.NullHandler())
+_AIOHTTP_LOG.propagate = False
 
 
 @dataclass
@@ -141,8 +137,9 @@ class HealthServer:
         self.request_timeout = request_timeout
         self.max_connections = max_connections
         self._server: asyncio.Server | None = None
-        self._connections: dict[asyncio.Task, asyncio.StreamWriter] = {}
-        self._routes: dict[str, Callable[[Request], Any]] = {
+        self._http: web.Server | None = None
+        self._guards: set[_Guard] = set()
+        self._routes: dict[str, Callable[[web.BaseRequest], Any]] = {
             "/metrics": self._metrics,
             "/healthz": self._healthz,
             "/readyz": self._readyz,
@@ -154,11 +151,25 @@ class HealthServer:
         assert self._server is not None and self._server.sockets
         return self._server.sockets[0].getsockname()[1]
 
+    @property
+    def connection_count(self) -> int:
+        """Connections open now, served or being refused."""
+        return len(self._guards)
+
     async def start(self) -> None:
+        self._http = web.Server(
+            self._handle,
+            max_line_size=MAX_REQUEST_BYTES,
+            max_field_size=MAX_REQUEST_BYTES,
+            max_headers=MAX_HEADER_LINES,
+            keepalive_timeout=0,  # one request per connection
+            lingering_time=self.request_timeout,
+            access_log=None,
+            logger=_AIOHTTP_LOG,
+        )
+        loop = asyncio.get_running_loop()
         try:
-            self._server = await asyncio.start_server(
-                self._accept, self.address, self.port, limit=MAX_REQUEST_BYTES
-            )
+            self._server = await loop.create_server(self._connection, self.address, self.port)
         except OSError as error:
             reason = os.strerror(error.errno) if error.errno else str(error)
             where = f"{self._url_host()}:{self.port}"
@@ -171,63 +182,39 @@ class HealthServer:
         if self._server is None:
             return
         self._server.close()
-        # Hang up on clients still sending (cancelling their tasks instead makes
-        # asyncio's stream callback log a spurious CancelledError in Python 3.11).
-        for writer in self._connections.values():
-            writer.transport.abort()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        for guard in list(self._guards):  # hang up on clients still sending
+            guard.abort()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._server.wait_closed(), 1.0)
         self._server = None
 
     # --- connections -------------------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if len(self._connections) >= 2 * self.max_connections:
-            writer.transport.abort()  # a flood: not even a refusal
-            return
-        self._connections[task] = writer
-        try:
-            if len(self._connections) > self.max_connections:
-                await self._reply(reader, writer, _text(HTTPStatus.SERVICE_UNAVAILABLE, "busy\n"))
-            else:
-                await self._serve(reader, writer)
-        finally:
-            del self._connections[task]
+    def _connection(self) -> asyncio.Protocol:
+        assert self._http is not None
+        return _Guard(self, self._http())
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(_read_request(reader), self.request_timeout)
-        except TimeoutError:
-            timeout = _text(HTTPStatus.REQUEST_TIMEOUT, "request timeout\n")
-            await self._reply(reader, writer, timeout)
-            return
-        except BadRequest as error:
-            await self._reply(reader, writer, _text(error.status, f"{error}\n"))
-            return
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.transport.abort()  # the client went away before finishing its request
-            return
+    def opened(self, guard: _Guard) -> str:
+        """A new connection: "serve", "busy" (answer 503) or "drop" (a flood)."""
+        self._guards.add(guard)
+        if len(self._guards) > 2 * self.max_connections:
+            return "drop"
+        return "busy" if len(self._guards) > self.max_connections else "serve"
+
+    def closed(self, guard: _Guard) -> None:
+        self._guards.discard(guard)
+
+    # --- requests ------------------------------------------------------------------
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         response = await self._respond(request)
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers["Server"] = "relayd"
+        response.force_close()  # one request per connection keeps state away
         log.debug("http request", method=request.method, path=request.path, status=response.status)
-        await self._reply(reader, writer, response, head_only=request.method == "HEAD")
+        return response
 
-    async def _reply(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        response: Response,
-        head_only: bool = False,
-    ) -> None:
-        """Send and close, within the timeout: a client that does not read is cut off."""
-        try:
-            await asyncio.wait_for(_send(reader, writer, response, head_only), self.request_timeout)
-        except TimeoutError:
-            writer.transport.abort()
-
-    async def _respond(self, request: Request) -> Response:
+    async def _respond(self, request: web.BaseRequest) -> web.Response:
         route = self._routes.get(request.path)
         if route is None:
             return _text(HTTPStatus.NOT_FOUND, "not found; try /metrics, /healthz or /readyz\n")
@@ -243,121 +230,172 @@ class HealthServer:
 
     # --- routes ------------------------------------------------------------------
 
-    async def _metrics(self, request: Request) -> Response:
+    async def _metrics(self, request: web.BaseRequest) -> web.Response:
         self.before_scrape()
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
         # Collecting reads /proc and renders every series: a thread keeps the loop free.
         body = await asyncio.to_thread(encoder, self.registry)
-        response = Response(HTTPStatus.OK, body, content_type)
+        response = web.Response(status=HTTPStatus.OK, body=body)
         if gzip_accepted(request.headers.get("accept-encoding", "")):
             response.body = gzip.compress(body)
             response.headers["Content-Encoding"] = "gzip"
+        response.headers["Content-Type"] = content_type
         return response
 
-    async def _healthz(self, request: Request) -> Response:
+    async def _healthz(self, request: web.BaseRequest) -> web.Response:
         return _text(HTTPStatus.OK, "ok\n")
 
-    async def _readyz(self, request: Request) -> Response:
+    async def _readyz(self, request: web.BaseRequest) -> web.Response:
         ready, body = self.readiness()
         status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
-        return Response(status, json.dumps(body).encode() + b"\n", "application/json")
+        response = web.Response(status=status, body=json.dumps(body).encode() + b"\n")
+        response.headers["Content-Type"] = "application/json"
+        return response
 
     def _url_host(self) -> str:
         return f"[{self.address}]" if ":" in self.address else self.address
 
 
-# --- HTTP/1.x framing --------------------------------------------------------------------
-
-
-async def _read_request(reader: asyncio.StreamReader) -> Request:
-    """Read the request line and headers (RFC 9112 §2-§5); any body is ignored."""
-    head = _HeadReader(reader)
-    parts = (await head.line()).split(" ")
+def _head_problem(head: bytes) -> str | None:
+    """Why a complete request head is refused before aiohttp sees it (RFC 9112 §3, §5):
+    aiohttp accepts more (absolute targets, HTTP/0.9, bytes beyond ASCII) and answers
+    what it refuses with the request line echoed back."""
+    if not head.isascii():
+        return "request head is not ASCII"
+    request_line, *fields = head.decode("ascii").split("\r\n")
+    parts = request_line.split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise BadRequest(HTTPStatus.BAD_REQUEST, "malformed request line")
-    method, target, _ = parts
-    if not target.startswith("/"):
-        raise BadRequest(HTTPStatus.BAD_REQUEST, "request target must be a path")
-    headers: dict[str, str] = {}
-    for _ in range(MAX_HEADER_LINES):
-        line = await head.line()
-        if not line:
-            return Request(method, target.split("?", 1)[0], headers)
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
-            raise BadRequest(HTTPStatus.BAD_REQUEST, "malformed header line")
-        headers[name.lower()] = value.strip()
-    raise BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many header lines")
+        return "malformed request line"
+    if not parts[1].startswith("/"):
+        return "request target must be a path"
+    for line in fields:
+        name, colon, _ = line.partition(":")
+        if line and (not colon or not name or name != name.strip()):
+            return "malformed header line"
+    return None
 
 
-class _HeadReader:
-    """Lines of a request head, at most MAX_REQUEST_BYTES in all (the stream's own
-    limit bounds one line; this bounds their sum)."""
-
-    def __init__(self, reader: asyncio.StreamReader) -> None:
-        self.reader = reader
-        self.remaining = MAX_REQUEST_BYTES
-
-    async def line(self) -> str:
-        too_large = BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
-        try:
-            raw = await self.reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError:
-            raise too_large from None
-        self.remaining -= len(raw)
-        if self.remaining < 0:
-            raise too_large
-        try:
-            return raw.rstrip(b"\r\n").decode("ascii")
-        except UnicodeDecodeError:
-            raise BadRequest(HTTPStatus.BAD_REQUEST, "request head is not ASCII") from None
+def _text(status: HTTPStatus, text: str) -> web.Response:
+    response = web.Response(status=status, body=text.encode())
+    response.headers["Content-Type"] = "text/plain; charset=utf-8"
+    return response
 
 
-def _text(status: HTTPStatus, text: str) -> Response:
-    return Response(status, text.encode())
+def _canned(status: HTTPStatus, text: str) -> bytes:
+    """A refusal sent before aiohttp has a request to answer (limits, busy)."""
+    body = text.encode()
+    head = (
+        f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n"
+    )
+    return head.encode() + body
 
 
-async def _send(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    response: Response,
-    head_only: bool = False,
-) -> None:
-    """Write the response and close: one request per connection keeps state away."""
-    headers = {
-        "Content-Type": response.content_type,
-        "Content-Length": str(len(response.body)),
-        "Connection": "close",
-        "Cache-Control": "no-store",
-        **response.headers,
-    }
-    head = f"HTTP/1.1 {response.status.value} {response.status.phrase}\r\n"
-    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
-    try:
-        writer.write(head.encode() + (b"" if head_only else response.body))
-        await writer.drain()
-        await _linger(reader, writer)
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+class _Guard(asyncio.Protocol):
+    """In front of aiohttp's protocol for one connection: counts the connection, bounds
+    the request head in bytes, lines and time, and bounds the time to take the answer.
 
-
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Half-close, then drop what the client still sends until it closes too.
-
-    Closing a socket with unread input resets the connection, and the reset can
-    overtake the answer (a refusal sent before the request was read, like 431 or
-    "busy"). The caller's timeout bounds the wait; LINGER_BYTES bounds the reading.
+    Bytes are handed to aiohttp only once the head so far is within its budget, so a
+    refused request never reaches it; a refusal is written here, then the connection
+    half-closes and drops what the client still sends (a close with unread input
+    resets the connection, and the reset can overtake the answer).
     """
-    if not writer.can_write_eof():
-        return
-    writer.write_eof()
-    discarded = 0
-    while discarded < LINGER_BYTES:
-        chunk = await reader.read(4096)
-        if not chunk:
+
+    def __init__(self, owner: HealthServer, inner: asyncio.Protocol) -> None:
+        self.owner, self.inner = owner, inner
+        self.transport: asyncio.Transport | None = None
+        self._head = bytearray()  # the request head so far, until its blank line
+        self._head_done = False
+        self._refused = False
+        self._discarded = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        verdict = self.owner.opened(self)
+        if verdict == "drop":
+            transport.abort()  # type: ignore[attr-defined]
             return
-        discarded += len(chunk)
+        self._timer = asyncio.get_running_loop().call_later(
+            self.owner.request_timeout, self._timed_out
+        )
+        if verdict == "busy":
+            self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "busy\n")
+            return
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            self._discarded += len(data)
+            if self._discarded > LINGER_BYTES:
+                self.abort()
+            return
+        if self._head_done:
+            self.inner.data_received(data)
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        head = self._head if end < 0 else self._head[: end + 4]
+        if len(head) > MAX_REQUEST_BYTES or head.count(b"\n") > MAX_HEADER_LINES + 1:
+            self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large\n")
+        elif end >= 0:
+            self._head_done = True
+            self._restart_timer()  # now as long again to send the answer
+            problem = _head_problem(bytes(head))
+            if problem:
+                self._refuse(HTTPStatus.BAD_REQUEST, f"{problem}\n")
+                return
+            received, self._head = bytes(self._head), bytearray()
+            self.inner.data_received(received)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            self.abort()
+            return None
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.closed(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self._refused or self._forwarded():
+            self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    # --- limits ------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _forwarded(self) -> bool:
+        return getattr(self.inner, "transport", None) is not None
+
+    def _restart_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(self.owner.request_timeout, self.abort)
+
+    def _timed_out(self) -> None:
+        if self._head_done or self._refused:
+            self.abort()
+        else:
+            self._refuse(HTTPStatus.REQUEST_TIMEOUT, "request timeout\n")
+
+    def _refuse(self, status: HTTPStatus, text: str) -> None:
+        assert self.transport is not None
+        self._refused = True
+        self.transport.write(_canned(status, text))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+        self._restart_timer()

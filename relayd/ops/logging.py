@@ -180,12 +180,63 @@ def _redacting(renderer: Callable[..., Any]) -> Callable[..., Any]:
     return render
 
 
+# sd-daemon(3) priority prefixes: journald (SyslogLevelPrefix=, on by default) reads a
+# leading "<N>" on each line of a service's stderr as its syslog priority and strips it.
+SYSLOG_PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+_RECORD_LEVELS = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+    logging.CRITICAL: "critical",
+}
+
+
+def is_journal_stream(stream: TextIO) -> bool:
+    """Whether ``stream`` is the journal: systemd sets $JOURNAL_STREAM to the
+    "device:inode" of the stream it connected to stdout/stderr (systemd.exec(5));
+    stderr redirected elsewhere (a file, a pipe) keeps the variable but not the inode."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        status = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a test's StringIO)
+        return False
+    return (status.st_dev, status.st_ino) == (int(device), int(inode))
+
+
+def priority_prefix(level: str, stream: TextIO) -> str:
+    """ "<N>" for a line at ``level`` when ``stream`` is the journal, else ""."""
+    return f"<{SYSLOG_PRIORITIES[level]}>" if is_journal_stream(stream) else ""
+
+
+def _prefixes(stream: TextIO) -> dict[str, str]:
+    if not is_journal_stream(stream):
+        return {}
+    return {level: f"<{number}>" for level, number in SYSLOG_PRIORITIES.items()}
+
+
+def _prefixed(text: str, prefix: str) -> str:
+    """Every physical line carries the prefix: journald reads each line on its own."""
+    return prefix + text.replace("\n", "\n" + prefix) if prefix else text
+
+
 class _ScrubbedStreamHandler(logging.StreamHandler):
     """A StreamHandler whose own error report cannot print a record's raw arguments.
 
     The standard handler prints the message and its arguments to stderr when a record
     fails to format (a library's bad format string); those arguments may be a token.
+    Under systemd each line starts with its priority prefix (``prefixes``).
     """
+
+    prefixes: dict[str, str] = {}  # noqa: RUF012 (replaced whole by configure())
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        level = _RECORD_LEVELS.get(record.levelno, "critical" if record.levelno > 40 else "debug")
+        return _prefixed(text, self.prefixes.get(level, ""))
 
     def handleError(self, record: logging.LogRecord) -> None:
         error = sys.exc_info()[1]
@@ -211,9 +262,12 @@ class _Sink:
 
     def __init__(self) -> None:
         self.stream: TextIO = sys.stderr
+        self.prefixes: dict[str, str] = {}  # by level, when the stream is the journal
         self._lock = threading.Lock()
 
-    def write(self, line: str) -> None:
+    def write(self, line: str, level: str = "info") -> None:
+        if self.prefixes:
+            line = _prefixed(line, self.prefixes[level])
         with self._lock:
             try:
                 self.stream.write(line + "\n")
@@ -232,10 +286,24 @@ class _LineLogger:
     def __init__(self, name: str = "relayd") -> None:
         self.name = name
 
-    def _write(self, line: str) -> None:
-        _SINK.write(line)
+    def debug(self, line: str) -> None:
+        _SINK.write(line, "debug")
 
-    debug = info = warning = warn = error = critical = fatal = msg = _write
+    def info(self, line: str) -> None:
+        _SINK.write(line, "info")
+
+    def warning(self, line: str) -> None:
+        _SINK.write(line, "warning")
+
+    def error(self, line: str) -> None:
+        _SINK.write(line, "error")
+
+    def critical(self, line: str) -> None:
+        _SINK.write(line, "critical")
+
+    msg = info
+    warn = warning
+    fatal = critical
 
 
 def _add_logger_name(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> Any:
@@ -300,6 +368,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     )
     handler = _ScrubbedStreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.prefixes = _prefixes(stream)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     # Libraries must not print around the pipeline: their own handlers go, warnings
@@ -310,6 +379,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         library.propagate = True
     logging.captureWarnings(True)
     _SINK.stream = stream
+    _SINK.prefixes = _prefixes(stream)
     structlog.configure(
         processors=[
             _drop_below_threshold,

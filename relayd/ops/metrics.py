@@ -40,6 +40,7 @@ REJECT_REASONS = (
     "sender_policy",
 )
 QUEUE_STATES = ("incoming", "active", "deferred", "hold", "failed")
+HELD_REASONS = ("too_big",)  # relayd.transports.base.HELD_REASONS (below it in the layers)
 
 _ENHANCED_CODE = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -86,7 +87,14 @@ class Metrics:
 
         # Delivering
         self.messages_delivered = Counter(
-            "relayd_messages_delivered", "Messages delivered upstream", registry=r
+            "relayd_messages_delivered",
+            "Messages delivered to every recipient, each counted once, when it is done",
+            registry=r,
+        )
+        self.recipients_delivered = Counter(
+            "relayd_recipients_delivered",
+            "Recipients the upstream accepted a message for, each counted once",
+            registry=r,
         )
         self.messages_deferred = Counter(
             "relayd_messages_deferred",
@@ -107,6 +115,19 @@ class Metrics:
             "relayd_delivery_duration_seconds",
             "Upstream SMTP transaction time per message",
             buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_ambiguous = Counter(
+            "relayd_upstream_ambiguous",
+            "Messages whose final reply never came (connection lost, timed out or"
+            " unreadable after the final dot): they may have been delivered; sent again",
+            registry=r,
+        )
+        self.deliveries_paused = Gauge(
+            "relayd_deliveries_paused",
+            "1 for the reason no delivery starts now (throttled, connection, timeout, auth,"
+            " daily_limit, quota, mailbox_full, account_restricted, tenant_blocked)",
+            ["reason"],
             registry=r,
         )
         self.upstream_connections = Gauge(
@@ -167,6 +188,37 @@ class Metrics:
             "relayd_token_refresh", "Token refresh attempts by result", ["result"], registry=r
         )
 
+        # Microsoft Graph (upstream.transport graph or auto)
+        self.messages_held = Counter(
+            "relayd_messages_held",
+            "Messages moved to hold/ for an operator, by reason (too_big: over Graph's"
+            " request limit with no other way to send it)",
+            ["reason"],
+            registry=r,
+        )
+        self.graph_responses = Counter(
+            "relayd_graph_responses",
+            "Microsoft Graph HTTP answers by status (error: no answer)",
+            ["status"],
+            registry=r,
+        )
+        self.upstream_transport = Gauge(
+            "relayd_upstream_transport",
+            "1 for the way mail leaves now (smtp or graph; auto moves between them)",
+            ["transport"],
+            registry=r,
+        )
+        self.transport_switches = Counter(
+            "relayd_upstream_transport_switches",
+            "Moves of upstream.transport auto between SMTP and Graph, by destination",
+            ["to"],
+            registry=r,
+        )
+        for reason in HELD_REASONS:
+            self.messages_held.labels(reason)
+        for destination in ("smtp", "graph"):
+            self.transport_switches.labels(destination)
+
         for state in QUEUE_STATES:
             self.queue_messages.labels(state)
         for reason in REJECT_REASONS:
@@ -179,10 +231,29 @@ class Metrics:
     def upstream_reply(self, code: int, message: str) -> None:
         self.upstream_replies.labels(enhanced_code_class(code, message)).inc()
 
+    def graph_response(self, status: int | None) -> None:
+        self.graph_responses.labels(graph_status_label(status)).inc()
+
+    def using_transport(self, name: str) -> None:
+        for known in ("smtp", "graph"):
+            self.upstream_transport.labels(known).set(1 if known == name else 0)
+
     def set_auth_state(self, state: str) -> None:
         for known in AUTH_STATES:
             self.auth_state.labels(known).set(1 if known == state else 0)
         self.auth_healthy.set(1 if state in HEALTHY_AUTH_STATES else 0)
+
+
+# Graph's answers that mean something to relayd; any other is counted by its class.
+GRAPH_STATUSES = (200, 201, 202, 204, 400, 401, 403, 404, 413, 429, 500, 503, 504)
+
+
+def graph_status_label(status: int | None) -> str:
+    if status is None:
+        return "error"
+    if status in GRAPH_STATUSES:
+        return str(status)
+    return f"{str(status)[:1]}xx" if 100 <= status < 600 else "other"
 
 
 def enhanced_code_class(code: int, message: str) -> str:

@@ -20,7 +20,17 @@ EVERY_KEY = "*"
 RESTART_ONLY: dict[str, tuple[str, ...]] = {
     "listen": ("address", "port"),
     "spool": (EVERY_KEY,),
-    "upstream": ("transport", "host", "port", "tls", "mailbox", "ca_file", "maildir"),
+    "upstream": (
+        "transport",
+        "host",
+        "port",
+        "tls",
+        "mailbox",
+        "ca_file",
+        "maildir",
+        "graph_url",  # the Graph client's session is made for one host
+        "graph_large_messages",  # decides which permissions the token manager asks for
+    ),
     "oauth": (EVERY_KEY,),
     "metrics": (EVERY_KEY,),
     "logging": ("format",),

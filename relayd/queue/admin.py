@@ -1,10 +1,12 @@
-"""`relayd queue …`: list, show, retry, hold, release, delete and purge queued mail.
+"""`relayd queue …`: list, show, shape, retry, hold, release, delete and purge queued mail.
 
-Postfix's postqueue/postsuper for relayd. Every change is one of spool.py's atomic
-renames, so the command and a running daemon never act on the same message at once:
-whoever renames a file out of a directory owns it, and a message in active/ belongs to
-a delivery worker until its attempt ends. After a change the running daemon is sent
-SIGUSR1 to rescan the spool (see relayd.ops.pidfile for how it is found safely).
+Postfix's postqueue/postsuper/postcat/qshape for relayd. Every change is one of
+spool.py's atomic renames, so the command and a running daemon never act on the same
+message at once: whoever renames a file out of a directory owns it, and a message in
+active/ belongs to a delivery worker until its attempt ends. After a change the running
+daemon is sent SIGUSR1 to rescan the spool (see relayd.ops.pidfile for how it is found
+safely). The messages a change applies to are ids, ids on standard input (``-``), or a
+selection (``--all``, ``--state``, ``--sender``, ``--recipient``, ``--older-than``).
 """
 
 from __future__ import annotations
@@ -13,28 +15,32 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from relayd import headers
 from relayd.config import Settings
 from relayd.ops.pidfile import PID_FILE_NAME, signal_daemon
-from relayd.queue.model import (
-    STATES,
-    DeliveryState,
-    Envelope,
-    NotFound,
-    QueuedMessage,
-    QueueEntry,
-    SpoolError,
-    received_at_from_id,
-)
+from relayd.queue import listing as show_as
+from relayd.queue import shape as qshape
+from relayd.queue.listing import Listing, human_age, human_size
+from relayd.queue.model import PENDING_STATES, STATES, NotFound, SpoolError
+from relayd.queue.select import Filters, expand_ids
 from relayd.queue.spool import Spool
+from relayd.queue.why import deliveries_note
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# What each change applies to when only --all or filters say which messages.
+DEFAULT_STATES = {
+    "hold": ("incoming", "deferred"),
+    "release": ("hold",),
+    "retry": ("deferred",),
+    "delete": ("incoming", "deferred", "hold", "failed"),
+}
+CONFIRM_LISTED = 20  # a confirmation names at most this many messages
 
 
 def run(settings: Settings, command: Callable[[QueueAdmin], int]) -> int:
@@ -58,36 +64,37 @@ class AdminError(Exception):
 
 
 @dataclass(frozen=True)
-class Listing:
-    """One message as `relayd queue list` shows it."""
+class Target:
+    """Which messages a change applies to: ``ids`` (``-`` reads them from standard
+    input), or every message that ``filters`` match (``everything``: --all)."""
 
-    entry: QueueEntry
-    envelope: Envelope | None
-    state: DeliveryState
+    ids: Sequence[str] = ()
+    filters: Filters = field(default_factory=Filters)
+    everything: bool = False
 
-    def as_json(self, now: float) -> dict:
-        envelope = self.envelope
-        return {
-            "id": self.entry.queue_id,
-            "state": self.entry.state,
-            "age": round(now - self.entry.received_at, 3),
-            "received_at": iso_time(self.entry.received_at),
-            "sender": envelope.sender if envelope else None,
-            "recipient_count": len(envelope.recipients) if envelope else None,
-            "size": self.entry.size,
-            "attempts": self.state.attempts,
-            "last_error": self.state.last_error or None,
-            "next_attempt": iso_time(self.entry.next_attempt),
-        }
+    def check(self) -> None:
+        selection = self.everything or self.filters.given
+        if bool(self.ids) == selection:
+            raise AdminError(
+                "give message IDs (or - to read them from standard input), or select"
+                " messages with --all, --state, --sender, --recipient, --older-than",
+                EXIT_USAGE,
+            )
 
 
 class QueueAdmin:
     """The queue commands. Each returns the process exit status."""
 
     def __init__(
-        self, spool: Spool, *, out: TextIO | None = None, stdin: TextIO | None = None
+        self,
+        spool: Spool,
+        *,
+        settings: Settings | None = None,
+        out: TextIO | None = None,
+        stdin: TextIO | None = None,
     ) -> None:
         self.spool = spool
+        self.settings = settings
         self.out = out or sys.stdout
         self.stdin = stdin or sys.stdin
 
@@ -100,17 +107,21 @@ class QueueAdmin:
                 " has relayd run with this configuration yet?"
             )
         act_as_owner(directory)
-        return cls(Spool(directory, min_free_space=settings.spool.min_free_space))
+        spool = Spool(directory, min_free_space=settings.spool.min_free_space)
+        return cls(spool, settings=settings)
 
     # --- reading -------------------------------------------------------------------
 
-    def listings(self) -> list[Listing]:
-        entries = sorted(self.spool.entries(), key=lambda entry: entry.queue_id)
-        return [Listing(entry, *self.spool.peek(entry)) for entry in entries]
-
-    def list(self, *, as_json: bool = False) -> int:
+    def listings(self, filters: Filters | None = None) -> list[Listing]:
+        filters = filters or Filters()
         now = time.time()
-        listings = self.listings()
+        entries = sorted(self.spool.entries(filters.states_or(STATES)), key=lambda e: e.queue_id)
+        found = (Listing(entry, *self.spool.peek(entry)) for entry in entries)
+        return [item for item in found if filters.matches(item.entry, item.envelope, now)]
+
+    def list(self, *, as_json: bool = False, filters: Filters | None = None) -> int:
+        now = time.time()
+        listings = self.listings(filters)
         if as_json:
             json.dump([item.as_json(now) for item in listings], self.out, indent=2)
             self.out.write("\n")
@@ -119,57 +130,85 @@ class QueueAdmin:
             self._print(f"{'Queue ID':<19}  {'State':<8}  {'Age':>5}  {'Size':>6}  Tries  Sender")
         for item in listings:
             self._print_listing(item, now)
-        self._print(_summary(listings))
+        self._print(show_as.summary(listings))
+        if any(item.entry.state in PENDING_STATES for item in listings):
+            self._print_note(prefix="-- ")
         return EXIT_OK
 
-    def show(self, queue_id: str) -> int:
+    def show(self, queue_id: str, *, body: bool = False) -> int:
         state, message = self.spool.find(queue_id)
         now = time.time()
         envelope, delivery = message.envelope, message.state
         lines = [
             ("Queue ID", message.queue_id),
-            ("State", _state_text(state, message, now)),
-            ("Received", _received_text(envelope, message.queue_id, now)),
+            ("State", show_as.state_text(state, message, now)),
+            ("Received", show_as.received_text(envelope, message.queue_id, now)),
             ("Sender", f"<{envelope.sender}>"),
-            ("Size", f"{_human_size(message.size)} ({message.size} bytes)"),
-            ("Attempts", _attempts_text(delivery)),
+            ("Size", f"{human_size(message.size)} ({message.size} bytes)"),
+            ("Attempts", show_as.attempts_text(delivery)),
             ("Last error", delivery.last_error or "-"),
             ("Options", " ".join(envelope.mail_options) or "-"),
             ("Recipients", str(len(envelope.recipients))),
         ]
+        if delivery.requeued_at:
+            lines.insert(3, ("Requeued", f"{show_as.iso_time(delivery.requeued_at)} (retry)"))
         for label, value in lines:
             self._print(f"{label + ':':<12} {value}")
-        for recipient, outcome in _recipient_outcomes(envelope, delivery):
+        for recipient, outcome in show_as.recipient_outcomes(envelope, delivery):
             self._print(f"  {recipient}  {outcome}")
-        block = headers.header_block(message.read_content())
-        self._print("\n" + block.decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n"))
+        if state in PENDING_STATES:
+            self._print_note(prefix=f"{'Deliveries:':<12} ")
+        content = message.read_content()
+        self._print("")
+        if body:  # the whole message as stored, as postcat -q shows it
+            self.out.flush()
+            self._write_bytes(content.replace(b"\r\n", b"\n"))
+            return EXIT_OK
+        block = headers.header_block(content)
+        self._print(block.decode("utf-8", "replace").replace("\r\n", "\n").rstrip("\n"))
+        return EXIT_OK
+
+    def shape(self, *, filters: Filters | None = None, by_sender: bool = False) -> int:
+        filters = filters or Filters()
+        if not filters.states:
+            filters = Filters(PENDING_STATES, filters.sender, filters.recipient, filters.older_than)
+        items = []
+        for item in self.listings(filters):
+            state = item.state
+            settled = set(state.done_recipients) | {r for r, _ in state.failed_recipients}
+            envelope = item.envelope
+            pending = tuple(r for r in envelope.recipients if r not in settled) if envelope else ()
+            items.append((item.entry, envelope, pending))
+        for line in qshape.render(qshape.shape(items, time.time(), by_sender=by_sender)):
+            self._print(line)
         return EXIT_OK
 
     # --- changing ------------------------------------------------------------------
 
-    def hold(self, queue_ids: Sequence[str]) -> int:
-        return self._each(queue_ids, self.spool.hold, _hold_text)
+    def hold(self, target: Target) -> int:
+        return self._change(target, "hold", self.spool.hold, show_as.hold_text)
 
-    def release(self, queue_ids: Sequence[str]) -> int:
-        return self._each(queue_ids, self.spool.release, lambda s: f"released to {s}/, due now")
+    def release(self, target: Target) -> int:
+        return self._change(
+            target, "release", self.spool.release, lambda s: f"released to {s}/, due now"
+        )
 
-    def retry(self, queue_ids: Sequence[str]) -> int:
-        return self._each(queue_ids, self.spool.retry, _retry_text)
+    def retry(self, target: Target, *, include_failed: bool = False) -> int:
+        states = DEFAULT_STATES["retry"] + (("failed",) if include_failed else ())
+        return self._change(target, "retry", self.spool.retry, show_as.retry_text, states)
 
-    def retry_all(self, *, include_failed: bool = False) -> int:
-        count = self.spool.retry_all(include_failed=include_failed)
-        what = "deferred and failed" if include_failed else "deferred"
-        self._print(f"{count} {what} message(s) due now")
-        self._tell_daemon(count)
-        return EXIT_OK
-
-    def delete(self, queue_ids: Sequence[str], *, yes: bool = False) -> int:
-        described = [f"  {queue_id}  {self._describe(queue_id)}" for queue_id in queue_ids]
-        question = f"Delete {len(queue_ids)} message(s) for good?\n" + "\n".join(described)
-        if not self._confirmed(question, yes):
+    def delete(self, target: Target, *, yes: bool = False) -> int:
+        target.check()
+        queue_ids = self._resolve(target, DEFAULT_STATES["delete"])
+        if not queue_ids:
+            self._print("no message matches")
+            return EXIT_OK
+        if not self._confirmed(self._deletion_question(queue_ids), yes):
             self._print("nothing deleted")
             return EXIT_FAILED
-        return self._each(queue_ids, self.spool.delete, lambda s: f"deleted (was in {s}/)")
+        return self._each(
+            queue_ids, self.spool.delete, lambda s: f"deleted (was in {s}/)", _selected(target)
+        )
 
     def purge_failed(self, *, yes: bool = False) -> int:
         count = sum(1 for _ in self.spool.entries(("failed",)))
@@ -186,20 +225,60 @@ class QueueAdmin:
 
     # --- helpers -------------------------------------------------------------------
 
-    def _each(
-        self, queue_ids: Sequence[str], action: Callable[[str], str], done: Callable[[str], str]
+    def _change(
+        self,
+        target: Target,
+        verb: str,
+        action: Callable[[str], str],
+        done: Callable[[str], str],
+        states: Sequence[str] | None = None,
     ) -> int:
-        """Apply ``action`` to every id; report each; exit 1 if any could not be done."""
-        status, changed = EXIT_OK, 0
+        target.check()
+        queue_ids = self._resolve(target, states or DEFAULT_STATES[verb])
+        if not queue_ids:
+            self._print("no message matches")
+            return EXIT_OK
+        return self._each(queue_ids, action, done, _selected(target))
+
+    def _resolve(self, target: Target, states: Sequence[str]) -> list[str]:
+        if target.ids:
+            return expand_ids(target.ids, self.stdin)
+        filters = target.filters
+        if not filters.states:
+            filters = Filters(tuple(states), filters.sender, filters.recipient, filters.older_than)
+        return [item.entry.queue_id for item in self.listings(filters)]
+
+    def _each(
+        self,
+        queue_ids: Sequence[str],
+        action: Callable[[str], str],
+        done: Callable[[str], str],
+        summarise: bool = False,
+    ) -> int:
+        """Apply ``action`` to every id; report each (a selection: one summary line and
+        the failures); exit 1 if any could not be done."""
+        status, outcomes = EXIT_OK, Counter()
         for queue_id in queue_ids:
             try:
-                self._print(f"{queue_id}: {done(action(queue_id))}")
-                changed += 1
+                outcome = done(action(queue_id))
             except NotFound as error:
                 self._print(f"{queue_id}: {error}", error=True)
                 status = EXIT_FAILED
-        self._tell_daemon(changed)
+                continue
+            outcomes[outcome] += 1
+            if not summarise:
+                self._print(f"{queue_id}: {outcome}")
+        if summarise:
+            for outcome, count in outcomes.most_common():
+                self._print(f"{count} message(s) {outcome}")
+        self._tell_daemon(sum(outcomes.values()))
         return status
+
+    def _deletion_question(self, queue_ids: Sequence[str]) -> str:
+        described = [f"  {q}  {self._describe(q)}" for q in queue_ids[:CONFIRM_LISTED]]
+        if len(queue_ids) > CONFIRM_LISTED:
+            described.append(f"  … and {len(queue_ids) - CONFIRM_LISTED} more")
+        return f"Delete {len(queue_ids)} message(s) for good?\n" + "\n".join(described)
 
     def _describe(self, queue_id: str) -> str:
         try:
@@ -211,7 +290,7 @@ class QueueAdmin:
         envelope = message.envelope
         return (
             f"{state}, from <{envelope.sender}> to {len(envelope.recipients)} recipient(s),"
-            f" {_human_size(message.size)}"
+            f" {human_size(message.size)}"
         )
 
     def _confirmed(self, question: str, yes: bool) -> bool:
@@ -243,6 +322,14 @@ class QueueAdmin:
         else:
             self._print(f"relayd (pid {pid}) told to rescan the queue")
 
+    def _print_note(self, prefix: str) -> None:
+        """Why the waiting mail does not move, when the daemon says it is paused."""
+        if self.settings is None:
+            return
+        note = deliveries_note(self.settings, self.spool.directory)
+        if note:
+            self._print(prefix + note)
+
     def _print_listing(self, item: Listing, now: float) -> None:
         entry, envelope = item.entry, item.envelope
         if envelope is None:
@@ -251,14 +338,26 @@ class QueueAdmin:
             count = len(envelope.recipients)
             who = f"<{envelope.sender}> -> {count} recipient{'s' if count != 1 else ''}"
         self._print(
-            f"{entry.queue_id:<19}  {entry.state:<8}  {_human_age(now - entry.received_at):>5}"
-            f"  {_human_size(entry.size):>6}  {item.state.attempts:>5}  {who}"
+            f"{entry.queue_id:<19}  {entry.state:<8}  {human_age(now - entry.received_at):>5}"
+            f"  {human_size(entry.size):>6}  {item.state.attempts:>5}  {who}"
         )
         if item.state.last_error:
             self._print(f"{'':<21}last error: {item.state.last_error}")
 
     def _print(self, text: str, *, error: bool = False) -> None:
         print(text, file=sys.stderr if error else self.out)
+
+    def _write_bytes(self, data: bytes) -> None:
+        buffer = getattr(self.out, "buffer", None)
+        if buffer is not None:
+            buffer.write(data)
+            buffer.flush()
+        else:  # a text stream without bytes (a test's StringIO)
+            self.out.write(data.decode("utf-8", "replace"))
+
+
+def _selected(target: Target) -> bool:
+    return not target.ids
 
 
 def act_as_owner(directory: Path) -> None:
@@ -275,93 +374,3 @@ def act_as_owner(directory: Path) -> None:
     os.setgroups([])
     os.setgid(owner.st_gid)
     os.setuid(owner.st_uid)
-
-
-# --- formatting ------------------------------------------------------------------------
-
-
-def iso_time(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _human_age(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
-
-
-def _human_size(size: int) -> str:
-    for unit, factor in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
-        if size >= factor:
-            return f"{size / factor:.1f}{unit}"
-    return str(size)
-
-
-def _summary(listings: list[Listing]) -> str:
-    if not listings:
-        return "-- queue is empty"
-    counts = {state: 0 for state in STATES}
-    for item in listings:
-        counts[item.entry.state] += 1
-    size = sum(item.entry.size for item in listings)
-    states = ", ".join(f"{count} {state}" for state, count in counts.items() if count)
-    return f"-- {len(listings)} message(s), {_human_size(size)}: {states}"
-
-
-def _state_text(state: str, message: QueuedMessage, now: float) -> str:
-    if state != "deferred":
-        return {
-            "incoming": "incoming (waiting for its first attempt)",
-            "active": "active (being delivered right now)",
-            "hold": "hold (kept by an operator; `relayd queue release` puts it back)",
-            "failed": "failed (delivery gave up; `relayd queue retry` tries again)",
-        }[state]
-    try:
-        due = message.path.stat().st_mtime
-    except OSError:
-        return "deferred"
-    when = "now" if due <= now else f"in {_human_age(due - now)}"
-    return f"deferred, next attempt {iso_time(due)} ({when})"
-
-
-def _received_text(envelope: Envelope, queue_id: str, now: float) -> str:
-    received = envelope.received_at or received_at_from_id(queue_id)
-    helo = f", HELO {envelope.helo}" if envelope.helo else ""
-    client = envelope.client or "unknown client"
-    return f"{iso_time(received)} ({_human_age(now - received)} ago) from {client}{helo}"
-
-
-def _attempts_text(state: DeliveryState) -> str:
-    if not state.attempts:
-        return "0"
-    return f"{state.attempts}, last {iso_time(state.last_attempt)}"
-
-
-def _recipient_outcomes(envelope: Envelope, state: DeliveryState) -> list[tuple[str, str]]:
-    failed = dict(state.failed_recipients)
-    done = set(state.done_recipients)
-
-    def outcome(recipient: str) -> str:
-        if recipient in done:
-            return "delivered"
-        if recipient in failed:
-            return f"failed: {failed[recipient]}"
-        return "pending"
-
-    return [(recipient, outcome(recipient)) for recipient in envelope.recipients]
-
-
-def _hold_text(previous: str) -> str:
-    return "already on hold" if previous == "hold" else f"on hold (was in {previous}/)"
-
-
-def _retry_text(previous: str) -> str:
-    return {
-        "deferred": "due now",
-        "failed": "moved from failed/ to deferred/, due now",
-        "incoming": "already waiting for its first attempt",
-    }[previous]

@@ -2,10 +2,16 @@
 
 Gauges and `relayd queue` read these counters rather than listing directories: with
 100,000 messages queued, a listing costs a good part of a second.
+
+The oldest pending message is kept exact between recounts: every move names its
+queue id, the ids of pending messages are counted (a move between two pending
+states counts it out and in again), and a heap of those ids (they sort by arrival)
+gives the oldest, so the age gauge drops as soon as the oldest message leaves.
 """
 
 from __future__ import annotations
 
+import heapq
 import os
 import threading
 from collections.abc import Callable
@@ -22,6 +28,8 @@ class Census:
     messages: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
     oldest_received_at: float | None = None
+    # The ids of the pending messages, as scan() found them (for Counts.replace only).
+    pending_ids: list[str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def pending(self) -> int:
@@ -37,32 +45,75 @@ class Counts:
     """The current census, updated by each move this process makes; thread-safe."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # guards the census below
+        self._lock = threading.Lock()  # guards everything below
         self._census = Census()
+        # Pending queue id -> how many pending files it has (0 once it left: dropped
+        # when it reaches the top of the heap, or at the next recount).
+        self._pending: dict[str, int] = {}
+        self._by_age: list[str] = []  # a heap of the ids in _pending: the oldest on top
 
     def snapshot(self) -> Census:
         """The current counters (cheap; kept up to date by every move this process makes)."""
         with self._lock:
-            return Census(
-                dict(self._census.messages),
-                dict(self._census.bytes),
-                self._census.oldest_received_at,
-            )
+            return Census(dict(self._census.messages), dict(self._census.bytes), self._oldest())
 
-    def count(self, state: str, delta: int, size: int, received_at: float = 0.0) -> None:
+    def count(
+        self,
+        state: str,
+        delta: int,
+        size: int,
+        received_at: float = 0.0,
+        *,
+        queue_id: str = "",
+    ) -> None:
+        """Count a move. ``queue_id`` keeps the oldest exact; without it only an
+        arrival's ``received_at`` is known, which can lower the oldest but never
+        raise it again before the next recount."""
         with self._lock:
             self._census.messages[state] += delta
             self._census.bytes[state] += size
-            if delta > 0 and received_at and state in PENDING_STATES:
-                oldest = self._census.oldest_received_at
-                if oldest is None or received_at < oldest:
-                    self._census.oldest_received_at = received_at
+            if state in PENDING_STATES:
+                if queue_id:
+                    self._track(queue_id, delta)
+                elif delta > 0 and received_at:
+                    oldest = self._census.oldest_received_at
+                    if oldest is None or received_at < oldest:
+                        self._census.oldest_received_at = received_at
             if self._census.pending == 0:
                 self._census.oldest_received_at = None
+                self._pending.clear()
+                self._by_age.clear()
 
     def replace(self, census: Census) -> None:
         with self._lock:
+            ids, census.pending_ids = census.pending_ids or [], None
             self._census = census
+            self._pending = {}
+            for queue_id in ids:  # an id may be in two states for a moment
+                self._pending[queue_id] = self._pending.get(queue_id, 0) + 1
+            self._by_age = list(self._pending)
+            heapq.heapify(self._by_age)
+            if ids:
+                self._census.oldest_received_at = None  # the heap knows it exactly
+
+    def _track(self, queue_id: str, delta: int) -> None:
+        files = self._pending.get(queue_id)
+        if files is None:
+            if delta > 0:
+                self._pending[queue_id] = delta
+                heapq.heappush(self._by_age, queue_id)
+            return
+        self._pending[queue_id] = files + delta
+
+    def _oldest(self) -> float | None:
+        """The arrival of the oldest pending message (lock held)."""
+        heap = self._by_age
+        while heap and self._pending.get(heap[0], 0) <= 0:
+            self._pending.pop(heapq.heappop(heap), None)
+        candidates = [received_at_from_id(heap[0])] if heap else []
+        if self._census.oldest_received_at is not None:
+            candidates.append(self._census.oldest_received_at)
+        return min(candidates) if candidates else None
 
 
 def scan(path: Callable[[str], Path], names: set[str] | None = None) -> tuple[Census, list[str]]:
@@ -73,7 +124,7 @@ def scan(path: Callable[[str], Path], names: set[str] | None = None) -> tuple[Ce
     Per file only what the census needs: the name (ids sort by arrival, so the
     smallest pending name is the oldest message) and one stat for the size.
     """
-    census = Census()
+    census = Census(pending_ids=[])
     strays: list[str] = []
     oldest = ""
     for state in STATES:
@@ -90,8 +141,10 @@ def scan(path: Callable[[str], Path], names: set[str] | None = None) -> tuple[Ce
                 count += 1
                 if names is not None:
                     names.add(entry.name)
-                if state in PENDING_STATES and (not oldest or entry.name < oldest):
-                    oldest = entry.name
+                if state in PENDING_STATES:
+                    census.pending_ids.append(entry.name)
+                    if not oldest or entry.name < oldest:
+                        oldest = entry.name
         census.messages[state], census.bytes[state] = count, size
     census.oldest_received_at = received_at_from_id(oldest) if oldest else None
     return census, strays

@@ -125,7 +125,7 @@ class GroupCommit:
         for job, size, result in zip(jobs, written, results, strict=True):
             if result is None:
                 self._free_bytes -= size
-                self._counts.count("incoming", +1, size, job.envelope.received_at)
+                self._counts.count("incoming", +1, size, queue_id=job.queue_id)
         return results
 
     def _write_slice(self, jobs: list[_Job]) -> list[int | SpoolError]:

@@ -12,7 +12,7 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from relayd.ops.files import open_regular
@@ -67,6 +67,12 @@ class DeliveryState:
     last_attempt: float = 0.0
     done_recipients: tuple[str, ...] = ()
     failed_recipients: tuple[tuple[str, str], ...] = ()  # (recipient, reply)
+    # `relayd queue retry` of a failed message starts its life again (postsuper -r):
+    # retry.max_age counts from here. 0: from its arrival.
+    requeued_at: float = 0.0
+    # Recipients whose failure a DSN has already told the sender about: failing again
+    # after a requeue sends no second DSN for the same recipient.
+    reported: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: dict) -> DeliveryState:
@@ -76,7 +82,19 @@ class DeliveryState:
             last_attempt=float(data.get("last_attempt", 0.0)),
             done_recipients=tuple(data.get("done_recipients", ())),
             failed_recipients=tuple(tuple(pair) for pair in data.get("failed_recipients", ())),
+            requeued_at=float(data.get("requeued_at", 0.0)),
+            reported=tuple(data.get("reported", ())),
         )
+
+
+def requeued(state: DeliveryState, now: float) -> DeliveryState:
+    """A failed message's state when an operator retries it: its failed recipients are
+    tried again, from a fresh start, and count as already told (a DSN went out for
+    each, whatever an older relayd recorded)."""
+    told = state.reported + tuple(
+        recipient for recipient, _ in state.failed_recipients if recipient not in state.reported
+    )
+    return replace(state, failed_recipients=(), requeued_at=now, reported=told)
 
 
 @dataclass(frozen=True)

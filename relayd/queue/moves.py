@@ -43,7 +43,7 @@ import structlog
 
 from relayd.ops.files import create_new, fsync_directory, write_all
 from relayd.queue.census import Counts
-from relayd.queue.model import DeliveryState, QueuedMessage, received_at_from_id
+from relayd.queue.model import DeliveryState, QueuedMessage
 
 log = structlog.get_logger("relayd.spool")
 
@@ -103,7 +103,7 @@ class Mover:
         if move.outcome == DELIVERED:
             with contextlib.suppress(FileNotFoundError):  # removed by an earlier try
                 os.unlink(self.path("active", queue_id))
-                self._counts.count("active", -1, -move.message.size)
+                self._counts.count("active", -1, -move.message.size, queue_id=queue_id)
         elif move.outcome in _WITH_STATE:
             assert move.state is not None
             self.write_meta(queue_id, move.state)
@@ -142,8 +142,8 @@ class Mover:
         if mtime is not None:
             os.utime(active, (mtime, mtime))
         os.rename(active, self.path(target, queue_id))
-        self._counts.count("active", -1, -message.size)
-        self._counts.count(target, +1, message.size, received_at_from_id(queue_id))
+        self._counts.count("active", -1, -message.size, queue_id=queue_id)
+        self._counts.count(target, +1, message.size, queue_id=queue_id)
         return target
 
     # --- delivery state files ----------------------------------------------------------

@@ -36,7 +36,6 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -60,6 +59,7 @@ from relayd.queue.model import (
     check_queue_id,
     is_queue_id,
     received_at_from_id,
+    requeued,
 )
 from relayd.queue.moves import DEFERRED, DELIVERED, FAILED, RELEASED, Move, Mover
 from relayd.queue.reading import read_header_line, read_message, read_state
@@ -164,15 +164,15 @@ class Spool:
             try:
                 message = self._read_message(active, queue_id)
             except CorruptMessage:
-                self._count(state, -1, -_size_or_zero(active))
+                self._count(state, -1, -_size_or_zero(active), queue_id=queue_id)
                 self._set_aside(active, "cannot parse the queue file")
                 raise
             except OSError:
                 self._put_back(queue_id, state)
                 raise
             # Counted after reading: the file's size is known then, without a stat.
-            self._count(state, -1, -message.size)
-            self._count("active", +1, message.size, received_at_from_id(queue_id))
+            self._count(state, -1, -message.size, queue_id=queue_id)
+            self._count("active", +1, message.size, queue_id=queue_id)
             return message
         return None
 
@@ -185,8 +185,8 @@ class Spool:
             later = time.time() + READ_RETRY_DELAY
             os.utime(self.path("active", queue_id), (later, later))
             os.rename(self.path("active", queue_id), self.path("deferred", queue_id))
-            self._count(state, -1, -size)
-            self._count("deferred", +1, size, received_at_from_id(queue_id))
+            self._count(state, -1, -size, queue_id=queue_id)
+            self._count("deferred", +1, size, queue_id=queue_id)
 
     def apply(self, moves: Sequence[Move]) -> list[OSError | None]:
         """Settled attempts, in one batch (see ``relayd.queue.moves``): per move, None
@@ -277,7 +277,7 @@ class Spool:
             except FileNotFoundError:
                 continue
             self._remove_meta(queue_id)
-            self._count(state, -1, -size)
+            self._count(state, -1, -size, queue_id=queue_id)
             return state
         self._refuse(queue_id, "deleted")
 
@@ -309,7 +309,9 @@ class Spool:
 
         Deferred: its next attempt (mtime) becomes now. Failed: back to deferred, due
         now, with its permanently failed recipients to be tried again (recipients
-        already delivered stay done, so nobody gets it twice). Incoming: already due.
+        already delivered stay done, so nobody gets it twice); its life starts again
+        (retry.max_age counts from now, as after Postfix's postsuper -r), and the
+        recipients a DSN already named get no second one. Incoming: already due.
         """
         check_queue_id(queue_id)
         now = time.time()
@@ -320,7 +322,7 @@ class Spool:
             # failed/ is the operator's: the daemon never touches it, so the state can
             # be rewritten before the message moves where delivery will see it.
             state = self._read_meta(queue_id)
-            self._mover.write_meta_durably(queue_id, replace(state, failed_recipients=()))
+            self._mover.write_meta_durably(queue_id, requeued(state, now))
             self.move(queue_id, "failed", "deferred")
             return "failed"
         if self.path("incoming", queue_id).exists():
@@ -382,8 +384,8 @@ class Spool:
         """The current counters (cheap; kept up to date by every move this process makes)."""
         return self._counts.snapshot()
 
-    def _count(self, state: str, delta: int, size: int, received_at: float = 0.0) -> None:
-        self._counts.count(state, delta, size, received_at)
+    def _count(self, state: str, delta: int, size: int, *, queue_id: str) -> None:
+        self._counts.count(state, delta, size, queue_id=queue_id)
 
     # --- helpers -----------------------------------------------------------------
 
@@ -407,8 +409,8 @@ class Spool:
         if size is None:
             with contextlib.suppress(OSError):
                 size = self.path(target, queue_id).stat().st_size
-        self._count(source, -1, -(size or 0))
-        self._count(target, +1, size or 0, received_at_from_id(queue_id))
+        self._count(source, -1, -(size or 0), queue_id=queue_id)
+        self._count(target, +1, size or 0, queue_id=queue_id)
 
     def _read_message(self, path: Path, queue_id: str) -> QueuedMessage:
         return read_message(path, queue_id, self._read_meta)

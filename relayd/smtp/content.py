@@ -71,6 +71,9 @@ async def read_data(reader: asyncio.StreamReader, limit: int = 0) -> bytes | Non
     dot-stuffed, or None when it is over ``limit`` bytes (0: no limit); past the limit
     the data is read and dropped, so a huge message cannot fill memory.
 
+    The size is the message's as RFC 1870 §3 counts it: without the dots added for
+    transparency (RFC 5321 §4.5.2), which the stored message does not have either.
+
     Only CRLF ends a line (RFC 5321 §2.3.8), so <LF>.<LF> and its cousins are content,
     never the end of the message, and nothing after the end is ever read.
 
@@ -83,19 +86,29 @@ async def read_data(reader: asyncio.StreamReader, limit: int = 0) -> bytes | Non
     """
     data = bytearray()
     tail = b"\r\n"  # the stream's last bytes, from the CRLF that ended the DATA line
-    size = 0
+    size = 0  # octets read so far, dots at the start of a line not counted
     step = ""
+    # The final ".\r\n" is read too; its dot starts a line, so it adds 2 to ``size``.
+    over = limit + len(_DOT_LINE) - 1
     while not tail.endswith(_END_OF_DATA):
         step = _next_step(tail, step)
         chunk = await _read_step(reader, step, tail)
-        size += len(chunk)
+        size += len(chunk) - _line_start_dots(tail, chunk)
         tail = chunk[-5:] if len(chunk) >= 5 else (tail + chunk)[-5:]
-        if not limit or size <= limit + len(_DOT_LINE):
+        if not limit or size <= over:
             data += chunk
-    if limit and size > limit + len(_DOT_LINE):
+    if limit and size > over:
         return None
     del data[-len(_DOT_LINE) :]
     return bytes(data)
+
+
+def _line_start_dots(tail: bytes, chunk: bytes) -> int:
+    """How many dots in ``chunk`` start a line, given the bytes before it (``tail``)."""
+    across = (chunk.startswith(b".") and tail.endswith(b"\r\n")) or (
+        chunk.startswith(b"\n.") and tail.endswith(b"\r")
+    )
+    return chunk.count(b"\r\n.") + across
 
 
 def _next_step(tail: bytes, previous: str) -> str:

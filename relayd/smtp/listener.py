@@ -1,141 +1,31 @@
 """The SMTP listener: aiosmtpd on the daemon's loop, with the relay's limits and replies.
 
 The protocol class stays aiosmtpd's; relayd's rules live in ``RelayHandler``'s hooks
-and in a few overrides of ``RelaySMTP`` where aiosmtpd's own behaviour is not what a
-relay may do (null sender, DATA parsing, reply wording, access control before the
-greeting). Every reply code cites the RFC section that chose it.
+and in a few overrides of ``RelaySMTP`` (relayd.smtp.protocol) where aiosmtpd's own
+behaviour is not what a relay may do. Every reply code cites the RFC section that
+chose it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import time
 from collections.abc import Callable
-from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import Envelope, Session
 
 from relayd import headers
-from relayd.config import ListenSettings
+from relayd.config import ListenSettings, listen_hosts
 from relayd.ops.metrics import Metrics
 from relayd.queue.model import Envelope as SpoolEnvelope
 from relayd.queue.model import SpoolError, SpoolFull, new_queue_id
 from relayd.queue.spool import Spool
-from relayd.smtp.addresses import bad_address_reply, valid_mailbox
-from relayd.smtp.content import READ_CHUNK, DataResult, check_content, read_data
-from relayd.smtp.wording import safe_reply
+from relayd.smtp.addresses import bad_address_reply, valid_mailbox, valid_recipient
+from relayd.smtp.protocol import RelaySMTP
 
 log = structlog.get_logger("relayd.listener")
-
-
-class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP protocol with the relay's access control and DATA handling."""
-
-    def __init__(self, handler: RelayHandler, **kwargs: Any) -> None:
-        settings = handler.settings
-        # aiosmtpd sizes its StreamReader from this attribute in __init__. DATA is read
-        # in chunks of up to this size; command lines are still held to 512 octets.
-        self.line_length_limit = max(READ_CHUNK, settings.max_line_length + 3)
-        super().__init__(handler, **kwargs)
-        self.relay = handler
-        self.client_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
-        self._idle_deadline = 0.0
-
-    # --- idle timeout ------------------------------------------------------------
-
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        """Called before every command. aiosmtpd cancels and schedules a timer each time;
-        here a command only moves the deadline, and a timer that fires early sleeps again
-        for the rest. Same timeout, one timer per session instead of one per command."""
-        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
-        handle = self._timeout_handle
-        if handle is None or handle.cancelled() or handle.when() > self._idle_deadline:
-            if handle is not None:
-                handle.cancel()
-            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
-
-    def _timeout_cb(self) -> None:
-        if self.loop.time() < self._idle_deadline:
-            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
-            return
-        super()._timeout_cb()
-
-    # --- connection --------------------------------------------------------------
-
-    async def _handle_client(self) -> None:
-        """Refuse a client before the greeting when it may not use the relay."""
-        assert self.session is not None
-        self.client_address = _peer_address(self.session.peer)  # parsed once per session
-        refusal = self.relay.connection_refusal(self)
-        if refusal:
-            with contextlib.suppress(ConnectionError):
-                await self.push(refusal)
-            if self.transport is not None:
-                self.transport.close()
-            return
-        self.relay.session_opened(self)
-        try:
-            await super()._handle_client()
-        finally:
-            self.relay.session_closed(self)
-
-    async def push(self, status: str | bytes) -> None:
-        raw = status.encode("utf-8", "replace") if isinstance(status, str) else status
-        await super().push(safe_reply(raw))
-
-    # --- envelope ----------------------------------------------------------------
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """Split "<address> params" as the client wrote it, without reinterpreting it.
-
-        aiosmtpd's RFC 5322 parser is lenient (it turns <a b@x> into "a b"@x) and
-        refuses the null reverse-path <> that bounces must use (RFC 5321 §4.5.5).
-        The MAIL/RCPT hooks validate the raw text and answer with the right code.
-        """
-        stripped = arg.strip()
-        if not stripped:
-            return "", ""  # aiosmtpd answers 501 syntax
-        if stripped.startswith("<"):
-            address, closed, rest = stripped[1:].partition(">")
-            if not closed:
-                return stripped, ""
-        else:
-            address, _, rest = stripped.partition(" ")
-        if address.startswith("@") and ":" in address:
-            address = address.split(":", 1)[1]  # RFC 5321 §4.1.2: ignore a source route
-        return (address or "<>"), rest.strip()
-
-    # --- DATA ----------------------------------------------------------------------
-
-    async def smtp_DATA(self, arg: str) -> None:
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
-            return
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
-            await self.push("503 5.5.1 Send RCPT TO before DATA")
-            return
-        if arg:
-            await self.push("501 5.5.4 DATA takes no arguments")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        result = await self._read_data()
-        if result.problem is None:
-            self.envelope.content = self.envelope.original_content = result.content
-            status = await self._call_handler_hook("DATA")
-        else:
-            status = self.relay.refuse_data(result.problem)
-        self._set_post_data_state()
-        await self.push(status)
-
-    async def _read_data(self) -> DataResult:
-        content = await read_data(self._reader, self.data_size_limit or 0)
-        if content is None:
-            return DataResult(b"", "too_big")
-        settings = self.relay.settings
-        return check_content(content, settings.bare_line_endings, settings.max_line_length)
 
 
 class RelayHandler:
@@ -212,7 +102,7 @@ class RelayHandler:
     async def handle_RCPT(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
     ) -> str:
-        if not valid_mailbox(address, envelope.mail_options):
+        if not valid_recipient(address, envelope.mail_options):
             self.metrics.reject("bad_address")
             return bad_address_reply(address, envelope.mail_options, "5.1.3")
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
@@ -232,6 +122,15 @@ class RelayHandler:
             return (
                 f"554 5.4.6 Routing loop detected: more than {self.settings.max_received_headers}"
                 " Received: headers (RFC 5321 6.3)"
+            )
+        if summary.from_count > 1:
+            self.metrics.reject("sender_policy")
+            # RFC 5322 §3.6: exactly one From:. Which one is the author cannot be told, and
+            # Exchange would judge the message by a From: nobody chose. RFC 5321 §4.3.2
+            # 554 at the end of DATA; RFC 3463 5.6.0, a problem with the content.
+            return (
+                f"554 5.6.0 Message refused: it has {summary.from_count} From: header"
+                " fields; RFC 5322 3.6 allows exactly one"
             )
         queue_id = new_queue_id()
         spool_envelope = _spool_envelope(server, envelope)
@@ -257,11 +156,12 @@ class RelayHandler:
 
     def refuse_data(self, problem: str) -> str:
         """The reply for a DATA that was read to its end but cannot be accepted."""
-        limit = self.settings.max_message_size
         replies = {
             "too_big": (
                 "too_big",
-                f"552 5.3.4 Message too big: the limit is {limit} bytes (listen.max_message_size)",
+                f"552 5.3.4 Message too big: relayd accepts at most"
+                f" {accepted_size(self.settings)} bytes (listen.max_message_size less"
+                f" {headers.ADDED_AT_MOST} kept for the header fields relayd adds)",
             ),
             "line_too_long": (
                 "line_too_long",
@@ -346,7 +246,7 @@ def _spool_envelope(server: RelaySMTP, envelope: Envelope) -> SpoolEnvelope:
         sender="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
         recipients=tuple(envelope.rcpt_tos),
         client=str(server.client_address or ""),
-        helo=session.host_name or "",
+        helo=session.host_name or "",  # printable_name() made it storable
         received_at=time.time(),
         mail_options=tuple(
             option for option in envelope.mail_options if not option.startswith("SIZE=")
@@ -354,16 +254,10 @@ def _spool_envelope(server: RelaySMTP, envelope: Envelope) -> SpoolEnvelope:
     )
 
 
-def _peer_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if not isinstance(peer, tuple) or not peer:
-        return None
-    try:
-        address = ipaddress.ip_address(peer[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
+def accepted_size(settings: ListenSettings) -> int:
+    """The SIZE advertised and enforced (RFC 1870): listen.max_message_size less the room
+    kept for what relayd adds, so that every message it accepts fits the upstream."""
+    return settings.max_message_size - headers.ADDED_AT_MOST
 
 
 def _declared_size(options: list) -> int:
@@ -386,7 +280,7 @@ class Listener:
     def _protocol(self) -> RelaySMTP:
         return RelaySMTP(
             self.handler,
-            data_size_limit=self.settings.max_message_size,
+            data_size_limit=accepted_size(self.settings),
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=self.hostname,
@@ -399,7 +293,7 @@ class Listener:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._protocol,
-            host=self.settings.address,
+            host=listen_hosts(self.settings.address),  # "localhost": 127.0.0.1 and ::1
             port=self.settings.port,
             reuse_address=True,
             backlog=512,

@@ -32,8 +32,20 @@ from relayd.ops import logging as relay_logging
 from relayd.ops.metrics import Metrics
 from relayd.queue.model import Envelope, NotFound, QueuedMessage, SpoolError
 from relayd.queue.spool import Spool
-from relayd.tools.sendtrace import RELAY_HINTS, UPSTREAM_HINTS, Steps, TracedSMTP, hint, one_line
-from relayd.transports.base import Submission
+from relayd.tools.sendtrace import (
+    GRAPH_HINTS,
+    RELAY_HINTS,
+    UPSTREAM_HINTS,
+    Steps,
+    TracedSMTP,
+    graph_observer,
+    hint,
+    one_line,
+)
+from relayd.transports.auto import auth_disabled
+from relayd.transports.base import Attempt, Submission
+from relayd.transports.graph import GraphTransport
+from relayd.transports.graph_client import GraphClient
 from relayd.transports.replies import AUTH_DISABLED_EXPLANATION, SEND_AS_EXPLANATION, reply_text
 from relayd.transports.smtp import SmtpTransport
 from relayd.units import format_duration
@@ -79,6 +91,7 @@ class SendTest:
             "sender": self.sender,
             "host": upstream.host,
             "port": upstream.port,
+            "graph_url": upstream.graph_url,
             "config": config,
             "login": f"relayd auth login -c {config}",
         }
@@ -233,7 +246,7 @@ class SendTest:
 
     def _daemon_auth_problem(self) -> str | None:
         """The sign-in problem the daemon recorded, if deliveries wait for a person."""
-        if self.settings.upstream.transport != "smtp" or self.config_path is None:
+        if self.settings.upstream.transport == "maildir" or self.config_path is None:
             return None
         try:
             report = AuthCommands(self.settings, self.config_path).status_report()
@@ -251,40 +264,80 @@ class SendTest:
 
     async def direct(self) -> int:
         upstream = self.settings.upstream
-        if upstream.transport != "smtp":
+        if upstream.transport == "maildir":
             self.steps.failure(
-                "--direct needs upstream.transport: smtp; this configuration writes into a"
-                " Maildir (send through the relay instead, without --direct)"
+                "--direct needs upstream.transport smtp, graph or auto; this configuration"
+                " writes into a Maildir (send through the relay instead, without --direct)"
             )
             return EXIT_FAILED
+        metrics = Metrics(process=False)
+        tokens = auth.TokenManager(self.settings, metrics, config_path=self.config_path)
+        await tokens.load()
+        if upstream.transport == "graph":
+            return await self._through_graph(tokens, metrics)
+        attempt = await self._by_smtp(tokens, metrics)
+        if upstream.transport == "auto" and attempt is not None and auth_disabled(attempt):
+            self.steps.step("auto", "SMTP AUTH is disabled: relayd sends through Graph then")
+            return await self._through_graph(tokens, metrics)
+        return self._verdict(attempt, upstream.host, UPSTREAM_HINTS)
+
+    async def _by_smtp(self, tokens: auth.TokenManager, metrics: Metrics) -> Attempt | None:
+        upstream = self.settings.upstream
         self.steps.title(
             f"<{self.sender}> to <{self.to}> straight to {upstream.host}:{upstream.port}"
             f" as {upstream.mailbox}"
         )
-        metrics = Metrics(process=False)
-        tokens = auth.TokenManager(self.settings, metrics, config_path=self.config_path)
-        await tokens.load()
-        if tokens.state in auth.BLOCKED_STATES:
-            self.steps.failed("token", tokens.advice())
-            self.steps.failure(f"no access token ({tokens.state})", tokens.advice())
-            return EXIT_FAILED
+        source = self._usable(tokens, "smtp")
+        if source is None:
+            return None
         transport = SmtpTransport(
             self.settings,
             metrics,
-            ReportingTokens(tokens, self.steps),
+            ReportingTokens(source, self.steps),
             session_factory=functools.partial(TracedSMTP, self.steps),
         )
         try:
-            attempt = await transport.deliver(self._submission(upstream.host))
+            return await transport.deliver(self._submission(upstream.host))
         finally:
             await transport.close()
+
+    async def _through_graph(self, tokens: auth.TokenManager, metrics: Metrics) -> int:
+        upstream = self.settings.upstream
+        self.steps.title(
+            f"<{self.sender}> to <{self.to}> through Microsoft Graph ({upstream.graph_url})"
+            f" as {upstream.mailbox}"
+        )
+        source = self._usable(tokens, "graph")
+        if source is None:
+            return EXIT_FAILED
+        client = GraphClient(self.settings, observer=graph_observer(self.steps))
+        transport = GraphTransport(
+            self.settings, metrics, ReportingTokens(source, self.steps), client=client
+        )
+        try:
+            attempt = await transport.deliver(self._submission("Microsoft Graph"))
+        finally:
+            await transport.close()
+        return self._verdict(attempt, "Microsoft Graph", GRAPH_HINTS + UPSTREAM_HINTS)
+
+    def _usable(self, tokens: auth.TokenManager, name: str) -> auth.ResourceTokens | None:
+        source = tokens.source(name)
+        if source.state in auth.BLOCKED_STATES:
+            self.steps.failed("token", source.advice())
+            self.steps.failure(f"no access token ({source.state})", source.advice())
+            return None
+        return source
+
+    def _verdict(self, attempt: Attempt | None, upstream: str, hints: tuple) -> int:
+        if attempt is None:
+            return EXIT_FAILED  # the token step said why
         if attempt.delivered:
-            self.steps.success(f"{upstream.host} accepted the message: {attempt.reply}")
+            self.steps.success(f"{upstream} accepted the message: {attempt.reply}")
             return EXIT_OK
         reply = attempt.failed[0][1] if attempt.failed else attempt.reply
         for explanation in DAEMON_EXPLANATIONS:  # written for the queue: the hint says more
-            reply = reply.removesuffix(f" ({explanation})")
-        self.steps.failure(reply, hint(reply, self.context, UPSTREAM_HINTS))
+            reply = reply.split(f" ({explanation})")[0]
+        self.steps.failure(reply, hint(reply, self.context, hints))
         return EXIT_FAILED
 
     def _submission(self, host: str) -> Submission:
@@ -304,7 +357,7 @@ class SendTest:
 class ReportingTokens:
     """The token module as delivery sees it (``TokenSource``), reporting what it hands out."""
 
-    def __init__(self, tokens: auth.TokenManager, steps: Steps) -> None:
+    def __init__(self, tokens: auth.ResourceTokens, steps: Steps) -> None:
         self._tokens, self._steps = tokens, steps
 
     @property
@@ -317,9 +370,10 @@ class ReportingTokens:
         except auth.AuthUnavailable as error:
             self._steps.failed("token", str(error))
             raise
-        document = self._tokens.state_document()
-        expires = f", valid until {when(document['access_token_expires_at'])}"
-        self._steps.step("token", f"access token for {document['account']}{expires}")
+        view = self._tokens.view
+        expires = f", valid until {when(view.expires_at)}"
+        for_what = self._tokens.resource.permissions
+        self._steps.step("token", f"access token ({for_what}) for {view.account}{expires}")
         return token
 
     async def token_rejected(self, token: str, reply: str) -> None:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 import aiosmtplib
 
 from relayd.ops.logging import redactor
+from relayd.transports.graph_client import Exchange
 from relayd.transports.replies import reply_text
+from relayd.transports.session import RelaySMTP
 
 
 class Steps:
@@ -55,8 +57,8 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split())[:300]
 
 
-class TracedSMTP(aiosmtplib.SMTP):
-    """aiosmtplib's client, printing each step of the session as it happens."""
+class TracedSMTP(RelaySMTP):
+    """The transport's client (aiosmtplib's), printing each step of the session."""
 
     def __init__(self, steps: Steps, **options: Any) -> None:
         super().__init__(**options)
@@ -134,6 +136,27 @@ class TracedSMTP(aiosmtplib.SMTP):
             f"{tls.version()}; certificate subject {subject}{also}; issuer {issuer};"
             f" verified for {self.hostname}",
         )
+
+
+def graph_observer(steps: Steps) -> Callable[[Exchange], None]:
+    """Prints each Graph request and its answer (never a token or an upload URL)."""
+
+    def show(exchange: Exchange) -> None:
+        method, _, what = exchange.step.partition(" ")
+        took = f"{exchange.seconds:.2f} s"
+        if exchange.reply is None:
+            steps.failed(method, f"{what} ({exchange.detail}): no answer: {exchange.error}")
+            return
+        reply = exchange.reply
+        words = f"{reply.status} {reply.code}: {reply.message}" if reply.code else str(reply.status)
+        extra = f"request-id {reply.request_id}, {took}" if reply.request_id else took
+        line = f"{what} ({exchange.detail}): {' '.join(words.split())[:300]} ({extra})"
+        if reply.ok:
+            steps.step(method, line)
+        else:
+            steps.failed(method, line)
+
+    return show
 
 
 def _distinguished_name(rdns: tuple) -> str:
@@ -226,6 +249,42 @@ UPSTREAM_HINTS = (
     _hint(
         r"Name or service not known|name resolution|nodename nor servname|No address",
         "{host} does not resolve: check upstream.host in {config} and this host's DNS.",
+    ),
+)
+
+# Microsoft Graph (upstream.transport graph, or auto after 535 5.7.139). Checked before
+# UPSTREAM_HINTS, whose SendAs, certificate and DNS advice applies to Graph too.
+GRAPH_HINTS = (
+    _hint(
+        r"\b401\b.*InvalidAuthenticationToken|InvalidAuthenticationToken",
+        "Microsoft Graph refused the access token. Its token must be for Microsoft Graph"
+        " (Mail.Send), which the sign-in asks for when upstream.transport is graph or auto:"
+        " sign in again as {mailbox}: {login}; check that the app registration has the"
+        " delegated permission Mail.Send (Microsoft Graph) with consent granted.",
+    ),
+    _hint(
+        r"\b403\b.*ErrorAccessDenied|ErrorAccessDenied",
+        "The token lacks the permission to send: in the app registration add Microsoft"
+        " Graph → Delegated → Mail.Send, grant admin consent (or consent at the sign-in),"
+        " then {login}.",
+    ),
+    _hint(
+        r"AADSTS65001",
+        "Nobody consented to the Graph permission for this app: grant admin consent for"
+        " Mail.Send in the app registration, or sign in again ({login}): it asks for it.",
+    ),
+    _hint(
+        r"\b(429|503|504)\b",
+        "Microsoft Graph is throttling {mailbox} (at most 4 requests at once and 10,000"
+        " per 10 minutes per mailbox). A running relayd may be using them: send through it"
+        " instead (without --direct), which waits out Retry-After by itself; or try again"
+        " after the time Graph named.",
+    ),
+    _hint(
+        r"cannot use https://|Cannot connect to host|Connection refused|timed out|no answer",
+        "{graph_url} could not be reached: check upstream.graph_url in {config}, that this"
+        " host may connect out to graph.microsoft.com on port 443, and the proxy's CA"
+        " (upstream.ca_file).",
     ),
 )
 

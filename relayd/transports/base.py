@@ -9,7 +9,7 @@ the spool; the scheduler decides what an attempt means for the message
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from relayd.config import Settings
@@ -24,6 +24,15 @@ AUTH = "auth"  # no token, token refused, SMTP AUTH disabled: never a bounce
 SEND_AS_DENIED = "send_as_denied"  # 554 5.2.252 despite the sender policy: a config error
 DAILY_LIMIT = "daily_limit"  # the daily recipient budget is spent
 LOCAL = "local"  # a local error (maildir not writable, unexpected exception)
+# Label values for relayd_messages_held{reason}: the message waits for an operator.
+TOO_BIG = "too_big"  # over Graph's request limit and no other way is open
+HELD_REASONS = (TOO_BIG,)
+# The relay's own mailbox or tenant may not send now (relayd.transports.replies): the
+# whole upstream pauses until a person acts; never a bounce.
+MAILBOX_FULL = "mailbox_full"  # 554 5.2.2: the mailbox (its Sent Items) is full
+ACCOUNT_RESTRICTED = "account_restricted"  # 550 5.1.8: restricted from sending
+TENANT_BLOCKED = "tenant_blocked"  # 5.7.705 / 5.7.708 / 5.7.750: the tenant is blocked
+ACCOUNT_REASONS = (QUOTA, MAILBOX_FULL, ACCOUNT_RESTRICTED, TENANT_BLOCKED)
 DEFER_REASONS = (
     TEMPORARY,
     THROTTLED,
@@ -34,6 +43,18 @@ DEFER_REASONS = (
     SEND_AS_DENIED,
     DAILY_LIMIT,
     LOCAL,
+    MAILBOX_FULL,
+    ACCOUNT_RESTRICTED,
+    TENANT_BLOCKED,
+)
+# Label values of relayd_deliveries_paused{reason}: why no delivery starts right now.
+PAUSE_REASONS = (
+    THROTTLED,
+    CONNECTION,
+    TIMEOUT,
+    AUTH,
+    DAILY_LIMIT,
+    *ACCOUNT_REASONS,
 )
 
 
@@ -83,6 +104,20 @@ class Transport(Protocol):
 
 
 @dataclass(frozen=True)
+class Usage:
+    """What an attempt cost against the upstream's sending limits, as the upstream
+    counts them: Exchange counts a message whose content reached it (its DATA got a
+    reply, or the connection was lost after the final dot) and each recipient it
+    accepted at RCPT. The scheduler gives back the rest of what it reserved."""
+
+    messages: int = 0
+    recipients: int = 0
+
+
+NOTHING = Usage()
+
+
+@dataclass(frozen=True)
 class Attempt:
     """What one delivery attempt achieved, recipient by recipient.
 
@@ -98,6 +133,20 @@ class Attempt:
     reply: str = ""  # what the upstream said (or what went wrong), for logs
     retry_after: float = 0.0  # at least this long before the next attempt
     attempted: bool = True
+    # Hold the message (hold/, never expires, never bounces) until an operator releases
+    # it; ``reason`` is a HELD_REASONS value and ``reply`` says why and what fixes it.
+    hold: bool = False
+    # What the upstream counted (Usage); None: all that was reserved, as far as the
+    # transport knows. An attempt that was not attempted counted nothing.
+    usage: Usage | None = None
+
+    @property
+    def spent(self) -> Usage | None:
+        """The usage to keep; None: keep everything that was reserved."""
+        return NOTHING if not self.attempted else self.usage
+
+    def using(self, usage: Usage) -> Attempt:
+        return replace(self, usage=usage)
 
     @classmethod
     def deferred_all(
@@ -117,6 +166,10 @@ class Attempt:
             attempted=False,
         )
 
+    @classmethod
+    def held(cls, recipients: tuple[str, ...], reason: str, reply: str) -> Attempt:
+        return cls(deferred=recipients, reason=reason, reply=reply, hold=True)
+
     def merge(self, other: Attempt) -> Attempt:
         """Combine the results for two disjoint sets of recipients."""
         return Attempt(
@@ -127,4 +180,6 @@ class Attempt:
             reply=self.reply or other.reply,
             retry_after=max(self.retry_after, other.retry_after),
             attempted=self.attempted or other.attempted,
+            hold=self.hold or other.hold,
+            usage=self.usage if self.usage is not None else other.usage,
         )

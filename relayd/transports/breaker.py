@@ -22,15 +22,25 @@ class CircuitBreaker:
     ``success`` closes it again. A new breaker probes too (``start_probing``): until
     the first session has worked, nothing is known about the upstream, and three
     sessions refused at once would mean three token refreshes.
+
+    ``success`` (a session connected and authenticated) ends a pause that failures
+    caused, but not one the server asked for (``trip``: throttling, an account
+    refusal) before it has run out: a session that authenticated proves nothing about
+    Exchange's quota or its throttling.
     """
 
     def __init__(self, clock: Clock = time.monotonic, *, start_probing: bool = False) -> None:
         self._clock = clock
         self._open_until = 0.0
+        self._asked = False  # the pause was asked for by the server (trip)
         self.failures = 0
         self.reason = "start" if start_probing else ""
 
     def trip(self, reason: str, pause: float) -> None:
+        self._hold(reason, pause)
+        self._asked = True
+
+    def _hold(self, reason: str, pause: float) -> None:
         self.reason = reason
         self._open_until = max(self._open_until, self._clock() + pause)
 
@@ -38,7 +48,7 @@ class CircuitBreaker:
         """Record a consecutive failure; returns the pause it caused."""
         self.failures += 1
         pause = min(max_pause, min_pause * 2 ** min(self.failures - 1, 32))
-        self.trip(reason, pause)
+        self._hold(reason, pause)
         return pause
 
     def resume(self) -> None:
@@ -47,7 +57,10 @@ class CircuitBreaker:
 
     def success(self) -> None:
         self.failures = 0
+        if self._asked and self.is_open:
+            return  # throttled or refused by the server: wait until the pause runs out
         self._open_until = 0.0
+        self._asked = False
         self.reason = ""
 
     def remaining(self) -> float:

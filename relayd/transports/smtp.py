@@ -23,11 +23,15 @@ from relayd.auth.tokens import TokenSource
 from relayd.config import Settings
 from relayd.ops.metrics import Metrics
 from relayd.transports.base import (
+    ACCOUNT_RESTRICTED,
     AUTH,
     CONNECTION,
+    MAILBOX_FULL,
+    NOTHING,
     QUOTA,
     SEND_AS_DENIED,
     TEMPORARY,
+    TENANT_BLOCKED,
     THROTTLED,
     TIMEOUT,
     Attempt,
@@ -37,12 +41,17 @@ from relayd.transports.base import (
 from relayd.transports.breaker import CircuitBreaker
 from relayd.transports.pool import ConnectionPool
 from relayd.transports.replies import (
+    ACCOUNT_EXPLANATIONS,
+    ACCOUNT_KINDS,
     AUTH_DISABLED_EXPLANATION,
+    AUTH_KINDS,
     SEND_AS_EXPLANATION,
     Kind,
     classify,
     reply_text,
 )
+from relayd.transports.session import AmbiguousOutcome, RelaySMTP
+from relayd.transports.transaction import CONNECTION_ERRORS, StaleSession, Transaction
 
 log = structlog.get_logger("relayd.delivery")
 
@@ -51,7 +60,15 @@ log = structlog.get_logger("relayd.delivery")
 _WAITING_STATES = (auth.NO_TOKEN, auth.REAUTH_REQUIRED, auth.UNAVAILABLE)
 _USABLE_STATES = (auth.OK, auth.REFRESHING)
 AUTH_STATE_POLL = 1.0  # seconds between looks at the token state during an auth pause
-_CONNECTION_ERRORS = (aiosmtplib.SMTPException, OSError, ssl.SSLError, asyncio.TimeoutError)
+# The data phase's wait grows by one second per MIN_UPLOAD_RATE bytes of the message
+# (32 KiB/s, 256 kbit/s: a slow link still gets a 35 MB message through in time).
+MIN_UPLOAD_RATE = 32 * 1024
+ACCOUNT_REASON = {
+    Kind.QUOTA: QUOTA,
+    Kind.MAILBOX_FULL: MAILBOX_FULL,
+    Kind.ACCOUNT_RESTRICTED: ACCOUNT_RESTRICTED,
+    Kind.TENANT_BLOCKED: TENANT_BLOCKED,
+}
 
 
 class _Unusable(Exception):
@@ -60,10 +77,6 @@ class _Unusable(Exception):
     def __init__(self, attempt: Attempt) -> None:
         super().__init__(attempt.reply)
         self.attempt = attempt
-
-
-class _StaleSession(Exception):
-    """A reused session was found closed at the first command: nothing was sent."""
 
 
 class SmtpTransport:
@@ -77,7 +90,7 @@ class SmtpTransport:
         metrics: Metrics,
         tokens: TokenSource | None,
         *,
-        session_factory: Callable[..., aiosmtplib.SMTP] = aiosmtplib.SMTP,
+        session_factory: Callable[..., RelaySMTP] = RelaySMTP,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -139,10 +152,25 @@ class SmtpTransport:
                 session, reused = await self.pool.acquire()
             except _Unusable as problem:
                 return _for_recipients(problem.attempt, submission.recipients)
+            if reused and self.breaker.is_open:
+                # Paused while this message waited for a session (another session met
+                # throttling or an account refusal): it goes back untouched.
+                self.pool.release(session, reusable=True)
+                reply = f"not attempted: the upstream is paused ({self.breaker.reason})"
+                return Attempt.not_attempted(submission.recipients, self.breaker.reason, reply)
             started = time.monotonic()
+            transaction = Transaction(
+                session,
+                submission,
+                self,
+                command_timeout=self.settings.upstream.timeout,
+                data_timeout=final_reply_timeout(
+                    self.settings.upstream.data_timeout, len(submission.content)
+                ),
+            )
             try:
-                attempt = await self._transact(session, submission, reused)
-            except _StaleSession:
+                attempt = await transaction.run(reused)
+            except StaleSession:
                 # The server closed an idle session we had not noticed yet: replace
                 # it (and its idle siblings) once, nothing was sent.
                 self.pool.release(session, reusable=False)
@@ -156,7 +184,19 @@ class SmtpTransport:
             return attempt
         return Attempt.deferred_all(
             submission.recipients, CONNECTION, "the upstream closed fresh connections"
-        )
+        ).using(NOTHING)
+
+    async def probe(self) -> str | None:
+        """Open one session now, paused or not (``upstream.transport: auto`` looks again
+        while Graph carries the mail): None when it authenticated (the session stays in
+        the pool for the next message), else what went wrong."""
+        self.breaker.resume()
+        try:
+            session, _ = await self.pool.acquire()
+        except _Unusable as problem:
+            return problem.attempt.reply
+        self.pool.release(session, reusable=True)
+        return None
 
     # --- sessions ------------------------------------------------------------------
 
@@ -218,7 +258,7 @@ class SmtpTransport:
                 ) from None
             except aiosmtplib.SMTPResponseException as error:
                 raise self._refused_session(error) from None
-            except _CONNECTION_ERRORS as error:
+            except CONNECTION_ERRORS as error:
                 raise self._unreachable(error) from None
             self.metrics.upstream_reply(235, "2.7.0")
             if self.tokens is not None:
@@ -266,6 +306,8 @@ class SmtpTransport:
         reply = reply_text(error.code, error.message)
         if kind is Kind.THROTTLED:  # 432 4.3.2 answers AUTH on a 4th connection
             return _Unusable(Attempt.deferred_all((), THROTTLED, reply, self._throttle(reply)))
+        if kind in ACCOUNT_KINDS:
+            return self._account_unusable(kind, reply)
         if kind is Kind.AUTH_DISABLED:
             reply = f"{reply} ({AUTH_DISABLED_EXPLANATION})"
         if self.tokens is not None and kind in (Kind.TOKEN_REJECTED, Kind.AUTH_DISABLED):
@@ -283,9 +325,16 @@ class SmtpTransport:
         """A reply other than success while opening the session (greeting, EHLO, AUTH)."""
         self.metrics.upstream_reply(error.code, error.message)
         reply = reply_text(error.code, error.message)
-        if classify(error.code, error.message) is Kind.THROTTLED:
+        kind = classify(error.code, error.message)
+        if kind is Kind.THROTTLED:
             return _Unusable(Attempt.deferred_all((), THROTTLED, reply, self._throttle(reply)))
+        if kind in ACCOUNT_KINDS:  # e.g. 550 5.7.708 in the greeting
+            return self._account_unusable(kind, reply)
         return self._unreachable(error)
+
+    def _account_unusable(self, kind: Kind, reply: str) -> _Unusable:
+        reason, pause, explained = self._pause_for_account(kind, reply)
+        return _Unusable(Attempt.deferred_all((), reason, explained, pause))
 
     def _throttle(self, reply: str) -> float:
         """421 / 432 4.3.2: pause the whole upstream for upstream.throttle_pause."""
@@ -295,73 +344,19 @@ class SmtpTransport:
         return pause
 
     def _unreachable(self, error: BaseException) -> _Unusable:
-        reason = TIMEOUT if isinstance(error, TimeoutError | asyncio.TimeoutError) else CONNECTION
+        reason = _reason(error)
         pause = self.breaker.failure(reason, *self._pause_bounds())
         upstream = self.settings.upstream
         detail = f"cannot use {upstream.host}:{upstream.port}: {_describe(error)}"
         log.warning("upstream unreachable; pausing deliveries", error=detail, pause=round(pause, 1))
         return _Unusable(Attempt.deferred_all((), reason, detail, pause))
 
-    # --- one transaction -------------------------------------------------------------
+    # --- judging one transaction ------------------------------------------------
 
-    async def _transact(
-        self, session: aiosmtplib.SMTP, submission: Submission, reused: bool
-    ) -> Attempt:
-        """MAIL, RCPT for each recipient, DATA; per-recipient results."""
-        options = _mail_options(session, submission)
-        if options is None:
-            return self._judge(
-                submission.recipients,
-                553,
-                "5.6.7 The upstream server does not support SMTPUTF8, which this message needs",
-            )
-        encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
-        try:
-            await session.mail(submission.mail_from, options=options, encoding=encoding)
-        except aiosmtplib.SMTPResponseException as error:
-            attempt = self._judge(submission.recipients, error.code, error.message)
-            await _reset(session)
-            return attempt
-        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as error:
-            if reused:
-                raise _StaleSession from error
-            return self._broken(submission.recipients, error)
-        except _CONNECTION_ERRORS as error:
-            return self._broken(submission.recipients, error)
-        return await self._recipients_and_data(session, submission, encoding)
+    def replied(self, code: int, message: str) -> None:
+        self.metrics.upstream_reply(code, message)
 
-    async def _recipients_and_data(
-        self, session: aiosmtplib.SMTP, submission: Submission, encoding: str
-    ) -> Attempt:
-        accepted: list[str] = []
-        refused = Attempt(attempted=True)
-        try:
-            for recipient in submission.recipients:
-                try:
-                    await session.rcpt(recipient, encoding=encoding)
-                    accepted.append(recipient)
-                except aiosmtplib.SMTPRecipientRefused as error:
-                    refused = refused.merge(self._judge((recipient,), error.code, error.message))
-                except ValueError:  # cannot be written on an SMTP command line at all
-                    unsendable = reply_text(501, "5.1.3 Address cannot be sent over SMTP")
-                    refused = refused.merge(Attempt(failed=((recipient, unsendable),)))
-            if not accepted:
-                await _reset(session)
-                return refused
-            response = await session.data(submission.content)
-        except aiosmtplib.SMTPResponseException as error:
-            # DATA refused (or a non-RCPT reply broke the transaction): every
-            # recipient accepted so far shares that reply.
-            return refused.merge(self._judge(tuple(accepted), error.code, error.message))
-        except _CONNECTION_ERRORS as error:
-            return self._broken(submission.recipients, error)
-        self.metrics.upstream_reply(response.code, response.message)
-        delivered = Attempt(
-            delivered=tuple(accepted), reply=reply_text(response.code, response.message)
-        )
-        return delivered.merge(refused)
-
-    def _judge(self, recipients: tuple[str, ...], code: int, message: str) -> Attempt:
+    def judge(self, recipients: tuple[str, ...], code: int, message: str) -> Attempt:
         """The result for ``recipients`` of one refusal reply."""
         self.metrics.upstream_reply(code, message)
         reply = reply_text(code, message)
@@ -370,62 +365,76 @@ class SmtpTransport:
             return Attempt(failed=tuple((r, reply) for r in recipients), reply=reply)
         if kind is Kind.THROTTLED:
             return Attempt.deferred_all(recipients, THROTTLED, reply, self._throttle(reply))
-        if kind is Kind.QUOTA:
-            pause = self.settings.retry.max_delay
-            self.breaker.trip(QUOTA, pause)
-            log.error("the mailbox's sending quota is used up; pausing", reply=reply, pause=pause)
-            return Attempt.deferred_all(recipients, QUOTA, reply, pause)
+        if kind in ACCOUNT_KINDS:
+            reason, pause, explained = self._pause_for_account(kind, reply)
+            return Attempt.deferred_all(recipients, reason, explained, pause)
         if kind is Kind.SEND_AS_DENIED:
             log.error("upstream refused the sender", reply=reply, help=SEND_AS_EXPLANATION)
             explained = f"{reply} ({SEND_AS_EXPLANATION})"
             return Attempt.deferred_all(recipients, SEND_AS_DENIED, explained)
-        if kind in (Kind.TOKEN_REJECTED, Kind.AUTH_DISABLED, Kind.AUTH):
+        if kind in AUTH_KINDS:
             # e.g. 530 5.7.57 at MAIL: the session lost its authentication.
             session_pause = self._pause_for_auth()
             log.error("upstream refused the session's authentication", reply=reply)
             return Attempt.deferred_all(recipients, AUTH, reply, session_pause)
         return Attempt.deferred_all(recipients, TEMPORARY, reply)
 
-    def _broken(self, recipients: tuple[str, ...], error: BaseException) -> Attempt:
-        """The session broke mid-transaction: whether the upstream kept the message is
-        unknown, so it is retried (at worst a duplicate, never a loss)."""
-        reason = TIMEOUT if isinstance(error, TimeoutError | asyncio.TimeoutError) else CONNECTION
-        return Attempt.deferred_all(recipients, reason, f"connection broke: {_describe(error)}")
+    def broken(self, recipients: tuple[str, ...], error: BaseException) -> Attempt:
+        """The session broke before the message was sent: it is retried."""
+        reply = f"connection broke: {_describe(error)}"
+        return Attempt.deferred_all(recipients, _reason(error), reply)
+
+    def ambiguous(self, submission: Submission, error: AmbiguousOutcome) -> Attempt:
+        """No reply to the final dot: the upstream may have the message. Retried, as
+        Postfix does (at worst a duplicate, never a loss), and counted."""
+        self.metrics.upstream_ambiguous.inc()
+        log.warning(
+            "no reply after the final dot; the message may have been delivered and is"
+            " sent again at the next attempt",
+            queue_id=submission.queue_id,
+            error=_describe(error),
+        )
+        reason = TIMEOUT if error.timed_out else CONNECTION
+        reply = f"{_describe(error)} (the message may have been delivered)"
+        return Attempt.deferred_all(submission.recipients, reason, reply)
+
+    def _pause_for_account(self, kind: Kind, reply: str) -> tuple[str, float, str]:
+        """The relay's mailbox or tenant may not send now: pause every delivery (the
+        scheduler shows it as relayd_deliveries_paused{reason}); one log line per pause."""
+        reason = ACCOUNT_REASON[kind]
+        pause = self.settings.retry.max_delay
+        explanation = ACCOUNT_EXPLANATIONS[kind]
+        if not (self.breaker.is_open and self.breaker.reason == reason):
+            log.error(
+                "the upstream refuses this account; deliveries pause",
+                reason=reason,
+                reply=reply,
+                mailbox=self.settings.upstream.mailbox,
+                pause=pause,
+                help=explanation,
+            )
+        self.breaker.trip(reason, pause)
+        return reason, pause, f"{reply} ({explanation})"
+
+
+def final_reply_timeout(data_timeout: float, size: int) -> float:
+    """The wait for the reply to the final dot: upstream.data_timeout (RFC 5321
+    §4.5.3.2.6: 10 minutes) plus the time to upload ``size`` bytes at MIN_UPLOAD_RATE,
+    because the message is written at once and that one wait covers its upload too."""
+    return data_timeout + size / MIN_UPLOAD_RATE
 
 
 def _for_recipients(template: Attempt, recipients: tuple[str, ...]) -> Attempt:
-    """A session-level result (no recipients yet) applied to this message's recipients."""
+    """A session-level result (no recipients yet) applied to this message's recipients:
+    no session, so nothing reached the upstream's limits."""
     return Attempt(
         deferred=recipients,
         reason=template.reason,
         reply=template.reply,
         retry_after=template.retry_after,
         attempted=template.attempted,
+        usage=NOTHING,
     )
-
-
-def _mail_options(session: aiosmtplib.SMTP, submission: Submission) -> list[str] | None:
-    """MAIL FROM parameters the upstream understands; None if the message cannot go."""
-    options: list[str] = []
-    if session.supports_extension("size"):
-        options.append(f"SIZE={len(submission.content)}")  # RFC 1870 §3
-    requested = {option.upper() for option in submission.mail_options}
-    if "BODY=8BITMIME" in requested and session.supports_extension("8bitmime"):
-        options.append("BODY=8BITMIME")  # RFC 6152
-    if "SMTPUTF8" in requested:
-        if not session.supports_extension("smtputf8"):
-            return None
-        options.append("SMTPUTF8")  # RFC 6531 §3.4
-    return options
-
-
-async def _reset(session: aiosmtplib.SMTP) -> None:
-    """RSET after a refused transaction so the session can carry the next message."""
-    if session.is_connected:
-        try:
-            await session.rset()
-        except _CONNECTION_ERRORS:
-            session.close()
 
 
 def _client_tls_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -434,6 +443,10 @@ def _client_tls_context(ca_file: Path | None) -> ssl.SSLContext:
     if ca_file is not None:
         context.load_verify_locations(cafile=str(ca_file))
     return context
+
+
+def _reason(error: BaseException) -> str:
+    return TIMEOUT if isinstance(error, TimeoutError | asyncio.TimeoutError) else CONNECTION
 
 
 def _describe(error: BaseException) -> str:

@@ -14,6 +14,13 @@ Switches let a test revoke refresh tokens, make the token endpoint fail with 5xx
 the whole service down, or shorten the access-token lifetime. Everything it issued is
 recorded so a test can check a token (``is_valid_access_token``, used by the fake
 Exchange server too) or prove that none leaked. All public methods are thread-safe.
+
+Consent and resources work as Entra's do: the user consents in the browser (or at the
+device login page) to the scopes that were asked for, minus any ``withhold_consent``
+names; a token request names the scopes of one resource (two: AADSTS28000), and a
+scope nobody consented to answers ``invalid_grant`` with AADSTS65001. Each access token
+remembers its resource and scopes (``token_grant``), so the fake Exchange and the fake
+Graph can refuse a token issued for the other API, as the real ones do.
 """
 
 from __future__ import annotations
@@ -61,7 +68,10 @@ AADSTS_TEXTS = {
     "authorization request.",
     70000: "The provided value for the 'code' parameter is not valid.",
     90002: "Tenant not found.",
+    28000: "Provided value for the input parameter scope is not valid because it contains "
+    "more than one resource.",
 }
+SMTP_SEND = "https://outlook.office.com/SMTP.Send"
 
 
 def _b64url(data: bytes) -> str:
@@ -113,6 +123,9 @@ class FakeEntra:
         self._codes: dict[str, _Grant] = {}
         self._refresh: dict[str, _Grant] = {}
         self._access: dict[str, tuple[str, float]] = {}  # token → (user, expires_at)
+        self._grants: dict[str, tuple[str, tuple[str, ...]]] = {}  # token → (resource, scopes)
+        self._consents: dict[str, set[str]] = {}  # user → scopes consented to
+        self._withheld: set[str] = set()  # scopes the user declines in the browser
         self._devices: dict[str, _Grant] = {}  # device_code → grant (user "" = pending)
         self._user_codes: dict[str, str] = {}  # user_code → device_code
         self._issued: set[str] = {self.client_secret}
@@ -196,20 +209,60 @@ class FakeEntra:
         """The person entered ``user_code`` at the verification page and signed in."""
         with self._lock:
             device_code = self._user_codes[user_code]
-            self._devices[device_code].user = user or self.signin_user
+            grant = self._devices[device_code]
+            grant.user = user or self.signin_user
+        self._consent(grant.user, grant.scopes)
+
+    def withhold_consent(self, *scopes: str) -> None:
+        """The user declines these scopes at the next sign-ins (not an admin's grant)."""
+        with self._lock:
+            self._withheld.update(scopes)
+
+    def grant_consent(self, user: str, *scopes: str) -> None:
+        """An administrator consented for ``user`` (API permissions → Grant admin consent)."""
+        with self._lock:
+            self._withheld.difference_update(scopes)
+        self._consent(user, scopes)
+
+    def revoke_consent(self, user: str, *scopes: str) -> None:
+        with self._lock:
+            self._consents.setdefault(user.lower(), set()).difference_update(scopes)
+
+    def consented(self, user: str) -> set[str]:
+        with self._lock:
+            return set(self._consents.get(user.lower(), ()))
+
+    def _consent(self, user: str, scopes: tuple[str, ...]) -> None:
+        with self._lock:
+            given = {s for s in scopes if s not in RESERVED_SCOPES and s not in self._withheld}
+            self._consents.setdefault(user.lower(), set()).update(given)
 
     def issue_refresh_token(self, user: str | None = None, scopes: str = "") -> str:
         """A refresh token as another tool would hold it (for `relayd auth import`)."""
-        scope_list = _scopes(scopes or "https://outlook.office.com/SMTP.Send offline_access")
+        scope_list = _scopes(scopes or f"{SMTP_SEND} offline_access")
+        self._consent(user or self.signin_user, scope_list)  # the other tool had consent
         return self._issue(user or self.signin_user, scope_list)["refresh_token"]
 
     # --- observations ------------------------------------------------------------------
 
-    def is_valid_access_token(self, user: str, token: str) -> bool:
-        """True if ``token`` was issued here to ``user`` and has not expired."""
+    def is_valid_access_token(self, user: str, token: str, scope: str | None = SMTP_SEND) -> bool:
+        """True if ``token`` was issued here to ``user``, has not expired, and carries
+        ``scope`` (default SMTP.Send: what Exchange's SMTP AUTH accepts; None: any)."""
         with self._lock:
             owner, expires_at = self._access.get(token, ("", 0.0))
+            _, scopes = self._grants.get(token, ("", ()))
+        if scope is not None and scope not in scopes:
+            return False
         return owner.lower() == user.lower() and time.time() < expires_at
+
+    def token_grant(self, token: str) -> tuple[str, str, tuple[str, ...]] | None:
+        """(user, resource, scopes) of a valid access token issued here, else None."""
+        with self._lock:
+            owner, expires_at = self._access.get(token, ("", 0.0))
+            resource, scopes = self._grants.get(token, ("", ()))
+        if not owner or time.time() >= expires_at:
+            return None
+        return owner, resource, scopes
 
     def valid_access_tokens(self, user: str | None = None) -> set[str]:
         now = time.time()
@@ -273,6 +326,7 @@ class FakeEntra:
                 state=query.get("state", ""),
             )
         code = self._new_secret("code")
+        self._consent(self.signin_user, _scopes(query.get("scope", "")))
         with self._lock:
             self._codes[code] = _Grant(
                 user=self.signin_user,
@@ -329,7 +383,7 @@ class FakeEntra:
         verifier = form.get("code_verifier", "")
         if _b64url(hashlib.sha256(verifier.encode()).digest()) != grant.code_challenge:
             return _error(400, "invalid_grant", 501481)
-        return 200, self._issue(grant.user, _scopes(form.get("scope", "")), grant.nonce)
+        return self._issue_checked(grant.user, _scopes(form.get("scope", "")), grant.nonce)
 
     def _redeem_refresh_token(self, form: dict[str, str]) -> tuple[int, dict]:
         with self._lock:
@@ -340,7 +394,7 @@ class FakeEntra:
         if grant.revoked:
             return _error(400, "invalid_grant", code)
         # Entra replaces the refresh token on every use; the old one is not revoked at once.
-        return 200, self._issue(grant.user, _scopes(form.get("scope", "")) or grant.scopes)
+        return self._issue_checked(grant.user, _scopes(form.get("scope", "")) or grant.scopes)
 
     def _redeem_device_code(self, form: dict[str, str]) -> tuple[int, dict]:
         with self._lock:
@@ -354,7 +408,18 @@ class FakeEntra:
             return _error(400, "invalid_grant", 70000)
         if not user:
             return _error(400, "authorization_pending", 70016)
-        return 200, self._issue(user, grant.scopes)
+        return self._issue_checked(user, grant.scopes)
+
+    def _issue_checked(
+        self, username: str, scopes: tuple[str, ...], nonce: str | None = None
+    ) -> tuple[int, dict]:
+        """Entra's checks before it issues: one resource per request, all consented."""
+        wanted = [scope for scope in scopes if scope not in RESERVED_SCOPES]
+        if len({_resource_of(scope) for scope in wanted}) > 1:
+            return _error(400, "invalid_scope", 28000)
+        if not set(wanted) <= self.consented(username):
+            return _error(400, "invalid_grant", 65001)
+        return 200, self._issue(username, scopes, nonce)
 
     def _issue(self, username: str, scopes: tuple[str, ...], nonce: str | None = None) -> dict:
         """A token response shaped like Entra's, with fresh opaque tokens."""
@@ -364,6 +429,9 @@ class FakeEntra:
             user = self._users.setdefault(username.lower(), _User(username))
             lifetime = self.access_token_lifetime
             self._access[access_token] = (username, now + lifetime)
+            resource_scopes = tuple(s for s in scopes if s not in RESERVED_SCOPES)
+            resource = _resource_of(resource_scopes[0]) if resource_scopes else ""
+            self._grants[access_token] = (resource, resource_scopes)
             self._refresh[refresh_token] = _Grant(
                 user=username, scopes=scopes, expires_at=now + self.refresh_token_lifetime
             )
@@ -408,6 +476,14 @@ class FakeEntra:
 
 def _scopes(text: str) -> tuple[str, ...]:
     return tuple(scope for scope in text.split() if scope)
+
+
+def _resource_of(scope: str) -> str:
+    """https://graph.microsoft.com/Mail.Send → https://graph.microsoft.com; a bare name
+    (Mail.Send) is Microsoft Graph's, as Entra reads it."""
+    if "://" not in scope:
+        return "https://graph.microsoft.com"
+    return scope.rsplit("/", 1)[0]
 
 
 def _error(status: int, error: str, aadsts: int) -> tuple[int, dict]:

@@ -35,8 +35,10 @@ from typing import Any
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
+from tests.fakes.entra import CLIENT_ID, TENANT_ID
+
 HOSTNAME = "FAKE01.PROD.OUTLOOK.COM"
-MAILBOX = "relay@example.com"
+MAILBOX = "relay@contoso.example"  # not @example.com: serve refuses the example's placeholder
 DROP = "<drop the connection>"
 STAGES = ("connect", "auth", "mail", "rcpt", "data")
 
@@ -183,18 +185,7 @@ class FakeExchange:
 
     def relay_config(self, ca_file: Path, **upstream: Any) -> dict:
         """Config overrides that point relayd at this fake (oauth ids are placeholders)."""
-        return {
-            "upstream": {
-                "transport": "smtp",
-                "host": self.host,
-                "port": self.port,
-                "tls": "starttls",
-                "mailbox": self.mailbox,
-                "ca_file": str(ca_file),
-                **upstream,
-            },
-            "oauth": {"tenant_id": "fake-tenant", "client_id": "fake-client"},
-        }
+        return relay_config(self.host, self.port, self.mailbox, ca_file, **upstream)
 
     def received_by(self, address: str) -> list[ReceivedMessage]:
         return [m for m in self.messages if address in m.recipients]
@@ -381,6 +372,22 @@ class _ExchangeSMTP(SMTP):
         text = status if isinstance(status, str) else status.decode("utf-8", "replace")
         if text.startswith("421") and self.transport is not None:
             self.transport.close()  # RFC 5321 §3.8: 421 closes the channel
+
+
+def relay_config(host: str, port: int, mailbox: str, ca_file: Path, **upstream: Any) -> dict:
+    """Config overrides that point relayd at a fake upstream on ``host:port``."""
+    return {
+        "upstream": {
+            "transport": "smtp",
+            "host": host,
+            "port": port,
+            "tls": "starttls",
+            "mailbox": mailbox,
+            "ca_file": str(ca_file),
+            **upstream,
+        },
+        "oauth": {"tenant_id": TENANT_ID, "client_id": CLIENT_ID},
+    }
 
 
 def _parse_xoauth2(initial: str | bytes) -> tuple[str, str]:

@@ -19,8 +19,11 @@ from relayd.auth import tokens as auth
 class StandInTokens:
     """Implements ``relayd.tokens.TokenSource`` for tests."""
 
-    def __init__(self, mailbox: str) -> None:
+    def __init__(
+        self, mailbox: str, scopes: tuple[str, ...] = ("https://outlook.office.com/SMTP.Send",)
+    ) -> None:
         self.mailbox = mailbox
+        self.scopes = scopes  # what each token is for (the fake Graph checks it)
         self._state = auth.OK
         self._valid: set[str] = set()
         self.issued: list[str] = []
@@ -68,6 +71,12 @@ class StandInTokens:
 
     def is_valid_access_token(self, user: str, token: str) -> bool:
         return user == self.mailbox and token in self._valid and not self.refuse_all
+
+    def grant(self, token: str) -> tuple[str, str, tuple[str, ...]] | None:
+        """(user, resource, scopes) as the fake Entra ID's ``token_grant`` answers."""
+        if not self.is_valid_access_token(self.mailbox, token):
+            return None
+        return self.mailbox, self.scopes[0].rsplit("/", 1)[0], self.scopes
 
     # --- switches ----------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from relayd.queue.model import Envelope, SpoolError
 from relayd.queue.spool import Spool
 from relayd.transports.base import LOCAL, Attempt, Submission
 from relayd.transports.maildir import MaildirTransport
+from tests.fakes.entra import CLIENT_ID, TENANT_ID
 from tests.faults import Crash, Fault, Injector, points
 from tests.helpers import load_settings, make_message
 
@@ -91,6 +92,16 @@ class World:
     tokens_allowed: set[str] = field(default_factory=set)
 
 
+class AsQueued:
+    """A sender policy that changes nothing: what is delivered is what was queued."""
+
+    def prepare(self, envelope: Envelope, content: bytes) -> tuple[str, bytes]:
+        return envelope.sender, content
+
+    def upstream_recipients(self, recipients: tuple[str, ...]) -> tuple[str, ...]:
+        return recipients
+
+
 class Relay:
     """The objects one relayd process holds; a crash throws them away."""
 
@@ -102,9 +113,7 @@ class Relay:
             lambda _: None,
             dsn.Reporter(hostname="relay.test", from_address=MAILBOX),
         )
-        self.claims = Claims(
-            self.spool, lambda: lambda envelope, content: (envelope.sender, content)
-        )
+        self.claims = Claims(self.spool, AsQueued)
         self.maildir = MaildirTransport(settings)
         self.world = world
         self.rng = random.Random(1)
@@ -492,12 +501,12 @@ def cache_document(refresh_token: str) -> str:
                 }
             },
             "RefreshToken": {
-                f"{HOME}-{CLOUD}-refreshtoken-client--": {
+                f"{HOME}-{CLOUD}-refreshtoken-{CLIENT_ID}--": {
                     "credential_type": "RefreshToken",
                     "secret": refresh_token,
                     "home_account_id": HOME,
                     "environment": CLOUD,
-                    "client_id": "client",
+                    "client_id": CLIENT_ID,
                     "target": "",
                     "last_modification_time": "1700000000",
                 }
@@ -601,8 +610,8 @@ def test_every_file_system_call_of_the_token_store_fails_and_crashes(
         {
             "upstream": {"mailbox": MAILBOX},
             "oauth": {
-                "tenant_id": "tenant",
-                "client_id": "client",
+                "tenant_id": TENANT_ID,
+                "client_id": CLIENT_ID,
                 "token_cache": str(tmp_path / "tokens" / "token_cache.json"),
             },
         },

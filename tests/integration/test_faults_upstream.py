@@ -17,19 +17,35 @@ test_smtp_delivery.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import structlog
+import structlog.testing
+import trustme
 
 from relayd import config
 from relayd.ops.auth_states import AUTH_STATES
+from relayd.transports.smtp import SmtpTransport
 from tests.fakes.entra import FakeEntra
 from tests.fakes.exchange import SERVICE_UNAVAILABLE, TOO_MANY_CONNECTIONS, FakeExchange
-from tests.helpers import RelayProcess, eventually, numbered_message, scrape, send_messages
+from tests.fakes.hostile import ENDLESS, ENDLESS_LIMIT, GARBAGE, HUGE, HostileUpstream
+from tests.fakes.tokens import StandInTokens
+from tests.harness import FAST_RETRY, Harness
+from tests.helpers import (
+    RelayProcess,
+    deep_merge,
+    eventually,
+    load_settings,
+    numbered_message,
+    scrape,
+    send_messages,
+)
 from tests.serving import Served, arrivals, until_delivered, waiting_and_failed
 
 COUNT = 20  # messages sent while each fault lasts
@@ -174,3 +190,161 @@ async def test_token_endpoint_down_then_back_deliveries_resume_by_themselves(
     assert auth_state(relay) in ("ok", "refreshing")
     assert relay.process.poll() is None  # the same process throughout
     check_nothing_lost_or_failed(relay, upstream, 1 + COUNT)
+
+
+# --- the hostile upstream -------------------------------------------------------------
+#
+# SmtpTransport + Scheduler in this process (as test_smtp_delivery.py runs them),
+# delivering to tests/fakes/hostile.py: an upstream that answers the final dot late,
+# refuses the DATA command, hangs up after the dot, talks garbage or never stops
+# talking, and stalls in the TLS handshake.
+
+HOSTILE_TIMEOUT = 0.5  # upstream.timeout in these tests; every stall outlasts it
+SLOW_WINDOW = 6.0  # how long the slow final-reply test watches for copies
+
+
+@pytest.fixture
+async def hostile(ca: trustme.CA) -> AsyncIterator[HostileUpstream]:
+    fake = await HostileUpstream(ca).start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def through_hostile(
+    tmp_path: Path, hostile: HostileUpstream, standin_tokens: StandInTokens, ca_file: Path
+) -> AsyncIterator[Callable[..., Harness]]:
+    harnesses: list[Harness] = []
+
+    def build(**upstream: object) -> Harness:
+        upstream = {
+            "rate_limit_per_minute": 0,
+            "timeout": f"{HOSTILE_TIMEOUT}s",
+            "throttle_pause": "0.3s",
+            **upstream,
+        }
+        overrides = deep_merge(hostile.relay_config(ca_file, **upstream), {"retry": FAST_RETRY})
+        settings = load_settings(tmp_path, overrides)
+        harness = Harness(settings, lambda s, metrics: SmtpTransport(s, metrics, standin_tokens))
+        harnesses.append(harness)
+        return harness
+
+    yield build
+    for harness in harnesses:
+        await harness.stop()
+
+
+async def settled_within(h: Harness, queue_id: str, seconds: float, state: str | None = None):
+    with contextlib.suppress(AssertionError):
+        await eventually(lambda: h.settled(queue_id, state), seconds)
+
+
+async def test_slow_final_reply_is_waited_for_and_the_message_sent_once(
+    through_hostile, hostile: HostileUpstream
+) -> None:
+    # The reply to the final dot takes four times upstream.timeout (a busy Exchange,
+    # a big message). RFC 5321 §4.5.3.2.6: wait for it (10 minutes by default).
+    hostile.final_reply_delay = 4 * HOSTILE_TIMEOUT
+    h = await through_hostile().start()
+    started = time.monotonic()
+    queue_id = await h.queue()
+    await settled_within(h, queue_id, SLOW_WINDOW)
+    copies = len(hostile.messages)
+    print(
+        f"\nfinal reply after {hostile.final_reply_delay}s, upstream.timeout"
+        f" {HOSTILE_TIMEOUT}s: {copies} copies sent upstream in"
+        f" {time.monotonic() - started:.1f}s"
+    )
+    assert h.settled(queue_id), "the message was never delivered"
+    assert copies == 1
+    assert h.metric("relayd_messages_deferred_total", reason="timeout") == 0
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    ["451 4.3.2 Please try again later", "554 5.5.1 Error: no valid recipients"],
+)
+async def test_refused_data_command_never_poisons_the_next_message(
+    through_hostile, hostile: HostileUpstream, refusal: str
+) -> None:
+    hostile.refuse_data = refusal  # answered instead of 354: the transaction stays open
+    h = await through_hostile(max_connections=1).start()
+    first = await h.queue(sender="")  # no DSN for the 554 case: one message to follow
+    refused = "failed" if refusal.startswith("5") else "deferred"
+    await eventually(lambda: h.settled(first, refused), 5)
+    hostile.refuse_data = None
+    second = await h.queue(sender="")
+    await eventually(lambda: h.settled(second), 5)
+    assert hostile.connections == 1  # the same session carried the next message ...
+    assert hostile.nested_mail == 0  # ... after an RSET, not into a 503 nested MAIL
+    assert hostile.resets >= 1
+    assert [m.recipients for m in hostile.messages][-1] == ("user@example.org",)
+    assert h.metric("relayd_messages_failed_total", reason="rejected") == (
+        1 if refusal.startswith("5") else 0
+    )
+
+
+async def test_drop_after_the_dot_is_counted_as_ambiguous_and_retried(
+    through_hostile, hostile: HostileUpstream
+) -> None:
+    hostile.drop_after_dot = True
+    h = await through_hostile().start()
+    with structlog.testing.capture_logs() as logs:
+        queue_id = await h.queue()
+        await eventually(lambda: h.metric("relayd_upstream_ambiguous_total") == 1, 5)
+        hostile.behave()
+        await eventually(lambda: h.settled(queue_id), 5)
+    assert len(hostile.messages) == 2  # the copy that may have gone, and the retry
+    (warning,) = [e for e in logs if "may have been delivered" in e["event"]]
+    assert warning["queue_id"] == queue_id
+    assert h.metric("relayd_messages_delivered_total") == 1
+
+
+@pytest.mark.parametrize(
+    ("stage", "mode"),
+    [
+        ("greeting", GARBAGE),
+        ("ehlo", ENDLESS),
+        ("mail", GARBAGE),
+        ("mail", ENDLESS),
+        ("rcpt", HUGE),
+        ("data", GARBAGE),
+        ("dot", GARBAGE),
+        ("dot", ENDLESS),
+        ("dot", HUGE),
+    ],
+)
+async def test_garbage_and_endless_replies_end_in_a_deferral(
+    through_hostile, hostile: HostileUpstream, stage: str, mode: str
+) -> None:
+    hostile.misreply[stage] = mode
+    h = await through_hostile().start()
+    started = time.monotonic()
+    queue_id = await h.queue(sender="app@example.com")
+    await eventually(
+        lambda: h.scheduler.active_count == 0 and h.state_of(queue_id) == "deferred", 5
+    )
+    elapsed = time.monotonic() - started
+    print(f"\n{mode} reply at {stage}: deferred after {elapsed:.2f}s, {hostile.sent_bytes} bytes")
+    # Never a bounce for what the upstream could not say; relayd hung up on the flood
+    # (aiosmtplib keeps at most 32 KiB of one reply) long before the fake's own bound.
+    assert h.metric("relayd_dsn_sent_total") == 0
+    assert h.metric("relayd_messages_failed_total", reason="rejected") == 0
+    assert hostile.sent_bytes < ENDLESS_LIMIT
+    hostile.behave()
+    await eventually(lambda: h.settled(queue_id), 5)  # a fresh session, not the confused one
+    assert hostile.messages[-1].recipients == ("user@example.org",)
+
+
+async def test_tls_handshake_stall_is_bounded_by_the_timeout(
+    through_hostile, hostile: HostileUpstream
+) -> None:
+    hostile.tls_stall = True
+    h = await through_hostile().start()
+    started = time.monotonic()
+    queue_id = await h.queue()
+    await eventually(lambda: h.metric("relayd_messages_deferred_total", reason="timeout") == 1, 5)
+    assert time.monotonic() - started < HOSTILE_TIMEOUT + 2
+    hostile.behave()
+    await eventually(lambda: h.settled(queue_id), 5)
+    assert len(hostile.messages) == 1

@@ -1,10 +1,14 @@
 """Property-based SMTP fuzzing of a live `relayd serve` (hypothesis).
 
-Invariants, whatever a client sends:
+Invariants, whatever a client sends (8-bit EHLO names, no or several From: fields,
+quoted local parts with ">", <postmaster>, garbage):
 - the daemon stays up and keeps answering;
-- every reply line is a well-formed RFC 5321 §4.2 reply;
+- every reply line is a well-formed RFC 5321 §4.2 reply (at most 512 octets, UTF-8);
 - every 250 after DATA names exactly one queued message holding exactly the bytes
-  sent (after dot-unstuffing), and every queued message was acknowledged that way;
+  sent (after dot-unstuffing) and the envelope given, and every queued message was
+  acknowledged that way;
+- no other session is affected: a clean client committing at the same moment gets 250
+  and its message stored intact;
 - a smuggled second message (hidden behind <LF>.<LF> and its cousins) never appears.
 """
 
@@ -19,9 +23,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relayd.queue.model import STATES
+from relayd.queue.spool import Spool
 from tests.helpers import RelayProcess, spooled_messages, unreachable_upstream, write_config
 
 MAX_SIZE = 16 * 1024
+ACCEPTED_SIZE = MAX_SIZE - 4096  # the SIZE advertised: 4 KiB kept for relayd's fields
 REPLY_LINE = re.compile(rb"^([2-5][0-5][0-9])([ -][\x20-\x7e\x80-\xff]*)?$")
 SMUGGLING_SEQUENCES = [
     b"\n.\n",
@@ -66,23 +73,64 @@ nasty_line = st.one_of(
 )
 
 
+# From: fields as applications write them, right and wrong; the number of them matters.
+from_fields = st.lists(
+    st.sampled_from(
+        [
+            b"From: app@example.com",
+            b"from: Billing <billing@apps.example.net>",
+            b"FROM :relay@example.com",
+            b"From: =?utf-8?q?J=C3=B6rg?=\r\n <joerg@apps.example.net>",
+            b"From: \xc3\xa9t\xc3\xa9 <ete@example.com>",
+            b"From: \xff\xfe broken <x@example.com>",
+            b"From:",
+        ]
+    ),
+    max_size=3,
+)
+
+
 @st.composite
 def bodies(draw: st.DrawFn, number: int) -> bytes:
-    """Message content (unstuffed): fixed headers so relayd adds none, then fuzz lines."""
+    """Message content (unstuffed): fixed headers so relayd adds none, 0-3 From: fields,
+    then fuzz lines."""
     head = (
         f"X-Fuzz-Id: {number}\r\nDate: Sun, 29 Nov 2026 10:00:00 +0000\r\n"
-        f"Message-ID: <fuzz-{number}@relayd.test>\r\n\r\n"
+        f"Message-ID: <fuzz-{number}@relayd.test>\r\n"
     ).encode()
+    head += b"".join(field + b"\r\n" for field in draw(from_fields)) + b"\r\n"
     lines = draw(st.lists(nasty_line, max_size=12))
     if draw(st.booleans()):
         lines.append(b"y" * draw(st.integers(0, MAX_SIZE + 100)))  # around the size limit
     return head + b"".join(line + b"\r\n" for line in lines)
 
 
+# EHLO names: 8-bit, not UTF-8, controls; anything but a line end (or nothing at all).
+ehlo_names = st.one_of(
+    st.sampled_from([b"fuzz.example", b"h\xffst.example", "hôte.example".encode(), b"\xc3"]),
+    st.binary(min_size=1, max_size=60).filter(
+        lambda b: b"\r" not in b and b"\n" not in b and b.strip(b" ")
+    ),
+)
+# Addresses that are right but odd (RFC 5321 §4.1.2 quoted strings, §4.5.1 postmaster).
+odd_recipients = st.sampled_from(
+    [
+        "user@example.com",
+        "postmaster",
+        "PostMaster",
+        '"a>b"@example.com',
+        '"x\\"> y"@example.com',
+        '"<>"@example.com',
+    ]
+)
+
+
 commands = st.one_of(
     st.sampled_from([b"NOOP", b"RSET", b"HELP", b"VRFY x", b"EXPN x", b"EHLO", b"MAIL", b"RCPT"]),
     st.sampled_from([b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.com>", b"DATA"]),
     st.sampled_from([b"MAIL FROM:<>", b"MAIL FROM:<a@example.com> SIZE=99999999"]),
+    st.sampled_from([b"AUTH PLAIN AGEAYg==", b"EHLO \xff\xfe", b"HELO h\xc3", b"HELP DATA"]),
+    st.sampled_from([b"RCPT TO:<postmaster>", b'RCPT TO:<"a>b"@example.com>', b"RCPT TO:<\xff>"]),
     st.binary(max_size=80).filter(lambda b: b"\n" not in b),  # garbage, NUL, bad UTF-8
     st.integers(500, 2000).map(lambda n: b"NOOP " + b"z" * n),  # overlong command line
 )
@@ -104,6 +152,8 @@ class Session:
                 line, self.buffer = self.buffer.split(b"\r\n", 1)
                 match = REPLY_LINE.match(line)
                 assert match, f"malformed reply line {line!r}"
+                assert len(line) + 2 <= 512, f"reply line over 512 octets: {line!r}"
+                line.decode("utf-8")  # never a client's invalid byte echoed back
                 if line[3:4] != b"-":
                     self.replies.append((match.group(1), line))
                     return match.group(1), line
@@ -128,14 +178,16 @@ def stuffed(content: bytes) -> bytes:
 
 def expected_code(content: bytes) -> bytes:
     """What relayd must answer to this DATA, by its documented rules."""
-    wire = stuffed(content)
-    if len(wire) > MAX_SIZE:
+    if len(content) > ACCEPTED_SIZE:  # RFC 1870: the size without the stuffing dots
         return b"552"
     crlf = content.count(b"\r\n")
     if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
         return b"550"
     if any(len(line) > 998 for line in content.split(b"\r\n")):
         return b"500"
+    head = content.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    if len(re.findall(rb"^from[ \t]*:", head, re.IGNORECASE | re.MULTILINE)) > 1:
+        return b"554"  # RFC 5322 §3.6: exactly one From:
     return b"250"
 
 
@@ -149,6 +201,42 @@ def connect(relay: RelayProcess) -> Session:
 
 def queued(relay: RelayProcess) -> dict[str, bytes]:
     return spooled_messages(relay.spool_dir)
+
+
+def envelope_of(relay: RelayProcess, queue_id: str):
+    spool = Spool(relay.spool_dir)
+    assert any(spool.path(state, queue_id).exists() for state in STATES)
+    return spool.find(queue_id)[1].envelope
+
+
+def printable(name: bytes) -> str:
+    """The EHLO name as relayd keeps it (relayd.smtp.addresses.printable_name)."""
+    text = name.strip().decode("utf-8", "surrogateescape")
+    return "".join(char if char.isprintable() else "?" for char in text)
+
+
+class Bystander:
+    """A clean client whose message is committed at the same moment as the fuzzed one."""
+
+    CONTENT = b"Subject: bystander\r\nDate: Sun, 29 Nov 2026 10:00:00 +0000\r\n\r\nclean\r\n"
+
+    def __init__(self, relay: RelayProcess) -> None:
+        self.session = connect(relay)
+        self.session.send(b"EHLO clean.example\r\nMAIL FROM:<app@example.com>\r\n")
+        self.session.send(b"RCPT TO:<user@example.com>\r\nDATA\r\n")
+        for code in (b"250", b"250", b"250", b"354"):
+            assert self.session.reply()[0] == code
+
+    def send(self) -> None:
+        self.session.send(self.CONTENT + b".\r\n")
+
+    def check(self, relay: RelayProcess) -> None:
+        code, line = self.session.reply()
+        assert code == b"250", line
+        queue_id = line.rsplit(b" ", 1)[1].decode()
+        stored = strip_received(queued(relay)[queue_id])
+        assert stored.endswith(self.CONTENT) and stored.startswith(b"Message-ID: <")
+        self.session.sock.close()
 
 
 def unstuffed(wire: bytes) -> bytes:
@@ -188,35 +276,50 @@ def test_lockstep_transactions_get_exactly_the_documented_reply(
 ) -> None:
     before = queued(relay)
     session = connect(relay)
-    acknowledged: dict[str, bytes] = {}
+    ehlo = data.draw(ehlo_names)
+    acknowledged: dict[str, tuple[bytes, str, str]] = {}
     with session.sock:
-        assert session.send(b"EHLO fuzz.example\r\n")
+        assert session.send(b"EHLO " + ehlo + b"\r\n")
         assert session.reply()[0] == b"250"
         for number in range(data.draw(st.integers(1, 3))):
             for command in data.draw(st.lists(commands, max_size=3)):
-                if not session.send(command + b"\r\n") or session.reply() is None:
+                if not session.send(command + b"\r\n") or (reply := session.reply()) is None:
                     return  # the server may end a bad session (e.g. 502 after bogus commands)
+                verb, _, argument = command.partition(b" ")
+                if verb.upper() in (b"EHLO", b"HELO") and reply[0] == b"250":
+                    ehlo = argument  # the session's name from now on
             session.send(b"RSET\r\n")
             session.reply()
             content = data.draw(bodies(number))
-            for step in (b"MAIL FROM:<app@example.com>", b"RCPT TO:<user@example.com>"):
-                session.send(step + b"\r\n")
-                assert session.reply()[0] == b"250"
+            recipient = data.draw(odd_recipients)
+            session.send(b"MAIL FROM:<app@example.com>\r\n")
+            assert session.reply()[0] == b"250"
+            session.send(f"RCPT TO:<{recipient}>\r\n".encode())
+            assert session.reply()[0] == b"250", recipient
             session.send(b"DATA\r\n")
             assert session.reply()[0] == b"354"
+            bystander = Bystander(relay)
             session.send(stuffed(content) + b".\r\n")
+            bystander.send()
             code, line = session.reply()
+            bystander.check(relay)
             assert code == expected_code(content), line
             if code == b"250":
                 queue_id = line.rsplit(b" ", 1)[1].decode()
-                acknowledged[queue_id] = content
+                acknowledged[queue_id] = (content, recipient, printable(ehlo))
         session.send(b"QUIT\r\n")
         session.reply()
     after = queued(relay)
-    new = {qid: body for qid, body in after.items() if qid not in before}
+    new = {
+        qid: body
+        for qid, body in after.items()
+        if qid not in before and b"Subject: bystander" not in body
+    }
     assert new.keys() == acknowledged.keys()
-    for queue_id, content in acknowledged.items():
+    for queue_id, (content, recipient, helo) in acknowledged.items():
         assert strip_received(new[queue_id]) == content
+        envelope = envelope_of(relay, queue_id)
+        assert (envelope.recipients, envelope.helo) == ((recipient,), helo)
 
 
 @FUZZ_SETTINGS
@@ -244,7 +347,11 @@ def test_pipelined_bursts_never_queue_anything_unacknowledged(
         for code, line in session.replies
         if code == b"250" and b"queued as" in line
     }
-    new = {qid: c for qid, c in queued(relay).items() if qid not in before}
+    new = {
+        qid: c
+        for qid, c in queued(relay).items()
+        if qid not in before and b"Subject: bystander" not in c
+    }
     assert new.keys() == acknowledged
     sent = unstuffed(payload)
     for content in new.values():

@@ -234,10 +234,12 @@ def test_a_second_daemon_on_the_same_spool_refuses_to_start(tmp_path: Path) -> N
         second_config = tmp_path / "second.yaml"
         second_config.write_text(yaml.safe_dump(document))
         second = RelayProcess(second_config).start(wait=False)
-        assert second.process.wait(20) == 1
+        assert second.process.wait(20) == 2
         assert "already using this spool" in second.output()
         assert f"pid {first.process.pid}" in second.output()
         assert pid_file.read_text().strip() == str(first.process.pid)
+        status = json.loads((tmp_path / "spool" / "status.json").read_text())
+        assert status["pid"] == first.process.pid  # the first one's, left alone
         assert first.stop() == 0
     assert not pid_file.exists()  # removed at a clean stop
 
@@ -249,6 +251,6 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         config = write_config(tmp_path, {"listen": {"port": port}})
         relay = RelayProcess(config).start(wait=False)
-        assert relay.process.wait(20) == 1
+        assert relay.process.wait(20) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in relay.output()
     assert "Traceback" not in relay.output()

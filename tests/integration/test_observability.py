@@ -270,6 +270,11 @@ async def test_revocation_shows_in_the_auth_gauges_and_a_new_login_drains_the_qu
         send_message(relay.port, make_message(f"while revoked {number}"))
     await eventually(lambda: waiting_and_failed(relay) == (5, 0), 10, interval=0.1)
     assert len(upstream.messages) == 1  # held for a sign-in, not bounced
+    await eventually(
+        lambda: scrape(relay.metrics_port).value("relayd_deliveries_paused", reason="auth") == 1,
+        10,
+        interval=0.1,
+    )
 
     login = await asyncio.to_thread(login_by_pasting, relay.config_path, ca_file)
     assert login.process.returncode == 0, login.everything()
@@ -286,6 +291,14 @@ async def test_revocation_shows_in_the_auth_gauges_and_a_new_login_drains_the_qu
     assert metrics.value("relayd_queue_bytes") == 0
     assert metrics.value("relayd_queue_oldest_message_age_seconds") == 0
     assert metrics.value("relayd_messages_delivered_total") == 6
+    assert metrics.value("relayd_recipients_delivered_total") == 6
+    assert metrics.value("relayd_deliveries_paused", reason="auth") == 0
+    # Each counter once per message: received (+ DSNs) = delivered + failed + queued.
+    assert metrics.value("relayd_messages_received_total") + metrics.value(
+        "relayd_dsn_sent_total"
+    ) == metrics.value("relayd_messages_delivered_total") + sum(
+        metrics.value("relayd_messages_failed_total", reason=r) for r in ("rejected", "expired")
+    )
     assert metrics.value("relayd_queue_messages", state="failed") == 0
     assert relay.process.poll() is None
 

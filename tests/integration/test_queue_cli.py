@@ -167,7 +167,7 @@ def test_retry_all_and_purge_failed(daemon) -> None:
         spool.fail(spool.claim(queue_id), DeliveryState(attempts=1, last_error="550"))
 
     result = queue(config, "retry", "--all")
-    assert result.returncode == 0 and "2 deferred message(s) due now" in result.stdout
+    assert result.returncode == 0 and "2 message(s) due now" in result.stdout
     assert all(spool.path("deferred", i).stat().st_mtime <= time.time() for i in ids[:2])
 
     assert queue(config, "purge-failed").returncode == 2  # no terminal, no --yes

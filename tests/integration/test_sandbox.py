@@ -5,12 +5,15 @@ no Microsoft account; mail lands in the Maildir; the queue commands, send-test a
 from __future__ import annotations
 
 import json
+import smtplib
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from relayd import config
 from tests.helpers import (
     RelayProcess,
     free_port,
@@ -111,3 +114,19 @@ def test_check_config_shows_the_sandbox_settings(tmp_path: Path) -> None:
     assert checked.returncode == 0, checked.stderr
     assert f"directory: {tmp_path}/spool" in checked.stdout
     assert "transport: maildir" in checked.stdout
+
+
+def greeting(host: str, port: int) -> bytes:
+    with socket.create_connection((host, port), timeout=5) as connection:
+        return connection.makefile("rb").readline()
+
+
+def test_the_default_address_answers_on_both_loopbacks(sandbox: RelayProcess) -> None:
+    """An application told "localhost" may resolve it to ::1 (the EAP on a host whose
+    /etc/hosts lists ::1 first): the default listen.address answers there too."""
+    assert greeting("127.0.0.1", sandbox.port).startswith(b"220 ")
+    if config.listen_hosts(config.LOOPBACK) == ["127.0.0.1"]:
+        pytest.skip("this host has no IPv6 loopback")  # then nothing to answer there
+    assert greeting("::1", sandbox.port).startswith(b"220 ")
+    with smtplib.SMTP("localhost", sandbox.port, timeout=10) as client:
+        assert client.noop()[0] == 250

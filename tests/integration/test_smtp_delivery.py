@@ -10,6 +10,7 @@ from email import policy as email_policy
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from relayd.auth import tokens as auth
 from relayd.ops import logging as relay_logging
@@ -343,3 +344,89 @@ async def test_no_token_or_xoauth2_string_reaches_the_logs(
     for token in standin_tokens.issued:  # ... but never a token
         assert token not in text
     assert "dXNlcj" not in text  # base64("user=..."), the XOAUTH2 initial response
+
+
+# --- refusals about the relay's own account ---------------------------------------------
+
+HOST = fake_exchange.HOSTNAME
+ACCOUNT_REFUSALS = {
+    "quota": (
+        "data",
+        "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException;"
+        f" Failed to process message due to a permanent exception [{HOST}]",
+    ),
+    "mailbox_full": (
+        "data",
+        "554 5.2.2 mailbox full; STOREDRV.Submission.Exception:QuotaExceededException."
+        f"MapiExceptionQuotaExceeded [{HOST}]",
+    ),
+    "account_restricted": ("mail", f"550 5.1.8 Access denied, bad outbound sender [{HOST}]"),
+    "tenant_blocked": (
+        "mail",
+        f"550 5.7.705 Access denied, tenant has exceeded threshold [{HOST}]",
+    ),
+    "tenant_blocked@rcpt": (
+        "rcpt",
+        "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP"
+        f" [{HOST}]",
+    ),
+    "tenant_blocked@data": (
+        "data",
+        "550 5.7.750 Service unavailable. Client blocked from sending from unregistered"
+        f" domains [{HOST}]",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ACCOUNT_REFUSALS))
+async def test_account_refusal_pauses_everything_and_never_bounces(
+    make, exchange: FakeExchange, name: str
+) -> None:
+    stage, reply = ACCOUNT_REFUSALS[name]
+    reason = name.split("@")[0]
+    exchange.fail(stage, reply)
+    h = make(retry={"min_delay": "0.1s", "max_delay": "1s", "max_age": "1h"})
+    with structlog.testing.capture_logs() as logs:
+        await h.start()
+        ids = [await h.queue(sender=SENDER) for _ in range(6)]
+        await eventually(lambda: h.metric("relayd_deliveries_paused", reason=reason) == 1, 5)
+        await asyncio.sleep(0.3)  # paused: nothing more is tried
+        refused = h.metric("relayd_messages_deferred_total", reason=reason)
+        explained = [e for e in logs if e["event"].startswith("the upstream refuses this account")]
+    assert 1 <= refused <= h.settings.upstream.max_connections  # those already in flight
+    assert len(explained) == 1 and explained[0]["reason"] == reason
+    assert "mail waits" in explained[0]["help"] or "resume" in explained[0]["help"]
+    assert h.metric("relayd_dsn_sent_total") == 0
+    assert h.metric("relayd_messages_failed_total", reason="rejected") == 0
+    assert all(h.state_of(q) in ("incoming", "deferred") for q in ids)
+    exchange.clear()  # somebody acted; the next probe goes through
+    await eventually(h.drained, 10)
+    assert len(exchange.messages) == 6
+    assert h.metric("relayd_deliveries_paused", reason=reason) == 0
+
+
+# --- budgets spent on nothing ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [
+        {"rate_limit_per_minute": 2},
+        {"rate_limit_per_minute": 0, "daily_recipient_limit": 2},
+    ],
+    ids=["rate", "daily"],
+)
+@pytest.mark.parametrize("fault", ["432 at AUTH", "dropped at connect"])
+async def test_attempts_exchange_never_counted_leave_the_budget_alone(
+    make, exchange: FakeExchange, limit: dict, fault: str
+) -> None:
+    if fault == "432 at AUTH":
+        exchange.fail("auth", fake_exchange.TOO_MANY_CONNECTIONS, times=2)
+    else:
+        exchange.drop("connect", times=2)
+    h = await make(max_connections=1, **limit).start()
+    ids = [await h.queue(), await h.queue()]
+    for queue_id in ids:  # not after a minute (or a day) behind budget never used
+        await eventually(lambda q=queue_id: h.settled(q), 5)
+    assert len(exchange.messages) == 2
+    assert h.metric("relayd_daily_recipients_used") == 2

@@ -32,6 +32,9 @@ SUFFIXES = {
     "gaugehistogram": ("_bucket", "_gcount", "_gsum"),
 }
 SCRAPE_METRICS = {"up"}  # written by Prometheus itself for every target
+# Named by an alert rule, exported by work on another branch (the account-level pause
+# gauge, ops/metrics.py). Remove a name here once ops/metrics.py exports it:
+# test_pending_metrics_are_not_exported_yet fails until then.
 
 PROMQL_FUNCTIONS = {
     *("abs", "absent", "absent_over_time", "ceil", "changes", "clamp", "clamp_max"),
@@ -156,8 +159,19 @@ def test_each_alert_rule_is_complete_and_names_only_exported_metrics(
 
     metrics, functions = promql_names(rule["expr"])
     assert metrics, "an alert must look at a metric"
-    assert metrics <= exported, f"not exported by relayd: {metrics - exported}"
+    assert metrics <= exported, f"not exported: {metrics - exported}"
     assert functions <= PROMQL_FUNCTIONS
+
+
+def test_the_operator_alerts_of_issue_15() -> None:
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    disk = rules["RelaydRefusingMailLowDisk"]["expr"]
+    assert 'relayd_messages_rejected_total{reason="disk"}' in disk
+    budget = rules["RelaydDailyRecipientBudgetNearlySpent"]["expr"]
+    assert "relayd_daily_recipients_used" in budget and "9000" in budget  # 90 % of 10,000
+    paused = rules["RelaydAccountRefused"]["expr"]
+    assert "relayd_deliveries_paused" in paused and "reason" in paused
+    assert rules["RelaydAccountRefused"]["labels"]["severity"] == "critical"
 
 
 # --- prometheus.yml ----------------------------------------------------------------------
@@ -206,3 +220,33 @@ def test_each_dashboard_query_names_only_exported_metrics(
 
     assert metrics <= exported, f"{title}: not exported by relayd: {metrics - exported}"
     assert functions <= PROMQL_FUNCTIONS
+
+
+def shown_text(panel: dict[str, Any], value: float) -> str | None:
+    """The text a Grafana value mapping shows for ``value`` (range mappings; None = open)."""
+    for mapping in panel["fieldConfig"]["defaults"].get("mappings", []):
+        if mapping["type"] != "range":
+            continue
+        low, high = mapping["options"]["from"], mapping["options"]["to"]
+        if (low is None or value >= low) and (high is None or value <= high):
+            return mapping["options"]["result"]["text"]
+    return None
+
+
+def test_a_timestamp_that_is_zero_reads_never_not_56_years() -> None:
+    dashboard = json.loads((CONFIG / "grafana-dashboard.json").read_text())
+    now = 1_800_000_000.0
+    timestamp_panels = [
+        panel
+        for panel in dashboard["panels"]
+        if any("_timestamp_seconds" in target["expr"] for target in panel.get("targets", []))
+    ]
+    assert len(timestamp_panels) == 2
+    for panel in timestamp_panels:
+        (target,) = panel["targets"]
+        # What the panel's expression gives when the metric is 0: now - 0, or 0 - now.
+        zero = -now if target["expr"].rstrip().endswith("- time()") else now
+        assert shown_text(panel, zero) == "never", panel["title"]
+        for real in (3600.0, -3600.0, 90 * 86400.0):  # real values stay numbers
+            assert shown_text(panel, real) is None
+        assert panel["fieldConfig"]["defaults"]["noValue"] == "never"

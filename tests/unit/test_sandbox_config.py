@@ -11,6 +11,7 @@ import yaml
 from relayd import config
 from relayd.app import Relay
 from relayd.ops.metrics import Metrics
+from tests.helpers import CLIENT_ID, TENANT_ID
 
 
 def test_defaults_need_no_microsoft_account_and_live_under_the_sandbox_directory(
@@ -22,7 +23,7 @@ def test_defaults_need_no_microsoft_account_and_live_under_the_sandbox_directory
     assert settings.spool.directory == tmp_path / "box" / "spool"
     assert settings.upstream.maildir == tmp_path / "box" / "maildir"
     assert settings.oauth.token_cache == tmp_path / "box" / "token_cache.json"
-    assert (settings.listen.address, settings.listen.port) == ("127.0.0.1", 2525)
+    assert (settings.listen.address, settings.listen.port) == ("localhost", 2525)
     assert (settings.metrics.address, settings.metrics.port) == ("127.0.0.1", 2526)
     assert str(tmp_path / "box") in settings.source
 
@@ -41,7 +42,7 @@ def test_a_file_applies_on_top_but_never_turns_the_transport_back_to_smtp(tmp_pa
     document = {
         "listen": {"port": 2600},
         "upstream": {"transport": "smtp", "mailbox": "relay@example.com", "from_rewrite": False},
-        "oauth": {"tenant_id": "tenant", "client_id": "client"},
+        "oauth": {"tenant_id": TENANT_ID, "client_id": CLIENT_ID},
         "spool": None,  # an empty section keeps the sandbox's keys
     }
     path.write_text(yaml.safe_dump(document))

@@ -315,15 +315,16 @@ def test_backoff_has_a_ceiling_for_any_number_of_failures(tmp_path: Path) -> Non
     overflowed a float, and the refresher then spun. (A configured delay is a float;
     the built-in default, an int, hid it.)"""
     manager = standalone_manager(tmp_path, {"retry_min_delay": "15s"})
-    manager._failures = 10_000
+    tokens = manager.source("smtp")
+    tokens._failures = 10_000
     before = time.time()
-    manager._fail(Outcome(TRANSIENT, "ConnectionError: connection refused"))
-    assert manager._failures == 10_001
-    assert before < manager._retry_at <= time.time() + manager.oauth.retry_max_delay
+    tokens.fail(Outcome(TRANSIENT, "ConnectionError: connection refused"))
+    assert tokens._failures == 10_001
+    assert before < tokens._retry_at <= time.time() + manager.oauth.retry_max_delay
 
 
 def test_backoff_doubles_from_the_minimum_up_to_the_maximum() -> None:
-    from relayd.auth.tokens import backoff
+    from relayd.auth.source import backoff
 
     assert [backoff(n, 1.0, 100.0) for n in (1, 2, 3, 8)] == [1.0, 2.0, 4.0, 100.0]
     assert backoff(10**9, 15.0, 900.0) == 900.0
@@ -365,7 +366,8 @@ async def test_a_cache_that_cannot_be_written_keeps_the_new_tokens_and_retries_t
 
     monkeypatch.setattr(token_store, "write_private", write_private)
     redeemed = entra.requests["token:refresh_token"]
-    await h.manager._refresh("keep-alive")  # Entra rotates the refresh token; the disk is full
+    # Entra ID rotates the refresh token; the disk is full.
+    await h.manager.refresh(h.manager.source("smtp"), "keep-alive")
 
     new_token = await h.manager.access_token()  # the fresh tokens are used at once
     assert new_token != old_token and entra.is_valid_access_token(MAILBOX, new_token)

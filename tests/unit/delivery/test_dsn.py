@@ -79,3 +79,13 @@ def test_dsn_to_an_internationalized_sender_asks_for_smtputf8() -> None:
     envelope = dsn.dsn_envelope(queued(sender="jörg@example.de"), NOW)
     assert envelope.mail_options == ("SMTPUTF8",)
     assert dsn.dsn_envelope(queued(), NOW).mail_options == ()
+
+
+def test_the_readme_says_how_dsns_leave_through_exchange() -> None:
+    # Through Exchange Online a DSN cannot keep the null sender (the sender policy
+    # sends it as the mailbox: test_smtp_delivery's test_refused_recipient_fails_alone_
+    # with_exactly_one_dsn checks MAIL FROM); the documentation must say so.
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
+    delivery = readme[readme.index("## Delivery") : readme.index("## Queue administration")]
+    assert "null sender) through the same" not in delivery
+    assert "MAIL FROM:<upstream.mailbox>" in delivery

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relayd.delivery.limits import SlidingWindow
+from relayd.delivery.limits import SendingBudget, SlidingWindow
 
 
 class Clock:
@@ -82,3 +82,39 @@ def test_new_limit_applies_to_what_was_spent(clock: Clock) -> None:
     assert window.wait_time() == pytest.approx(60)
     window.set_limit(0)
     assert window.wait_time() == 0
+
+
+def test_refund_gives_back_from_its_own_spend_not_a_later_one(clock: Clock) -> None:
+    window = SlidingWindow(2, 60, clock)
+    early = window.spend()  # t=1000: a message whose connection failed
+    clock.now += 30
+    window.spend()  # t=1030: a message Exchange did count
+    assert window.wait_time() == pytest.approx(30)
+    window.refund(early, 1)
+    assert window.wait_time() == 0 and window.used() == 1
+    window.spend()  # t=1030 again: both now free at t=1090, not earlier
+    clock.now = 1089
+    assert window.wait_time() == pytest.approx(1)
+
+
+def test_refund_after_expiry_or_twice_changes_nothing(clock: Clock) -> None:
+    window = SlidingWindow(3, 60, clock)
+    spent = window.spend(2)
+    window.refund(spent, 1)
+    window.refund(spent, 5)  # only what is left of that spend
+    assert window.used() == 0
+    old = window.spend(3)
+    clock.now += 61
+    window.spend(1)
+    window.refund(old, 3)  # it already left the window
+    assert window.used() == 1
+
+
+def test_budget_keeps_what_the_upstream_counted(clock: Clock) -> None:
+    budget = SendingBudget(30, 10, clock)
+    reserved = budget.reserve(4)
+    budget.give_back(reserved, messages=1, recipients=3)  # one recipient refused at RCPT
+    assert budget.rate.used() == 1 and budget.daily.used() == 3
+    nothing = budget.reserve(4)
+    budget.give_back(nothing, messages=0, recipients=0)  # never reached the upstream
+    assert budget.rate.used() == 1 and budget.daily.used() == 3

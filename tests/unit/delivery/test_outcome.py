@@ -14,6 +14,7 @@ from relayd.delivery.outcome import (
     DELIVERED,
     EXPIRED,
     FAILED,
+    HELD,
     REJECTED,
     RELEASED,
     retry_delay,
@@ -140,3 +141,14 @@ def test_retry_delay_grows_with_age_between_the_bounds(age: float) -> None:
     assert all(d >= 0.8 * clamped - 1e-9 or d == RETRY.min_delay for d in delays)
     if clamped > RETRY.min_delay / 0.8:
         assert len(set(delays)) > 1  # jitter spreads them
+
+
+def test_a_held_attempt_goes_to_hold_with_its_reason_and_never_fails() -> None:
+    old = message(age=10 * 86400)  # older than max_age: still no bounce
+    attempt = Attempt.held(old.envelope.recipients, "too_big", "held: too large for Graph; fix it")
+
+    decision = settle(old, attempt, NOW, RETRY)
+
+    assert decision.action == HELD and not decision.newly_failed
+    assert decision.state.last_error == "held: too large for Graph; fix it"
+    assert decision.state.attempts == old.state.attempts + 1

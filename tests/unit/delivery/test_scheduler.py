@@ -14,10 +14,13 @@ import pytest
 import structlog
 import structlog.testing
 
+from relayd.delivery import ready
+from relayd.delivery.ready import ReadyQueue
 from relayd.queue.model import new_queue_id
 from relayd.transports.base import (
     AUTH,
     DAILY_LIMIT,
+    NOTHING,
     TEMPORARY,
     THROTTLED,
     Attempt,
@@ -38,6 +41,16 @@ def temporary(submission: Submission) -> Attempt:
     return Attempt.deferred_all(submission.recipients, TEMPORARY, "451 4.7.500 Server busy")
 
 
+def half(submission: Submission) -> Attempt:
+    """a@ delivered, b@ deferred."""
+    return Attempt(
+        delivered=("a@example.org",),
+        deferred=("b@example.org",),
+        reason=TEMPORARY,
+        reply="451 try later",
+    )
+
+
 def rejected(submission: Submission) -> Attempt:
     reply = "550 5.1.10 RESOLVER.ADR.RecipientNotFound"
     return Attempt(failed=tuple((r, reply) for r in submission.recipients), reply=reply)
@@ -55,6 +68,7 @@ class ScriptedTransport:
         self.block: Blocked | None = None
         self.available = asyncio.Event()
         self.gate: asyncio.Event | None = None  # when set up, deliveries wait for it
+        self.delay = 0.0  # seconds each delivery takes
         self.closed = False
 
     def blocked(self) -> Blocked | None:
@@ -67,6 +81,8 @@ class ScriptedTransport:
         self.calls.append(submission)
         if self.gate is not None:
             await self.gate.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         step = self.script.pop(0) if self.script else self.default
         return step(submission)
 
@@ -188,15 +204,6 @@ async def test_partial_refusal_delivers_the_others_and_reports_only_the_refused(
 
 async def test_deferred_recipients_are_retried_alone(make) -> None:
     h = make()
-
-    def half(submission: Submission) -> Attempt:
-        return Attempt(
-            delivered=("a@example.org",),
-            deferred=("b@example.org",),
-            reason=TEMPORARY,
-            reply="451 try later",
-        )
-
     h.transport.script = [half]
     await h.scheduler.start()
     queue_id = await h.queue(recipients=("a@example.org", "b@example.org"))
@@ -398,8 +405,8 @@ async def test_stop_during_a_claim_gives_the_message_back(make) -> None:
     assert h.state_of(queue_id) == "incoming" and h.transport.calls == []
 
 
-async def test_due_retries_are_not_starved_by_new_mail(make) -> None:
-    h = make(ScriptedTransport(concurrency=1))
+async def defer_one(h: Harness) -> str:
+    """A message that is deferred once (due again 0.1-0.2 s later) while deliveries wait."""
     h.transport.script = [temporary]
     h.transport.gate = asyncio.Event()
     await h.scheduler.start()
@@ -408,6 +415,12 @@ async def test_due_retries_are_not_starved_by_new_mail(make) -> None:
     h.transport.gate.set()
     await eventually(lambda: h.state_of(retried) == "deferred")
     h.transport.gate.clear()
+    return retried
+
+
+async def test_due_retries_are_not_starved_by_new_mail(make) -> None:
+    h = make(ScriptedTransport(concurrency=1))
+    retried = await defer_one(h)
     newer = await h.queue_many(30)  # a backlog of new mail, already notified
     await asyncio.sleep(0.3)  # the retry comes due (retry.max_delay 0.2s)
     h.transport.gate.set()
@@ -416,3 +429,118 @@ async def test_due_retries_are_not_starved_by_new_mail(make) -> None:
     assert order.index(retried, 1) < len(order) - 1  # not left until the backlog was gone
     await eventually(h.drained)
     assert set(newer) <= {call.queue_id for call in h.transport.calls}
+
+
+# --- the ready lanes (relayd.delivery.ready) ------------------------------------------
+
+
+@pytest.fixture
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Scans of 5 ids and at most 10 new-mail ids in memory: a backlog in a few ids."""
+    monkeypatch.setattr(ready, "SCAN_BATCH", 5)
+    monkeypatch.setattr(ready, "READY_LIMIT", 10)
+    return 5
+
+
+async def test_due_retry_takes_turns_with_a_backlog_on_disk_oldest_first(
+    make, small_batches: int
+) -> None:
+    h = make(ScriptedTransport(concurrency=1))
+    retried = await defer_one(h)
+    backlog = [await h.queue(notify=False) for _ in range(6 * small_batches)]  # on disk only
+    h.scheduler.wake()
+    await asyncio.sleep(0.3)  # the retry comes due while the backlog waits
+    h.transport.gate.set()
+    await eventually(h.drained, 10)
+    order = [call.queue_id for call in h.transport.calls[1:]]
+    assert [q for q in order if q != retried] == sorted(backlog)  # first in, first out
+    # Taken in turn with the backlog: among the first few, not after a scan batch or all.
+    assert order.index(retried) <= 3
+
+
+async def test_ready_list_stays_within_its_bound(
+    make, small_batches: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ready, "MIN_SCAN_GAP", 0.002)  # scans as often as they may come
+    h = make(ScriptedTransport(concurrency=1))
+
+    def retried_forever(submission: Submission) -> Attempt:
+        if "retry@example.org" in submission.recipients:
+            return temporary(submission)  # comes due again every 0.1-0.2 s
+        return delivered(submission)
+
+    h.transport.default = retried_forever
+    h.transport.delay = 0.01  # a backlog builds up while retries keep coming due
+    await h.scheduler.start()
+    for _ in range(3):
+        await h.queue(("retry@example.org",))
+    await asyncio.sleep(0.2)
+    backlog = [await h.queue() for _ in range(80)]  # notified: 80 new ids for a lane of 10
+    largest = 0
+    while len(h.transport.to("user@example.org")) < len(backlog):
+        largest = max(largest, len(h.scheduler._ready))
+        await asyncio.sleep(0.002)
+    # At most READY_LIMIT new ids, plus the three retries (their lane holds SCAN_BATCH).
+    assert largest <= ready.READY_LIMIT + 3
+
+
+def test_ready_queue_is_oldest_first_bounded_and_alternates() -> None:
+    lanes = ReadyQueue(limit=3, retry_limit=2)
+    for queue_id in ("0005", "0001", "0003"):
+        assert lanes.add_new(queue_id)
+    assert not lanes.add_new("0009")  # full, and the newest: left for a scan
+    assert lanes.add_incoming(["0000", "0002"]) == 2  # older ones push the newest out
+    lanes.add_retries(["r1", "r2", "r3"])  # room for two
+    assert len(lanes) == 5
+    taken = [lanes.pop() for _ in range(6)]
+    assert taken == ["r1", "0000", "r2", "0001", "0002", None]
+
+
+# --- counters that count what their names say ------------------------------------------
+
+
+async def test_a_message_delivered_over_two_attempts_counts_once(make) -> None:
+    h = make()
+    h.transport.script = [half]
+    await h.scheduler.start()
+    queue_id = await h.queue(recipients=("a@example.org", "b@example.org"))
+    await eventually(lambda: h.settled(queue_id))
+    assert len(h.transport.calls) == 2
+    assert h.metric("relayd_messages_delivered_total") == 1
+    assert h.metric("relayd_recipients_delivered_total") == 2
+
+
+async def test_a_partly_refused_message_counts_as_failed_not_delivered(make) -> None:
+    h = make()
+    h.transport.script = [
+        lambda s: Attempt(
+            delivered=("a@example.org",),
+            failed=(("b@example.org", "550 5.1.10 not found"),),
+            reply="250 2.0.0 OK",
+        )
+    ]
+    await h.scheduler.start()
+    queue_id = await h.queue(recipients=("a@example.org", "b@example.org"), sender="")
+    await eventually(lambda: h.settled(queue_id, "failed"))
+    assert h.metric("relayd_messages_delivered_total") == 0
+    assert h.metric("relayd_messages_failed_total", reason="rejected") == 1
+    assert h.metric("relayd_recipients_delivered_total") == 1
+
+
+# --- budgets spent on nothing ---------------------------------------------------------
+
+
+async def test_attempts_that_never_reached_the_upstream_give_their_budget_back(make) -> None:
+    transport = ScriptedTransport(rate_limited=True)
+    h = make(transport, upstream={"rate_limit_per_minute": 2, "daily_recipient_limit": 2})
+    unreachable = Attempt.deferred_all(
+        ("user@example.org",), "connection", "cannot connect", 0.0
+    ).using(NOTHING)
+    transport.script = [lambda s: unreachable, lambda s: unreachable]
+    await h.scheduler.start()
+    ids = [await h.queue(), await h.queue()]
+    for queue_id in ids:
+        await eventually(lambda q=queue_id: h.settled(q), 5)
+    assert len(transport.calls) == 4  # two failed tries and two deliveries, no 60 s wait
+    assert h.metric("relayd_daily_recipients_used") == 2
+    assert h.metric("relayd_rate_limit_tokens") == 0

@@ -236,7 +236,7 @@ async def test_connections_beyond_the_limit_get_503_and_stop_closes_idle_ones(
     try:
         await asyncio.sleep(0)  # let the server accept both
         for _ in range(100):  # bounded: until both idle connections are being served
-            if len(server._connections) == 2:
+            if server.connection_count == 2:
                 break
             await asyncio.sleep(0.01)
         status, _, body = await get(server.bound_port, "/healthz")

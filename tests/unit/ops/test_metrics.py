@@ -12,7 +12,9 @@ from relayd.ops.metrics import QUEUE_STATES, REJECT_REASONS, Metrics, enhanced_c
 
 # Label names whose values come from fixed sets; an address or a message id as a
 # label would give every message its own time series.
-BOUNDED_LABELS = {"reason", "state", "code", "result", "version"}
+# status: Graph's answers folded into GRAPH_STATUSES or a class; transport and to:
+# smtp or graph.
+BOUNDED_LABELS = {"reason", "state", "code", "result", "version", "status", "transport", "to"}
 
 
 @pytest.fixture
@@ -107,3 +109,13 @@ def test_registries_are_independent() -> None:
 
     assert value(first, "relayd_messages_received_total") == 1
     assert value(second, "relayd_messages_received_total") == 0
+
+
+def test_graph_status_labels_are_a_bounded_set() -> None:
+    from relayd.ops.metrics import GRAPH_STATUSES, graph_status_label
+
+    labels = {graph_status_label(status) for status in [None, *range(0, 1000)]}
+    assert labels == {str(s) for s in GRAPH_STATUSES} | {"1xx", "2xx", "3xx", "4xx", "5xx"} | {
+        "other",
+        "error",
+    }

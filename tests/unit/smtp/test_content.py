@@ -102,3 +102,31 @@ def test_read_data_over_the_limit_is_read_to_its_end_and_dropped(size: int, limi
     data, rest = asyncio.run(_read_fed_in_pieces(stream, [], limit, 16))
     assert rest == b"NEXT"
     assert data == (stream[: size + 2] if size + 2 <= limit else None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(_STREAM_PIECES, max_size=30),
+    limit=st.integers(1, 80),
+    cuts=st.lists(st.integers(0, 400), max_size=8),
+    reader_limit=st.sampled_from([8, 16, 64 * 1024]),
+)
+@example(pieces=[b"..", b"\r\n"] * 10, limit=40, cuts=[], reader_limit=64 * 1024)
+def test_read_data_limit_counts_the_message_without_its_stuffing_dots(
+    pieces: list[bytes], limit: int, cuts: list[int], reader_limit: int
+) -> None:
+    # RFC 1870 §3: the size is the message's, without the dots added for transparency.
+    stream = b"".join(pieces) + b"\r\n.\r\nNEXT"
+    wire, _ = _expected_split(stream)
+    unstuffed = listener._unstuff_dots(wire)
+    data, rest = asyncio.run(_read_fed_in_pieces(stream, cuts, limit, reader_limit))
+    assert rest.endswith(b"NEXT")
+    assert data == (wire if len(unstuffed) <= limit else None)
+
+
+def test_many_dot_stuffed_lines_under_the_limit_are_not_too_big() -> None:
+    # Issue 12 item 12: 300 octets of "." lines are 600 octets on the wire, stuffed.
+    message = b".\r\n" * 100
+    wire = message.replace(b".\r\n", b"..\r\n")
+    data, _ = asyncio.run(_read_fed_in_pieces(wire + b".\r\n", [], len(message), 64 * 1024))
+    assert data == wire

@@ -51,3 +51,22 @@ def test_new_breaker_can_start_by_probing(clock: Clock) -> None:
     assert breaker.probing and not breaker.is_open
     breaker.success()
     assert not breaker.probing
+
+
+def test_a_session_that_works_does_not_end_a_pause_the_server_asked_for(clock: Clock) -> None:
+    # Three sessions open at once; one meets 554 5.2.0 SubmissionQuotaExceeded (or a
+    # 432) and trips the breaker, then another finishes its AUTH: the pause stays.
+    breaker = CircuitBreaker(clock)
+    breaker.trip("quota", 3600)
+    breaker.success()
+    assert breaker.is_open and breaker.reason == "quota"
+    clock.now += 3600
+    breaker.success()  # the probe after the pause worked
+    assert not breaker.is_open and not breaker.probing and breaker.reason == ""
+
+
+def test_a_session_that_works_ends_a_pause_failures_caused(clock: Clock) -> None:
+    breaker = CircuitBreaker(clock)
+    breaker.failure("connection", 60, 3600)
+    breaker.success()
+    assert not breaker.is_open and breaker.failures == 0

@@ -1,0 +1,177 @@
+"""The SMTP protocol: aiosmtpd's, with the relay's overrides where aiosmtpd's own
+behaviour is not what a relay may do: access control before the greeting, the null
+sender and quoted local parts, DATA read and measured as RFC 5321 and RFC 1870 say,
+EHLO names kept printable, no AUTH, reply wording, and 421 that closes.
+
+relayd's rules live in ``RelayHandler``'s hooks (relayd.smtp.listener); this class
+only speaks the protocol. Every reply code cites the RFC section that chose it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP, syntax
+
+from relayd.smtp.addresses import printable_name, split_path
+from relayd.smtp.content import READ_CHUNK, DataResult, check_content, read_data
+from relayd.smtp.wording import safe_reply
+
+if TYPE_CHECKING:
+    from relayd.smtp.listener import RelayHandler
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP protocol with the relay's access control and DATA handling."""
+
+    def __init__(self, handler: RelayHandler, **kwargs: Any) -> None:
+        settings = handler.settings
+        # aiosmtpd sizes its StreamReader from this attribute in __init__. DATA is read
+        # in chunks of up to this size; command lines are still held to 512 octets.
+        self.line_length_limit = max(READ_CHUNK, settings.max_line_length + 3)
+        super().__init__(handler, **kwargs)
+        self.relay = handler
+        self.client_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        self._idle_deadline = 0.0
+
+    # --- idle timeout ------------------------------------------------------------
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Called before every command. aiosmtpd cancels and schedules a timer each time;
+        here a command only moves the deadline, and a timer that fires early sleeps again
+        for the rest. Same timeout, one timer per session instead of one per command."""
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._idle_deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
+
+    def _timeout_cb(self) -> None:
+        if self.loop.time() < self._idle_deadline:
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
+            return
+        super()._timeout_cb()
+
+    # --- connection --------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        """Refuse a client before the greeting when it may not use the relay."""
+        assert self.session is not None
+        self.client_address = _peer_address(self.session.peer)  # parsed once per session
+        refusal = self.relay.connection_refusal(self)
+        if refusal:
+            with contextlib.suppress(ConnectionError):
+                await self.push(refusal)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.relay.session_opened(self)
+        try:
+            await super()._handle_client()
+        finally:
+            self.relay.session_closed(self)
+
+    async def push(self, status: str | bytes) -> None:
+        raw = status.encode("utf-8", "replace") if isinstance(status, str) else status
+        await super().push(safe_reply(raw))
+        if raw.startswith(b"421") and self.transport is not None:
+            # RFC 5321 §3.8: a server that answers 421 closes the channel; a client that
+            # sent another command would otherwise have it answered (250 to a NOOP).
+            self.transport.close()
+
+    # --- greeting and AUTH ---------------------------------------------------------
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        await super().smtp_HELO(printable_name(hostname) if hostname else hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # The name is kept printable before anything stores it (envelope, Received:):
+        # a byte that is not UTF-8 once broke the spool's group commit for every
+        # session of the batch. Accepted and shown as "?" (Postfix's printable()); we
+        # differ from Postfix with smtputf8_enable=yes, which answers "500 5.5.2 bad
+        # UTF-8 syntax", because the name is only trace information (RFC 5321 §4.1.4:
+        # a server must not refuse mail for what the EHLO name says).
+        await super().smtp_EHLO(printable_name(hostname) if hostname else hostname)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        # relayd offers no AUTH (clients are allowed by address). RFC 5321 §4.2.4: 502
+        # command not implemented, as Postfix without SASL (unimpl_cmd). aiosmtpd's
+        # "538 5.7.11 Encryption required" would suggest that TLS makes it work.
+        await self.push(
+            "502 5.5.1 AUTH is not offered: this relay takes mail from allowed"
+            " clients (listen.allowed_clients) without authentication"
+        )
+
+    # --- envelope ----------------------------------------------------------------
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Split "<address> params" as the client wrote it, without reinterpreting it.
+
+        aiosmtpd's RFC 5322 parser is lenient (it turns <a b@x> into "a b"@x) and
+        refuses the null reverse-path <> that bounces must use (RFC 5321 §4.5.5).
+        The MAIL/RCPT hooks validate the raw text and answer with the right code.
+        """
+        stripped = arg.strip()
+        if not stripped:
+            return "", ""  # aiosmtpd answers 501 syntax
+        if stripped.startswith("<"):
+            path = split_path(stripped)
+            if path is None:
+                return stripped, ""
+            address, rest = path
+        else:
+            address, _, rest = stripped.partition(" ")
+        if address.startswith("@") and ":" in address:
+            address = address.split(":", 1)[1]  # RFC 5321 §4.1.2: ignore a source route
+        return (address or "<>"), rest.strip()
+
+    # --- DATA ----------------------------------------------------------------------
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Send RCPT TO before DATA")
+            return
+        if arg:
+            await self.push("501 5.5.4 DATA takes no arguments")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        result = await self._read_data()
+        if result.problem is None:
+            self.envelope.content = self.envelope.original_content = result.content
+            status = await self._call_handler_hook("DATA")
+        else:
+            status = self.relay.refuse_data(result.problem)
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_data(self) -> DataResult:
+        limit = self.data_size_limit or 0
+        content = await read_data(self._reader, limit)
+        if content is None:
+            return DataResult(b"", "too_big")
+        settings = self.relay.settings
+        result = check_content(content, settings.bare_line_endings, settings.max_line_length)
+        if limit and len(result.content) > limit:  # bare line ends made CRLF grew it
+            return DataResult(b"", "too_big")
+        return result
+
+
+def _peer_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not isinstance(peer, tuple) or not peer:
+        return None
+    try:
+        address = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
