@@ -266,3 +266,22 @@ def test_recovery_sets_aside_what_it_cannot_remove_from_tmp(tmp_path: Path) -> N
     report = Spool(tmp_path / "spool").recover()
     assert report["removed_partial"] == 1  # the FIFO: a name, removed like any other
     assert names(spool, "tmp") == [] and names(spool, "corrupt") == ["planted"]
+
+
+def test_symlinks_planted_at_the_pid_and_status_files_are_never_written_through(
+    spool: Spool, tmp_path: Path
+) -> None:
+    from relayd.ops.daemon_status import STATUS_FILE_NAME, read_status, write_status
+    from relayd.ops.pidfile import PidFile
+
+    precious = tmp_path / "precious"
+    precious.write_text("untouched")
+    pid_path = spool.directory / "relayd.pid"
+    pid_path.symlink_to(precious)
+    with pytest.raises(OSError):
+        PidFile(pid_path).acquire()
+    temporary = spool.directory / f".{STATUS_FILE_NAME}.{os.getpid()}"
+    temporary.symlink_to(precious)
+    write_status(spool.directory, {"deliveries": "running"})
+    assert precious.read_text() == "untouched"
+    assert read_status(spool.directory) == {"deliveries": "running"}
