@@ -74,7 +74,7 @@ async def claim_run(directory: Path, count: int, size: int) -> tuple[float, floa
         for queue_id in ids:
             await scheduler._claim_soon(queue_id)
     else:  # as the dispatch loop does with every delivery slot free
-        scheduler._ready = dict.fromkeys(ids)
+        scheduler._ready.lanes.add_incoming(ids)
         while await scheduler._next_claim() is not None:
             pass
     elapsed, loop_cpu = time.perf_counter() - started, time.thread_time() - cpu
