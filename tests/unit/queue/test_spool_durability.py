@@ -16,7 +16,7 @@ import pytest
 
 from relayd.queue.model import CorruptMessage, DeliveryState, Envelope, SpoolError, new_queue_id
 from relayd.queue.spool import Spool
-from tests.faults import SmallDisk
+from tests.small_disk import SmallDisk
 
 ENVELOPE = Envelope("app@example.com", ("a@example.com", "b@example.com"), "127.0.0.1", "app")
 CONTENT = b"Subject: durable\r\n\r\n" + b"x" * 2000 + b"\r\n"

@@ -10,8 +10,8 @@ import pytest
 
 from relayd.transports.base import LOCAL, Submission
 from relayd.transports.maildir import MaildirTransport
-from tests.faults import SmallDisk
 from tests.helpers import load_settings
+from tests.small_disk import SmallDisk
 
 
 def transport(tmp_path: Path) -> MaildirTransport:
