@@ -233,6 +233,9 @@ class Relay:
         directory = self.spool.directory
         try:
             self.spool.ensure_layout()
+            problem = self.spool.exposure()  # others could plant links or FIFOs in it
+            if problem:
+                raise ConfigError(self.settings.source, "spool.directory", problem)
             self.pid_file.acquire()
         except AlreadyRunning as error:
             raise StartupError(str(error)) from None

@@ -16,14 +16,14 @@ import ssl
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import msal
 import requests
 
-from relayd.auth.store import FileStamp, TokenStore
+from relayd.auth.store import CacheStorageError, FileStamp, TokenStore
 from relayd.config import OAuthSettings
 from relayd.ops.logging import redactor
 
@@ -59,6 +59,10 @@ NO_ACCOUNT = "no_account"
 REAUTH = "reauth"  # invalid_grant and friends: a person must sign in again
 TRANSIENT = "transient"  # network, 5xx, temporarily_unavailable: retry later
 CONFIG = "config"  # invalid_client, unknown tenant…: fix the configuration
+# The token cache file could not be written or locked (disk full, read-only): a local
+# problem. With an access token: the tokens are good and kept in memory, the write is
+# retried (``TokenClient.save``); without: nothing was redeemed, try again later.
+STORAGE = "storage"
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,14 @@ def _first_sentence(description: str) -> str:
     return text.lstrip(": ").strip()
 
 
+def storage_problem(outcome: Outcome | None, error: OSError) -> Outcome:
+    """The cache file could not be used: with the fresh tokens when Entra ID gave some."""
+    detail = f"token cache: {error.strerror or error}"
+    if outcome is not None and outcome.ok:
+        return replace(outcome, kind=STORAGE, detail=detail)
+    return outcome or Outcome(STORAGE, detail)
+
+
 def transient(error: Exception) -> Outcome:
     """A network error or a 5xx: the text names the problem, never a request body."""
     return Outcome(TRANSIENT, f"{type(error).__name__}: {error}"[:300])
@@ -196,6 +208,7 @@ class TokenClient:
         self._public = public or oauth.client_secret is None
         self._app: msal.ClientApplication | None = None
         self._stamp: FileStamp | None = None
+        self.unsaved = False  # the in-memory cache holds tokens the file does not
         if oauth.client_secret is not None:
             redactor.register(oauth.client_secret.reveal())
 
@@ -242,26 +255,51 @@ class TokenClient:
 
     def _reload(self, force: bool = False) -> None:
         if not force and self.store.stamp() == self._stamp:
-            return
+            return  # unchanged on disk (unsaved tokens in memory stay, to be saved)
         text, stamp = self.store.read_cache()
         self.cache.deserialize(text or "{}")
         self._stamp = stamp
+        self.unsaved = False  # another process wrote the file since: its tokens win
         for secret in self._secrets():
             redactor.register(secret)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """Lock, catch up with the file, run, persist MSAL's changes. On an exception
-        the file is left as it was and the in-memory cache is re-read from it."""
+        the file is left as it was and the in-memory cache goes back to what it was.
+
+        When the write fails (CacheStorageError), the new tokens stay in memory
+        (``unsaved``): a rotated refresh token must not be dropped because the disk is
+        full; the next transaction or ``save()`` writes them."""
         with self.store.locked():
             self._reload()
+            before = self.cache.serialize() if self.unsaved else None
             try:
                 yield
             except BaseException:
-                self._reload(force=True)
+                if before is None:
+                    self._reload(force=True)
+                else:
+                    self.cache.deserialize(before)
                 raise
-            if self.cache.has_state_changed:
-                self._stamp = self.store.write_cache(self.cache.serialize())
+            if self.cache.has_state_changed or self.unsaved:
+                self._write()
+
+    def save(self) -> None:
+        """Write tokens a failed write left in memory (raises CacheStorageError)."""
+        with self.store.locked():
+            self._reload()  # another process wrote the file meanwhile: nothing to save
+            if self.unsaved:
+                self._write()
+
+    def _write(self) -> None:
+        text = self.cache.serialize()
+        try:
+            self._stamp = self.store.write_cache(text)
+        except CacheStorageError:
+            self.unsaved = True
+            raise
+        self.unsaved = False
 
     @property
     def stamp(self) -> FileStamp | None:
@@ -357,6 +395,7 @@ class TokenClient:
     def refresh(self, scopes: list[str] | None = None) -> Outcome:
         """Redeem the refresh token now (rotating it) for ``scopes`` (default:
         oauth.scopes; the same refresh token serves every resource) and persist it."""
+        result: dict[str, Any] | None = None
         try:
             with self.transaction():
                 account = self.account()
@@ -365,6 +404,8 @@ class TokenClient:
                 result = self.app().acquire_token_silent_with_error(
                     scopes or self.scopes, account, force_refresh=True
                 )
+        except CacheStorageError as error:
+            return storage_problem(classify(result) if result else None, error)
         except NETWORK_ERRORS as error:
             return transient(error)
         except AuthorityError as error:
@@ -382,6 +423,8 @@ class TokenClient:
                 outcome = classify(result_of(self.app(), *args))
                 if outcome.ok:
                     self._keep_only_mailbox(outcome)
+        except CacheStorageError as error:  # a sign-in not saved is no sign-in
+            return storage_problem(None, error)
         except NETWORK_ERRORS as error:
             return transient(error)
         except AuthorityError as error:

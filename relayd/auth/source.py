@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from relayd.auth.client import CONFIG, REAUTH, REAUTH_CODES, CacheView, Outcome
+from relayd.auth.client import CONFIG, REAUTH, REAUTH_CODES, STORAGE, CacheView, Outcome
 from relayd.auth.resources import Resource
 from relayd.ops.auth_states import (
     BLOCKED_STATES,
@@ -35,6 +35,15 @@ log = structlog.get_logger("relayd.tokens")
 
 CONSENT_MISSING = 65001  # AADSTS65001: the one resource lacks consent, the sign-in is fine
 EMPTY_VIEW = CacheView(None, (), None, 0.0, 0.0, None)
+# 2**30 × retry_min_delay is far beyond any retry_max_delay: the exponent stops there,
+# so a secret expired for weeks (thousands of failures) never overflows a float.
+MAX_BACKOFF_EXPONENT = 30
+
+
+def backoff(failures: int, min_delay: float, max_delay: float) -> float:
+    """min_delay × 2^(failures − 1), at most max_delay, for any number of failures."""
+    exponent = min(max(failures - 1, 0), MAX_BACKOFF_EXPONENT)
+    return min(max_delay, min_delay * 2**exponent)
 
 
 class AuthUnavailable(Exception):
@@ -262,15 +271,15 @@ class ResourceTokens:
             self._set_state(REAUTH_REQUIRED)
             return
         self._failures += 1
-        delay = min(
-            self.oauth.retry_max_delay, self.oauth.retry_min_delay * 2 ** (self._failures - 1)
-        )
+        delay = backoff(self._failures, self.oauth.retry_min_delay, self.oauth.retry_max_delay)
         if outcome.kind == CONFIG:  # only a configuration change helps: retry slowly
             delay = self.oauth.retry_max_delay
         self._retry_at = time.time() + delay
-        level = log.error if outcome.kind == CONFIG else log.warning
+        level = log.error if outcome.kind in (CONFIG, STORAGE) else log.warning
         level(
-            "cannot renew the access token; retrying",
+            "cannot use the token cache file; retrying"
+            if outcome.kind == STORAGE  # a local disk problem, not Entra ID's
+            else "cannot renew the access token; retrying",
             problem=outcome.explain(),
             resource=self.name,
             attempt=self._failures,

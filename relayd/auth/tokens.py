@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from pathlib import Path
@@ -29,13 +30,20 @@ import structlog
 from relayd.auth.client import (
     NO_ACCOUNT,
     REAUTH,
+    STORAGE,
     CacheView,
     Outcome,
     TokenClient,
 )
 from relayd.auth.resources import Resource, resources_for, smtp_resource
-from relayd.auth.source import CONSENT_MISSING, AuthUnavailable, ResourceTokens, TokenSource
-from relayd.auth.store import TokenStore, exposure, stamp_to_json
+from relayd.auth.source import (
+    CONSENT_MISSING,
+    AuthUnavailable,
+    ResourceTokens,
+    TokenSource,
+    backoff,
+)
+from relayd.auth.store import CacheStorageError, TokenStore, exposure, stamp_to_json
 from relayd.config import ConfigError, Settings
 from relayd.ops.auth_states import (
     BLOCKED_STATES,
@@ -95,6 +103,8 @@ class TokenManager:
         self._state_dirty = asyncio.Event()
         self._closing = False
         self._tasks: list[asyncio.Task] = []
+        self._save_failures = 0  # writes of tokens kept in memory that failed (disk)
+        self._save_at = math.inf
         metrics.set_auth_state(NO_TOKEN)
 
     def source(self, name: str) -> ResourceTokens:
@@ -152,6 +162,9 @@ class TokenManager:
         problem = exposure(self.store.cache_path)
         if problem:
             raise ConfigError(self._source, "oauth.token_cache", f"refusing to start: {problem}")
+        problem = self.store.directory_exposure()
+        if problem:
+            raise ConfigError(self._source, "oauth.token_cache", problem)
         views = await self._in_thread(self._reload)
         previous = await asyncio.to_thread(self.store.read_state) or {}
         self._adopt(views, startup=True)
@@ -179,6 +192,9 @@ class TokenManager:
         refresher.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await refresher
+        if self.client.unsaved:  # a last chance for a rotated refresh token
+            with contextlib.suppress(Exception):
+                await self._save()
         # The writer finishes its last write itself: cancelling it mid-write could let
         # an older document land on disk after the final one.
         self._closing = True
@@ -228,6 +244,8 @@ class TokenManager:
     async def _tick(self) -> None:
         if self.client.changed_on_disk():  # one stat(): `relayd auth` wrote the cache
             self._adopt(await self._in_thread(self._reload))
+        if self.client.unsaved and time.time() >= self._save_at:
+            await self._save()
         for slot in self.slots.values():
             now = time.time()
             if now >= slot.next_due():
@@ -235,7 +253,8 @@ class TokenManager:
                 await self.refresh(slot, "keep-alive" if keepalive else "access token expiring")
 
     def _next_due(self) -> float:
-        return min(slot.next_due() for slot in self.slots.values())
+        due = min(slot.next_due() for slot in self.slots.values())
+        return min(due, self._save_at) if self.client.unsaved else due
 
     async def refresh(self, slot: ResourceTokens, reason: str, replace: str | None = None) -> None:
         """Redeem the refresh token for ``slot``'s resource (one caller at a time)."""
@@ -248,11 +267,17 @@ class TokenManager:
             outcome = await asyncio.to_thread(self.client.refresh, slot.scopes)
             views = await asyncio.to_thread(self._views)
         self.metrics.token_refresh.labels(outcome.kind).inc()
-        if outcome.ok:
+        if outcome.ok or (outcome.kind == STORAGE and outcome.access_token):
+            # STORAGE with a token: Entra ID rotated the tokens, the disk did not take
+            # them. They are good: use them, keep them in memory, retry the write.
             slot.succeed(views[slot.name], reason)
             for other in self.slots.values():
                 if other is not slot:  # the shared refresh token was rotated
                     other.rotated(views[other.name].rotated_at)
+            if outcome.kind == STORAGE:
+                self._not_saved(outcome.detail)
+            elif not self.client.unsaved:
+                self._save_failures, self._save_at = 0, math.inf
         elif outcome.kind == NO_ACCOUNT:
             self._adopt(views)
         elif outcome.kind == REAUTH and outcome.aadsts != CONSENT_MISSING:
@@ -264,6 +289,38 @@ class TokenManager:
                     other.fail(outcome, announce=False)
         else:
             slot.fail(outcome)
+
+    # --- tokens the cache file could not take ---------------------------------------------
+
+    def _not_saved(self, detail: str) -> None:
+        """The refresh worked, the write did not: keep the tokens, retry the write (with
+        the refresh backoff), never the redemption."""
+        self._save_failures += 1
+        oauth = self.oauth
+        delay = backoff(self._save_failures, oauth.retry_min_delay, oauth.retry_max_delay)
+        self._save_at = time.time() + delay
+        self._wake.set()  # the refresher's next wake-up is now the write's retry
+        log.error(
+            "cannot save the token cache; the new tokens are kept in memory and the write "
+            "is retried (free space or make it writable: a restart before then loses the "
+            "rotated refresh token)",
+            problem=detail,
+            file=str(self.store.cache_path),
+            attempt=self._save_failures,
+            retry_in_seconds=round(delay, 3),
+        )
+
+    async def _save(self) -> None:
+        try:
+            async with self._client_lock:
+                await asyncio.to_thread(self.client.save)
+        except CacheStorageError as error:
+            self.metrics.token_refresh.labels(STORAGE).inc()
+            self._not_saved(f"token cache: {error.strerror or error}")
+            return
+        if self._save_failures:
+            log.info("token cache saved", file=str(self.store.cache_path))
+        self._save_failures, self._save_at = 0, math.inf
 
     # --- cache changes --------------------------------------------------------------------
 

@@ -1,13 +1,21 @@
 """Recording what became of an attempt: the spool move, the DSN, the metrics, one log line.
 
 The decision itself is ``relayd.delivery.outcome.settle`` (pure); this applies it.
-Spool moves go through one thread in batches (unlinks and renames wait on the
-filesystem journal; a meta file is fsynced), and a DSN is committed before the
-message leaves active/, so a crash between the two repeats the DSN, never loses it.
+Spool moves go through one thread in batches (``Spool.apply``: each directory synced
+once per batch), and a DSN is committed before the message leaves active/, so a crash
+between the two repeats the DSN, never loses it.
+
+When the outcome cannot be written (a full disk, EIO), the message stays in active/,
+owned by its delivery task, and the same outcome is tried again: after 1 s, then
+twice as long each time, never longer than ``retry.min_delay``. So once the disk is
+fine, the message is back in the normal flow within one retry interval, with what
+this attempt achieved (its recipients done stay done); no restart needed. A DSN that
+could not be queued is tried again the same way, before the move.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import random
 import time
@@ -31,12 +39,14 @@ from relayd.delivery.outcome import (
 from relayd.ops.metrics import Metrics
 from relayd.queue.batch import ThreadBatcher
 from relayd.queue.model import QueuedMessage, SpoolError, new_queue_id
+from relayd.queue.moves import Move
 from relayd.queue.spool import Spool
 from relayd.transports.base import Attempt
 
 log = structlog.get_logger("relayd.scheduler")
 
-HOLD_PARKING = 86_400.0  # seconds; see _apply()
+FIRST_RECORD_RETRY = 1.0  # seconds; doubles up to retry.min_delay
+HOLD_PARKING = 86_400.0  # seconds; see _apply_batch()
 
 
 class OutcomeRecorder:
@@ -50,6 +60,12 @@ class OutcomeRecorder:
         self.notify = notify  # a DSN was queued: the scheduler takes it like new mail
         self.reporter = reporter
         self._outcomes = ThreadBatcher(functools.partial(_apply_batch, spool), "spool-outcomes")
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """Shutting down: outcomes still failing get one more try, then wait for the
+        next start (recovery puts their messages back; this attempt is repeated)."""
+        self._closing.set()
 
     async def record(
         self,
@@ -60,23 +76,66 @@ class OutcomeRecorder:
         rng: random.Random,
     ) -> Settlement | None:
         """Settle and apply the attempt; the decision, or None when it could not be
-        recorded (the message then stays in active/ until a restart)."""
+        recorded before shutdown (the message then stays in active/ until the start)."""
         now = time.time()
         decision = settle(message, attempt, now, retry, rng)
-        if decision.newly_failed:
-            await self._queue_dsn(message, decision.newly_failed, original, now)
+        if not await self._store(message, decision, original, now, retry):
+            return None
+        self._report(message, attempt, decision, now)
+        return decision
+
+    async def _store(
+        self,
+        message: QueuedMessage,
+        decision: Settlement,
+        original: bytes,
+        now: float,
+        retry: RetrySettings,
+    ) -> bool:
+        """The DSN (if any), then the spool move; each tried again until it is on disk.
+        False when shutdown came first."""
+        dsn_queued = not decision.newly_failed or not message.envelope.sender
+        longest = max(retry.min_delay, 0.05)
+        delay, tries, final_try = min(FIRST_RECORD_RETRY, longest), 0, False
+        while True:
+            tries += 1
+            if not dsn_queued:
+                dsn_queued = await self._queue_dsn(message, decision.newly_failed, original, now)
+            if dsn_queued and await self._move(message, decision, delay):
+                if tries > 1:
+                    log.info("delivery outcome recorded", queue_id=message.queue_id, tries=tries)
+                return True
+            if final_try:
+                log.error(
+                    "outcome not recorded; retried after a restart", queue_id=message.queue_id
+                )
+                return False
+            if not self._closing.is_set():
+                await self._pause(delay)
+            final_try = self._closing.is_set()
+            delay = min(delay * 2, longest)
+
+    async def _move(self, message: QueuedMessage, decision: Settlement, delay: float) -> bool:
         try:
             await self._outcomes.submit((message, decision))
         except OSError as error:
             log.error(
-                "cannot record a delivery outcome; the message is retried after a restart",
+                "cannot record a delivery outcome; trying again",
                 queue_id=message.queue_id,
                 outcome=decision.action,
                 error=str(error),
+                retry_in_seconds=delay,
             )
-            return None
-        self._report(message, attempt, decision, now)
-        return decision
+            return False
+        return True
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless shutdown begins (asyncio.wait never cancels the waiter late)."""
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait([closing], timeout=seconds)
+        finally:
+            closing.cancel()
 
     async def _queue_dsn(
         self,
@@ -84,16 +143,17 @@ class OutcomeRecorder:
         failed: tuple[tuple[str, str], ...],
         original: bytes,
         now: float,
-    ) -> None:
-        if not message.envelope.sender:
-            return  # RFC 5321 §6.1: never a notification about a notification
+    ) -> bool:
+        """Commit a DSN for ``failed``; False when it could not be stored (try again)."""
         dsn_id = new_queue_id()
         content = dsn.build(message, failed, original, self.reporter, now)
         try:
             await self.spool.commit(dsn_id, dsn.dsn_envelope(message, now), content)
         except (SpoolError, OSError) as error:
-            log.error("cannot queue a DSN", queue_id=message.queue_id, error=str(error))
-            return
+            log.error(
+                "cannot queue a DSN; trying again", queue_id=message.queue_id, error=str(error)
+            )
+            return False
         self.metrics.dsn_sent.inc()
         log.info(
             "dsn queued",
@@ -103,6 +163,7 @@ class OutcomeRecorder:
             recipients=len(failed),
         )
         self.notify(dsn_id)
+        return True
 
     # --- records -----------------------------------------------------------------------
 
@@ -151,34 +212,39 @@ def _apply_batch(
     spool: Spool, items: list[tuple[QueuedMessage, Settlement]]
 ) -> list[OSError | None]:
     """In the outcomes thread: the spool moves of a batch; one failure stays its own."""
-    results: list[OSError | None] = []
-    for message, decision in items:
-        try:
-            _apply(spool, message, decision)
-            results.append(None)
-        except OSError as error:
-            results.append(error)
-    return results
+    errors = spool.apply([_move(message, decision) for message, decision in items])
+    for (message, decision), error in zip(items, errors, strict=True):
+        if decision.action == HELD and error is None:
+            _hold(spool, message.queue_id)
+    return errors
 
 
-def _apply(spool: Spool, message: QueuedMessage, decision: Settlement) -> None:
-    """In a thread: the spool move for a settled attempt."""
-    if decision.action == DELIVERED:
-        spool.delivered(message)
-    elif decision.action == DEFERRED:
-        assert decision.next_attempt is not None
-        spool.defer(message, decision.state, decision.next_attempt)
-    elif decision.action == FAILED:
-        spool.fail(message, decision.state)
-    elif decision.action == HELD:
+_MOVES = {DELIVERED: "delivered", DEFERRED: "deferred", FAILED: "failed", RELEASED: "released"}
+
+
+def _move(message: QueuedMessage, decision: Settlement) -> Move:
+    if decision.action in (DEFERRED, FAILED):
+        return Move(message, _MOVES[decision.action], decision.state, decision.next_attempt)
+    if decision.action == HELD:
         # Through deferred/ (the state and its reason written with it), then the
-        # operator's own hold: a crash between the two leaves it deferred, and it is
-        # held again at its next attempt. Parked far ahead so that no scan takes it
-        # in between.
-        spool.defer(message, decision.state, time.time() + HOLD_PARKING)
-        spool.hold(message.queue_id)
-    else:
-        spool.release_claim(message)
+        # operator's own hold (_apply_batch): a crash between the two leaves it
+        # deferred, and it is held again at its next attempt. Parked far ahead so that
+        # no scan takes it in between.
+        return Move(message, "deferred", decision.state, time.time() + HOLD_PARKING)
+    return Move(message, _MOVES[decision.action])
+
+
+def _hold(spool: Spool, queue_id: str) -> None:
+    """A HELD outcome's second step. Failing it is no reason to write the outcome
+    again: the message waits in deferred/ and is held at its next attempt."""
+    try:
+        spool.hold(queue_id)
+    except (OSError, SpoolError) as error:
+        log.error(
+            "cannot hold a message; it is held at its next attempt",
+            queue_id=queue_id,
+            error=str(error),
+        )
 
 
 def _iso(timestamp: float | None) -> str | None:

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import itertools
 import random
 from collections.abc import Callable
 
 import structlog
 
-from relayd import headers
 from relayd.config import Settings
 from relayd.delivery import dsn
+from relayd.delivery.claims import CLAIM_BATCH, Claims
 from relayd.delivery.limits import Reservation, SendingBudget
 from relayd.delivery.outcome import (
     FAIL_REASONS,
@@ -53,7 +53,6 @@ from relayd.transports.base import (
 
 log = structlog.get_logger("relayd.scheduler")
 
-INLINE_CLAIM_LIMIT = 64 * 1024  # bigger messages are claimed and read in a thread
 STOP_SETTLE_TIMEOUT = 10.0
 
 
@@ -85,7 +84,7 @@ class Scheduler:
         self._ready = ReadySource(spool)  # the ids to take next, bounded and fair
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._claiming: asyncio.Future | None = None  # a claim running in a thread
+        self.claims = Claims(spool, lambda: self.policy)
         self._stopping = False
         self._paused: str | None = None
         self.on_pause: Callable[[str | None, str], None] | None = None  # e.g. status.json
@@ -117,7 +116,7 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         """Nothing claimed, being delivered or being recorded right now."""
-        return not self._active and self._claiming is None and not self._settling
+        return not self._active and not self.claims.busy and not self._settling
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="scheduler")
@@ -159,11 +158,12 @@ class Scheduler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._release_interrupted_claim()
+        await self.claims.release_all()
         pending: set[asyncio.Task] = set(self._active.values())
         if pending:
             log.info("waiting for deliveries in flight", count=len(pending), grace=grace)
             _, pending = await asyncio.wait(pending, timeout=grace)
+        self.recorder.close()  # outcomes still failing to be written get one last try
         for task in pending:
             task.cancel()
         if pending:
@@ -197,6 +197,10 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler error; retrying shortly")
                 pause, wait_for_transport = 1.0, False
+            if self.claims.ahead and len(self._active) < self.active_limit:
+                # The pass stopped at a pause or a limit, not for want of a free slot:
+                # what was claimed ahead goes back, first in line.
+                self._ready.lanes.add_incoming(await self.claims.give_back())
             self._refresh_gauges()
             await self._sleep(pause, wait_for_transport)
 
@@ -220,10 +224,10 @@ class Scheduler:
                 wait = self.rate.wait_time(1)
                 if wait > 0:
                     return wait, False
-            queue_id = await self._next_queue_id()
-            if queue_id is None:
+            claim = await self._next_claim()
+            if claim is None:
                 return self._ready.idle_time(), False
-            await self._start(queue_id)
+            await self._start(*claim)
         return RESCAN_INTERVAL, False  # full: a finishing delivery wakes us
 
     async def _sleep(self, pause: float, wait_for_transport: bool) -> None:
@@ -250,16 +254,14 @@ class Scheduler:
 
     # --- one message -------------------------------------------------------------------
 
-    async def _start(self, queue_id: str) -> None:
-        try:
-            claimed = await self._claim_soon(queue_id)
-        except CorruptMessage as error:
-            log.error("queue file is corrupt; set aside", queue_id=queue_id, error=str(error))
+    async def _start(self, queue_id: str, claimed: object) -> None:
+        if isinstance(claimed, CorruptMessage):
+            log.error("queue file is corrupt; set aside", queue_id=queue_id, error=str(claimed))
             return
-        except OSError as error:
-            log.error("cannot read a queued message", queue_id=queue_id, error=str(error))
+        if isinstance(claimed, Exception):
+            log.error("cannot read a queued message", queue_id=queue_id, error=str(claimed))
             return
-        if claimed is None:
+        if not isinstance(claimed, tuple):
             return  # somebody else took it (operator) or it is not due any more
         message, submission, original_headers = claimed
         reserved: Reservation | None = None
@@ -275,54 +277,24 @@ class Scheduler:
         work = self._deliver(message, submission, original_headers, reserved)
         self._track(message.queue_id, work)
 
-    async def _claim_soon(self, queue_id: str) -> tuple | None:
-        if _is_small(self.spool, queue_id):
-            # A rename and one read of a few KiB: bounded and cheaper than a thread hop,
-            # which under load costs more than the work itself.
-            return self._claim(queue_id)
-        # Shielded: if stop() cancels the dispatcher now, the thread still claims the
-        # message; stop() then gives it back (_release_interrupted_claim).
-        self._claiming = asyncio.ensure_future(asyncio.to_thread(self._claim, queue_id))
-        try:
-            claimed = await asyncio.shield(self._claiming)
-        except asyncio.CancelledError:
-            raise  # stop() gives the claimed message back
-        except BaseException:
-            self._claiming = None
-            raise
-        self._claiming = None
-        return claimed
+    async def _next_claim(self) -> tuple[str, object] | None:
+        """The next message to start, claimed in a thread (``relayd.delivery.claims``);
+        None when nothing is ready. One thread hop claims up to a full set of delivery
+        slots ahead (the ones claimed ahead start as slots free up), so under load a
+        hop is shared by several messages instead of costing one per message."""
+        if not self.claims.ahead:
+            first = await self._next_queue_id()
+            if first is None:
+                return None
+            more = (self._ready.lanes.pop() for _ in range(self._claim_room() - 1))
+            await self.claims.claim([first, *itertools.takewhile(bool, more)])
+        return self.claims.pop()
 
-    async def _release_interrupted_claim(self) -> None:
-        claiming, self._claiming = self._claiming, None
-        if claiming is None:
-            return
-        try:
-            claimed = await claiming
-        except Exception:
-            return  # nothing was claimed (or it was set aside as corrupt)
-        if claimed is not None:
-            self._release_abandoned(claimed[0])
-
-    def _claim(self, queue_id: str) -> tuple[QueuedMessage, Submission, bytes] | None:
-        """In a thread: claim, read and prepare one message."""
-        message = self.spool.claim(queue_id)
-        if message is None:
-            return None
-        try:
-            content = message.read_content()
-            mail_from, prepared = self.policy.prepare(message.envelope, content)
-        except BaseException:
-            self.spool.release_claim(message)
-            raise
-        submission = Submission(
-            queue_id=queue_id,
-            mail_from=mail_from,
-            recipients=self.policy.upstream_recipients(message.pending_recipients),
-            content=prepared,
-            mail_options=message.envelope.mail_options,
-        )
-        return message, submission, headers.header_block(content)
+    def _claim_room(self) -> int:
+        room = self.active_limit
+        if self.transport.rate_limited:  # each message spends 1 of rate, 1+ of daily
+            room = min(room, self.rate.remaining(), self.daily.remaining())
+        return max(1, min(int(room), CLAIM_BATCH))
 
     def _track(self, queue_id: str, work) -> None:
         task = asyncio.create_task(work, name=f"deliver-{queue_id}")
@@ -374,14 +346,7 @@ class Scheduler:
         await asyncio.shield(settling)
 
     def _release_abandoned(self, message: QueuedMessage) -> None:
-        try:
-            self.spool.release_claim(message)  # a rename and a utime: cheap
-        except OSError as error:
-            log.error(
-                "cannot release a message; it is retried after a restart",
-                queue_id=message.queue_id,
-                error=str(error),
-            )
+        self.claims.release(message)  # a rename and a utime: cheap
 
     async def _settle(self, message: QueuedMessage, attempt: Attempt, original: bytes) -> None:
         decision = await self.recorder.record(
@@ -416,13 +381,3 @@ class Scheduler:
         self.metrics.upstream_circuit_open.set(1 if self.circuit_open else 0)
         self.metrics.rate_limit_tokens.set(self.rate.remaining())
         self.metrics.daily_recipients_used.set(self.daily.used())
-
-
-def _is_small(spool: Spool, queue_id: str) -> bool:
-    """Whether the queued file is small enough to claim on the event loop."""
-    for state in ("incoming", "deferred"):
-        try:
-            return os.stat(spool.path(state, queue_id)).st_size <= INLINE_CLAIM_LIMIT
-        except FileNotFoundError:
-            continue
-    return True  # gone: claim() finds nothing, at once

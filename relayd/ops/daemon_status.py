@@ -19,6 +19,8 @@ from typing import Any
 
 import structlog
 
+from relayd.ops.files import create_new, write_all
+
 STATUS_FILE_NAME = "status.json"
 
 log = structlog.get_logger("relayd.app")
@@ -37,8 +39,20 @@ def write_status(spool_directory: Path, document: dict[str, Any]) -> None:
     """Replace the file atomically (a reader sees the old or the new one, whole)."""
     path = spool_directory / STATUS_FILE_NAME
     temporary = path.with_name(f".{STATUS_FILE_NAME}.{os.getpid()}")
-    temporary.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    data = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+    with contextlib.suppress(FileNotFoundError):  # left by a write that failed, or planted
+        os.unlink(temporary)
+    fd = create_new(temporary, mode=0o644)  # O_EXCL | O_NOFOLLOW: never through a link
+    try:
+        try:
+            write_all(fd, [data])
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 class StatusFile:

@@ -16,6 +16,8 @@ import os
 import signal
 from pathlib import Path
 
+from relayd.ops.files import NOFOLLOW
+
 PID_FILE_NAME = "relayd.pid"
 
 
@@ -37,7 +39,9 @@ class PidFile:
 
     def acquire(self) -> None:
         """Lock and write our pid. Raises AlreadyRunning when another daemon holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # O_NOFOLLOW: a symlink planted at the pid file's name is refused (ELOOP), never
+        # followed to truncate and write whatever it points to.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -50,7 +50,9 @@ class ThreadBatcher(Generic[Item, Result]):
                 items = [item for item, _ in batch]
                 try:
                     results = await loop.run_in_executor(self._thread, self._run_batch, items)
-                except Exception as error:  # never leave a submitter waiting
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as error:  # never leave a submitter waiting
                     results = [error] * len(batch)
                 for (_, future), result in zip(batch, results, strict=True):
                     if future.done():

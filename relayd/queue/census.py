@@ -116,9 +116,10 @@ class Counts:
         return min(candidates) if candidates else None
 
 
-def scan(path: Callable[[str], Path]) -> tuple[Census, list[str]]:
+def scan(path: Callable[[str], Path], names: set[str] | None = None) -> tuple[Census, list[str]]:
     """Count every state from disk: the census, and the paths of files whose names
-    are not queue ids (which the count skips).
+    are not queue ids (which the count skips). Each id found is added to ``names``
+    when it is given (recovery uses them to find delivery states left without a file).
 
     Per file only what the census needs: the name (ids sort by arrival, so the
     smallest pending name is the oldest message) and one stat for the size.
@@ -138,6 +139,8 @@ def scan(path: Callable[[str], Path]) -> tuple[Census, list[str]]:
                 except FileNotFoundError:  # moved on meanwhile; the next count sees it
                     continue
                 count += 1
+                if names is not None:
+                    names.add(entry.name)
                 if state in PENDING_STATES:
                     census.pending_ids.append(entry.name)
                     if not oldest or entry.name < oldest:

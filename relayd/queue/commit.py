@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from relayd.ops.files import CLOEXEC, NOFOLLOW, fsync_directory, write_all
 from relayd.queue.batch import ThreadBatcher
 from relayd.queue.census import Counts
 from relayd.queue.fileformat import encode_header
@@ -28,9 +29,8 @@ _WRITERS = 8
 # in the same system call: one call and one GIL hand-over fewer per message than write +
 # fsync (bench/README.md). Where the flag does not exist, the file is fsynced after.
 _SYNCED_WRITES = getattr(os, "O_DSYNC", 0)
-_NEW_QUEUE_FILE = (
-    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | _SYNCED_WRITES
-)
+# O_EXCL | O_NOFOLLOW: a name already there (a planted file or symlink) is an error.
+_NEW_QUEUE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC | _SYNCED_WRITES
 
 
 @dataclass(frozen=True)
@@ -133,13 +133,21 @@ class GroupCommit:
 
     def _write_tmp(self, job: _Job) -> int | SpoolError:
         """Write one file under tmp/ to disk: its size (as take_census() counts it),
-        or the error instead of raising it (this runs in a pool)."""
+        or the error instead of raising it (this runs in a pool).
+
+        Whatever goes wrong with one job stays with it: the others in the batch come
+        from other clients, whose messages are fine."""
+        try:
+            header = encode_header(job.queue_id, job.envelope, job.content)
+        except (ValueError, TypeError) as error:  # e.g. a lone surrogate in the HELO name
+            return SpoolError(f"cannot encode the envelope: {error}")
         path = os.path.join(self._tmp_dir, job.queue_id)
-        header = encode_header(job.queue_id, job.envelope, job.content)
         try:
             fd = os.open(path, _NEW_QUEUE_FILE, 0o600)
             try:
-                os.writev(fd, [header, job.content])
+                # All of it or an error: a partial write (ENOSPC, EDQUOT, EFBIG from a
+                # file-size limit) must never become a queued file and a 250.
+                write_all(fd, [header, job.content])
                 if not _SYNCED_WRITES:
                     os.fsync(fd)
             finally:
@@ -149,11 +157,3 @@ class GroupCommit:
                 os.unlink(path)
             return SpoolError(f"cannot write queue file: {error.strerror}")
         return len(header) + len(job.content)
-
-
-def fsync_directory(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

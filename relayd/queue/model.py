@@ -8,11 +8,14 @@ a message's age is readable from its name.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from relayd.ops.files import open_regular
 
 QUEUED_STATES = ("incoming", "active", "deferred", "hold")
 # Waiting to be delivered: what queue depth and the oldest message's age are about
@@ -104,6 +107,9 @@ class QueuedMessage:
     size: int
     path: Path
     content_offset: int = field(repr=False, default=0)
+    # The content as the claim read it (it reads the whole file to check the CRC-32),
+    # kept for small messages so delivery does not open and read the file again.
+    content: bytes | None = field(repr=False, compare=False, default=None)
 
     @property
     def pending_recipients(self) -> tuple[str, ...]:
@@ -111,10 +117,16 @@ class QueuedMessage:
         return tuple(r for r in self.envelope.recipients if r not in settled)
 
     def read_content(self) -> bytes:
-        """The exact content bytes (blocking: call it from a thread for big messages)."""
-        with open(self.path, "rb") as handle:
-            handle.seek(self.content_offset)
-            return handle.read()
+        """The exact content bytes (blocking: call it from a thread).
+
+        Opened as every queue file is (no link followed, no blocking on a FIFO)."""
+        if self.content is not None:
+            return self.content
+        fd, info = open_regular(self.path)
+        try:
+            return os.pread(fd, max(0, info.st_size - self.content_offset), self.content_offset)
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,20 @@ Layout (Postfix's manner: a message's state is the directory it is in)::
     <spool>/meta/       <id>.json: attempts, last error, recipients already done
 
 A message file is one JSON line (the envelope) followed by the exact content bytes.
-It is written under tmp/ and synced, renamed into incoming/ and the directory fsynced
-(``commit``); only then may the listener answer 250.  Every later move is a rename,
-which is atomic: whoever renames a file out of a directory owns it, so the daemon and
-``relayd queue`` never act on the same message at once.  A message in active/ belongs
-to a delivery worker and cannot be deleted by an operator.
+It is written whole under tmp/ and synced, renamed into incoming/ and the directory
+fsynced (``commit``); only then may the listener answer 250.  Every later move is a
+rename, which is atomic: whoever renames a file out of a directory owns it, so the
+daemon and ``relayd queue`` never act on the same message at once.  A message in
+active/ belongs to a delivery worker and cannot be deleted by an operator.
+
+Queue files are only ever opened without following a link and without blocking
+(``relayd.ops.files.open_regular``): a symlink, FIFO, device or directory under a queue
+id's name is set aside in corrupt/, never read.
 
 The pieces: ``model`` (states, ids, envelopes), ``fileformat`` (the file's bytes),
-``commit`` (the group commit behind a 250), ``census`` (counts); this module owns every
-later move: claims, outcomes, recovery and the operator's actions.
+``commit`` (the group commit behind a 250), ``moves`` (what follows an attempt, durable
+before anything depends on it), ``census`` (counts); this module owns claims, recovery
+and the operator's actions.
 """
 
 from __future__ import annotations
@@ -30,16 +35,17 @@ import heapq
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 import structlog
 
+from relayd.ops.files import NotRegular, writable_by_others
+from relayd.queue import recovery
 from relayd.queue.census import Census, Counts, scan
-from relayd.queue.commit import GroupCommit, fsync_directory
-from relayd.queue.fileformat import decode_header, envelope_from_header
+from relayd.queue.commit import GroupCommit
+from relayd.queue.fileformat import envelope_from_header
 from relayd.queue.model import (
     DIRECTORIES,
     STATES,
@@ -55,8 +61,14 @@ from relayd.queue.model import (
     received_at_from_id,
     requeued,
 )
+from relayd.queue.moves import DEFERRED, DELIVERED, FAILED, RELEASED, Move, Mover
+from relayd.queue.reading import read_header_line, read_message, read_state
 
 log = structlog.get_logger("relayd.spool")
+
+# A message whose file could not be read (EIO…) waits this long in deferred/ before
+# the next try: not corrupt (it is not set aside), and not retried in a tight loop.
+READ_RETRY_DELAY = 60.0
 
 
 _OPERATOR_HINTS = {
@@ -77,6 +89,7 @@ class Spool:
         self._state_directories = {name: self.directory / name for name in DIRECTORIES}
         self._counts = Counts()
         self._commit = GroupCommit(self.directory, min_free_space, self._counts)
+        self._mover = Mover(self.path, self._counts)
 
     # --- set-up ------------------------------------------------------------------
 
@@ -88,31 +101,18 @@ class Spool:
         for name in DIRECTORIES:
             self.path(name).mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    def recover(self) -> dict[str, int]:
-        """Make the spool consistent after any stop, clean or not. Call before serving.
+    def exposure(self) -> str | None:
+        """Why the spool is unsafe to use (others may write in it), or None."""
+        for directory in (self.directory, *self._state_directories.values()):
+            problem = writable_by_others(directory)
+            if problem:
+                return problem
+        return None
 
-        Half-written files in tmp/ never got a 250 and are removed. Messages that were
-        being delivered (active/) go back to be retried: at worst a duplicate, never a
-        loss. Stray files with names that are not queue ids are set aside in corrupt/.
-        """
-        self.ensure_layout()
-        report = {"removed_partial": 0, "requeued": 0, "set_aside": 0}
-        for entry in os.scandir(self.path("tmp")):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                report["removed_partial"] += 1
-        for entry in os.scandir(self.path("active")):
-            target = "deferred" if self._meta_path(entry.name).exists() else "incoming"
-            self._rename(entry.name, "active", target)
-            report["requeued"] += 1
-        # One pass over the queue both counts it and sets strays aside: with 100,000
-        # messages queued, each pass costs a good part of a second before READY=1.
-        strays = self._scan()
-        for path in strays:
-            self._set_aside(path, "file name is not a queue id")
-        report["set_aside"] = len(strays)
-        fsync_directory(self.path("incoming"))
-        return report
+    def recover(self) -> dict[str, int]:
+        """Make the spool consistent after any stop, clean or not. Call before serving
+        (``relayd.queue.recovery``)."""
+        return recovery.recover(self)
 
     # --- accepting ---------------------------------------------------------------
 
@@ -137,17 +137,16 @@ class Spool:
         found = heapq.nsmallest(limit, (n for n in self._names("incoming") if n not in exclude))
         if len(found) < limit:
             ready = (
-                (mtime, entry.name)
-                for entry in self._entries("deferred")
-                if entry.name not in exclude and (mtime := entry.stat().st_mtime) <= now
+                (mtime, name)
+                for mtime, name in self._mtimes("deferred")
+                if name not in exclude and mtime <= now
             )
             found += [name for _, name in heapq.nsmallest(limit - len(found), ready)]
         return found
 
     def next_deferred_time(self) -> float | None:
         """When the earliest deferred message becomes due, or None."""
-        times = [entry.stat().st_mtime for entry in self._entries("deferred")]
-        return min(times) if times else None
+        return min((mtime for mtime, _ in self._mtimes("deferred")), default=None)
 
     def claim(self, queue_id: str) -> QueuedMessage | None:
         """Take a message for delivery (incoming/deferred → active).
@@ -168,36 +167,52 @@ class Spool:
                 self._count(state, -1, -_size_or_zero(active), queue_id=queue_id)
                 self._set_aside(active, "cannot parse the queue file")
                 raise
+            except OSError:
+                self._put_back(queue_id, state)
+                raise
             # Counted after reading: the file's size is known then, without a stat.
             self._count(state, -1, -message.size, queue_id=queue_id)
             self._count("active", +1, message.size, queue_id=queue_id)
             return message
         return None
 
+    def _put_back(self, queue_id: str, state: str) -> None:
+        """The file could not be read (EIO…): that is no reason to call it corrupt.
+        It waits in deferred/ for READ_RETRY_DELAY; a failure here leaves it in active/
+        for recovery (the error that brought us here is being raised)."""
+        with contextlib.suppress(OSError):
+            size = _size_or_zero(self.path("active", queue_id))
+            later = time.time() + READ_RETRY_DELAY
+            os.utime(self.path("active", queue_id), (later, later))
+            os.rename(self.path("active", queue_id), self.path("deferred", queue_id))
+            self._count(state, -1, -size, queue_id=queue_id)
+            self._count("deferred", +1, size, queue_id=queue_id)
+
+    def apply(self, moves: Sequence[Move]) -> list[OSError | None]:
+        """Settled attempts, in one batch (see ``relayd.queue.moves``): per move, None
+        or the error that stopped it (that message stays in active/)."""
+        return self._mover.apply(moves)
+
     def delivered(self, message: QueuedMessage) -> None:
         """Delivery is complete for every recipient: forget the message."""
-        self._remove_meta(message.queue_id)
-        os.unlink(self.path("active", message.queue_id))
-        self._count("active", -1, -message.size, queue_id=message.queue_id)
+        self._apply_one(Move(message, DELIVERED))
 
     def defer(self, message: QueuedMessage, state: DeliveryState, next_attempt: float) -> None:
         """Put a message back to wait until ``next_attempt`` (a Unix time)."""
-        self._write_meta(message.queue_id, state)
-        os.utime(self.path("active", message.queue_id), (next_attempt, next_attempt))
-        self._rename(message.queue_id, "active", "deferred", message.size)
+        self._apply_one(Move(message, DEFERRED, state, next_attempt))
 
     def release_claim(self, message: QueuedMessage) -> None:
         """Give a claimed message back untouched (shutdown, paused upstream)."""
-        target = "deferred" if self._meta_path(message.queue_id).exists() else "incoming"
-        if target == "deferred":
-            now = time.time()
-            os.utime(self.path("active", message.queue_id), (now, now))
-        self._rename(message.queue_id, "active", target, message.size)
+        self._apply_one(Move(message, RELEASED))
 
     def fail(self, message: QueuedMessage, state: DeliveryState) -> None:
         """Delivery failed permanently: keep it in failed/ for the operator."""
-        self._write_meta(message.queue_id, state)
-        self._rename(message.queue_id, "active", "failed", message.size)
+        self._apply_one(Move(message, FAILED, state))
+
+    def _apply_one(self, move: Move) -> None:
+        (error,) = self._mover.apply([move])
+        if error is not None:
+            raise error
 
     # --- operator actions (relayd queue ...) ----------------------------------------
 
@@ -205,7 +220,7 @@ class Spool:
         for state in states:
             for entry in self._entries(state):
                 with contextlib.suppress(FileNotFoundError):
-                    stat = entry.stat()
+                    stat = entry.stat(follow_symlinks=False)
                     yield QueueEntry(
                         queue_id=entry.name,
                         state=state,
@@ -219,12 +234,15 @@ class Spool:
         first line (cheap even for a 35 MiB message). The envelope is None when the
         file cannot be read (gone meanwhile, or damaged)."""
         try:
-            with open(self.path(entry.state, entry.queue_id), "rb") as handle:
-                header = json.loads(handle.readline(1_000_000))
+            header = json.loads(read_header_line(self.path(entry.state, entry.queue_id)))
             envelope: Envelope | None = envelope_from_header(header, entry.queue_id)
         except (OSError, ValueError, CorruptMessage):
             envelope = None
-        return envelope, self._read_meta(entry.queue_id)
+        try:
+            state = self._read_meta(entry.queue_id)
+        except OSError:
+            state = DeliveryState()
+        return envelope, state
 
     def find(self, queue_id: str) -> tuple[str, QueuedMessage]:
         """The state and parsed message for an id, wherever it is."""
@@ -304,7 +322,7 @@ class Spool:
             # failed/ is the operator's: the daemon never touches it, so the state can
             # be rewritten before the message moves where delivery will see it.
             state = self._read_meta(queue_id)
-            self._write_meta(queue_id, requeued(state, now))
+            self._mover.write_meta_durably(queue_id, requeued(state, now))
             self.move(queue_id, "failed", "deferred")
             return "failed"
         if self.path("incoming", queue_id).exists():
@@ -355,9 +373,10 @@ class Spool:
         self._scan()
         return self.census()
 
-    def _scan(self) -> list[str]:
-        """Recount every state from disk; the paths of files whose names are not queue ids."""
-        census, strays = scan(self.path)
+    def _scan(self, names: set[str] | None = None) -> list[str]:
+        """Recount every state from disk; the paths of files whose names are not queue
+        ids. The ids found are added to ``names`` when given."""
+        census, strays = scan(self.path, names)
         self._counts.replace(census)
         return strays
 
@@ -379,6 +398,12 @@ class Spool:
                 if is_queue_id(entry.name):
                     yield entry
 
+    def _mtimes(self, state: str) -> Iterator[tuple[float, str]]:
+        """(mtime, id) of each file in ``state``; a link's own, never its target's."""
+        for entry in self._entries(state):
+            with contextlib.suppress(FileNotFoundError):  # moved on meanwhile
+                yield entry.stat(follow_symlinks=False).st_mtime, entry.name
+
     def _rename(self, queue_id: str, source: str, target: str, size: int | None = None) -> None:
         os.rename(self.path(source, queue_id), self.path(target, queue_id))
         if size is None:
@@ -388,58 +413,30 @@ class Spool:
         self._count(target, +1, size or 0, queue_id=queue_id)
 
     def _read_message(self, path: Path, queue_id: str) -> QueuedMessage:
-        try:
-            with open(path, "rb") as handle:
-                header_line = handle.readline(1_000_000)
-                offset = handle.tell()
-                header = json.loads(header_line)
-                content = handle.read()
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError) as error:
-            raise CorruptMessage(f"{queue_id}: {error}") from None
-        envelope = decode_header(header, queue_id, content)
-        return QueuedMessage(
-            queue_id=queue_id,
-            envelope=envelope,
-            state=self._read_meta(queue_id),
-            size=offset + len(content),
-            path=path,
-            content_offset=offset,
-        )
+        return read_message(path, queue_id, self._read_meta)
 
     def _meta_path(self, queue_id: str) -> Path:
-        return self.path("meta", f"{queue_id}.json")
+        return self._mover.meta_path(queue_id)
 
     def _read_meta(self, queue_id: str) -> DeliveryState:
+        """The delivery state; a fresh one when there is none. A damaged one is logged
+        and starts afresh; a read error (EIO…) is raised: guessing would re-send."""
+        path = self._meta_path(queue_id)
         try:
-            return DeliveryState.from_json(json.loads(self._meta_path(queue_id).read_bytes()))
-        except FileNotFoundError:
-            return DeliveryState()
-        except (OSError, ValueError, TypeError):
+            return read_state(path)
+        except NotRegular:
+            self._set_aside(path, "not a regular file")
+        except (ValueError, TypeError):
             log.warning("unreadable delivery state, starting afresh", queue_id=queue_id)
-            return DeliveryState()
-
-    def _write_meta(self, queue_id: str, state: DeliveryState) -> None:
-        """Atomic and durable: recipients already delivered must not be sent twice."""
-        data = json.dumps(asdict(state)).encode()
-        tmp = self.path("tmp", f"{queue_id}.meta")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._meta_path(queue_id))
+        return DeliveryState()
 
     def _remove_meta(self, queue_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._meta_path(queue_id))
+        self._mover.remove_meta(queue_id)
 
     def _set_aside(self, path: Path | str, reason: str) -> None:
         name = Path(path).name
         target = self.path("corrupt", name)
-        if target.exists():
+        if os.path.lexists(target):
             target = self.path("corrupt", f"{name}.{int(time.time() * 1000)}")
         os.rename(path, target)
         log.error("queue file set aside", file=name, reason=reason, moved_to=str(target))

@@ -6,6 +6,7 @@ For the sandbox and for staging systems that must never send real mail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -13,6 +14,7 @@ import socket
 import time
 
 from relayd.config import Settings
+from relayd.ops.files import create_new, fsync_directory, write_all
 from relayd.transports.base import LOCAL, Attempt, Blocked, Submission
 
 
@@ -55,6 +57,8 @@ class MaildirTransport:
         return Attempt(delivered=submission.recipients, reply=f"250 2.0.0 Ok: stored as {name}")
 
     def _store(self, submission: Submission) -> str:
+        """Write the message whole into tmp/, sync it, rename it into new/, sync new/:
+        only then is it delivered (the spool copy is removed after this returns)."""
         if not self._ready:
             for sub in ("tmp", "new", "cur"):
                 (self.directory / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -65,18 +69,21 @@ class MaildirTransport:
             f"_{submission.queue_id}.{self._hostname}"
         )
         tmp, new = self.directory / "tmp" / name, self.directory / "new" / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = create_new(tmp)  # O_EXCL | O_NOFOLLOW: never a planted file or symlink
         try:
-            os.writev(fd, [_envelope_fields(submission), submission.content])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, new)
-        directory = os.open(self.directory / "new", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+            try:
+                # All of it or an error: a short write (full disk, quota, file-size
+                # limit) must never land in new/ as if it were the message.
+                write_all(fd, [_envelope_fields(submission), submission.content])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, new)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_directory(self.directory / "new")
         return name
 
 

@@ -5,11 +5,13 @@ files. The same replies in-process: test_listener.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import smtplib
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,48 @@ def test_corrupt_queue_files_are_set_aside_and_everything_else_flows(tmp_path: P
     set_aside = [r for r in records if r["event"] == "queue file is corrupt; set aside"]
     assert sorted(r["queue_id"] for r in set_aside) == sorted([garbage_id, damaged_id])
     assert all(r["level"] == "error" for r in set_aside)
+
+
+def test_a_fifo_under_a_queue_id_never_stops_the_daemon(tmp_path: Path) -> None:
+    """Opening a FIFO for reading waits for a writer: done on the event loop, it took
+    the listener and /healthz with it (issue 12, item 4)."""
+    config = write_config(tmp_path)
+    fifo_id = new_queue_id()
+    fifo = tmp_path / "spool" / "incoming" / fifo_id
+    with running_relay(config) as relay:
+        try:
+            os.mkfifo(fifo)
+            relay.signal(signal.SIGUSR1)  # as `relayd queue` does after a change
+            wait_until(lambda: spool_files(tmp_path, "corrupt") == [fifo_id], what="set aside")
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=5) as client:
+                assert client.noop()[0] == 250
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{relay.metrics_port}/healthz", timeout=5
+            ) as answer:
+                assert answer.status == 200
+            send_message(relay.port, make_message("after the fifo"))
+            wait_until(lambda: maildir_count(tmp_path) == 1, what="delivery")
+        finally:
+            for path in (tmp_path / "spool").rglob(fifo_id):  # free a reader that blocked
+                if path.is_fifo():
+                    with contextlib.suppress(OSError):
+                        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    assert (tmp_path / "spool" / "corrupt" / fifo_id).is_fifo()  # kept as found
+
+
+def test_a_spool_directory_others_may_write_refuses_the_start_in_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    spool.chmod(0o777)
+    relay = RelayProcess(config).start(wait=False)
+    try:
+        status = relay.process.wait(30)
+    finally:
+        relay.kill()
+    errors = [line for line in relay.output().splitlines() if not line.startswith("{")]
+    assert status == 2
+    assert errors == [
+        f"relayd: configuration error in {config}: spool.directory: {spool} is writable "
+        f"by others (mode 0777); run: chmod 700 {spool}"
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import logging
@@ -14,7 +15,8 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from relayd.auth.client import MailboxMismatch
+from relayd.auth import store as token_store
+from relayd.auth.client import TRANSIENT, MailboxMismatch, Outcome
 from relayd.auth.tokens import (
     NO_TOKEN,
     OK,
@@ -30,6 +32,7 @@ from relayd.ops import logging as relay_logging
 from relayd.ops.metrics import Metrics
 from tests.auth_helpers import cached_refresh_tokens, sign_in, token_settings
 from tests.fakes.entra import MAILBOX, FakeEntra
+from tests.helpers import load_settings, unreachable_upstream
 
 
 @pytest.fixture
@@ -294,3 +297,90 @@ async def test_sign_in_as_another_user_is_refused_and_changes_nothing(
         h.sign_in()
     assert "535 5.7.3" in str(refused.value)
     assert not h.settings.oauth.token_cache.exists()
+
+
+# --- issue 12: backoff ceiling, a token cache the disk will not take, unsafe directories ---
+
+
+def standalone_manager(tmp_path: Path, oauth: dict | None = None) -> TokenManager:
+    """A TokenManager that never reaches a network (for its arithmetic and start checks)."""
+    overrides = unreachable_upstream(tmp_path)
+    overrides["oauth"].update(oauth or {})
+    settings = load_settings(tmp_path, overrides)
+    return TokenManager(settings, Metrics(CollectorRegistry(), process=False))
+
+
+def test_backoff_has_a_ceiling_for_any_number_of_failures(tmp_path: Path) -> None:
+    """Ten days of an expired client secret are about a thousand failures: 2**1000 once
+    overflowed a float, and the refresher then spun. (A configured delay is a float;
+    the built-in default, an int, hid it.)"""
+    manager = standalone_manager(tmp_path, {"retry_min_delay": "15s"})
+    tokens = manager.source("smtp")
+    tokens._failures = 10_000
+    before = time.time()
+    tokens.fail(Outcome(TRANSIENT, "ConnectionError: connection refused"))
+    assert tokens._failures == 10_001
+    assert before < tokens._retry_at <= time.time() + manager.oauth.retry_max_delay
+
+
+def test_backoff_doubles_from_the_minimum_up_to_the_maximum() -> None:
+    from relayd.auth.source import backoff
+
+    assert [backoff(n, 1.0, 100.0) for n in (1, 2, 3, 8)] == [1.0, 2.0, 4.0, 100.0]
+    assert backoff(10**9, 15.0, 900.0) == 900.0
+
+
+async def test_a_token_cache_directory_others_may_write_refuses_the_start(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    manager = standalone_manager(tmp_path, {"token_cache": str(shared / "token_cache.json")})
+    with pytest.raises(ConfigError) as refused:
+        await manager.load()
+    source = manager._source
+    assert str(refused.value) == (
+        f"{source}: oauth.token_cache: {shared} is writable by others (mode 0777); "
+        f"run: chmod 700 {shared}"
+    )
+
+
+async def test_a_cache_that_cannot_be_written_keeps_the_new_tokens_and_retries_the_write(
+    harness: HarnessFactory,
+    entra: FakeEntra,
+    log_output: io.StringIO,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = harness(keepalive_interval="1h", retry_min_delay="0.05s", retry_max_delay="0.2s")
+    h.sign_in()
+    cache = h.settings.oauth.token_cache
+    signed_in = cached_refresh_tokens(cache)
+    await h.manager.start()
+    old_token = await h.manager.access_token()
+    disk = {"full": True}
+    real_write = token_store.write_private
+
+    def write_private(path: Path, data: bytes) -> None:
+        if disk["full"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(token_store, "write_private", write_private)
+    redeemed = entra.requests["token:refresh_token"]
+    # Entra ID rotates the refresh token; the disk is full.
+    await h.manager.refresh(h.manager.source("smtp"), "keep-alive")
+
+    new_token = await h.manager.access_token()  # the fresh tokens are used at once
+    assert new_token != old_token and entra.is_valid_access_token(MAILBOX, new_token)
+    assert h.manager.state == OK
+    assert h.refreshes("storage") >= 1 and h.refreshes("transient") == 0
+    events = [line for line in _log_lines(log_output) if line["level"] == "error"]
+    assert events and events[0]["event"].startswith("cannot save the token cache")
+    assert "No space left on device" in events[0]["problem"]
+    assert not any(line["event"].startswith("cannot renew") for line in _log_lines(log_output))
+    await asyncio.sleep(0.5)  # several retries of the write while the disk is still full
+    assert cached_refresh_tokens(cache) == signed_in
+    disk["full"] = False
+    await eventually(lambda: cached_refresh_tokens(cache) != signed_in)
+    assert entra.requests["token:refresh_token"] == redeemed + 1  # never redeemed again
+    assert cached_refresh_tokens(cache) == {entra.latest_refresh_token()}
+    assert any(line["event"] == "token cache saved" for line in _log_lines(log_output))

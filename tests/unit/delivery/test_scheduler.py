@@ -16,7 +16,6 @@ import structlog.testing
 
 from relayd.delivery import ready
 from relayd.delivery.ready import ReadyQueue
-from relayd.delivery.scheduler import INLINE_CLAIM_LIMIT
 from relayd.queue.model import new_queue_id
 from relayd.transports.base import (
     AUTH,
@@ -29,7 +28,7 @@ from relayd.transports.base import (
     Submission,
 )
 from tests.harness import FAST_RETRY, Harness
-from tests.helpers import eventually, load_settings, make_message
+from tests.helpers import eventually, load_settings
 
 Step = Callable[[Submission], Attempt]
 
@@ -398,9 +397,7 @@ async def test_stop_during_a_claim_gives_the_message_back(make) -> None:
         return claim(queue_id)
 
     h.spool.claim = slow_claim
-    # Big enough to be claimed in a thread (small ones are claimed on the loop, at once).
-    big = make_message(body_size=INLINE_CLAIM_LIMIT + 1024)
-    queue_id = await h.queue(content=big, notify=False)
+    queue_id = await h.queue(notify=False)  # every claim runs in a thread
     await h.scheduler.start()
     await asyncio.to_thread(claiming.wait, 5)
     await h.scheduler.stop(1)

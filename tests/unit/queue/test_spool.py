@@ -159,11 +159,18 @@ async def test_recover_requeues_active_and_drops_partial_writes(tmp_path: Path) 
     partial.write_bytes(b'{"v":1,"id":')  # a half-written file that never got a 250
     stray = spool.path("incoming", "not-a-queue-id")
     stray.write_bytes(b"junk")
+    # A crash between the two removals of a delivered message leaves its state behind.
+    orphan = spool.path("meta", f"{new_queue_id()}.json")
+    orphan.write_text('{"attempts": 1}')
+    kept = spool.path("meta", f"{queue_id}.json")
+    kept.write_text('{"attempts": 1}')
 
     report = Spool(tmp_path / "spool").recover()
 
-    assert report == {"removed_partial": 1, "requeued": 1, "set_aside": 1}
-    assert spool.path("incoming", queue_id).exists()
+    assert report == {"removed_partial": 1, "requeued": 1, "set_aside": 1, "orphan_meta": 1}
+    assert not orphan.exists()
+    assert kept.exists()
+    assert spool.path("deferred", queue_id).exists()  # tried before: its state is kept
     assert not partial.exists()
     assert (spool.path("corrupt") / "not-a-queue-id").read_bytes() == b"junk"
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+import pytest
 
 from relayd.transports.base import LOCAL, Submission
 from relayd.transports.maildir import MaildirTransport
 from tests.helpers import load_settings
+from tests.small_disk import SmallDisk
 
 
 def transport(tmp_path: Path) -> MaildirTransport:
@@ -45,3 +49,18 @@ async def test_unwritable_maildir_defers(tmp_path: Path) -> None:
     assert attempt.deferred == ("x@y.org",) and attempt.reason == LOCAL
     assert attempt.reply.startswith("451 4.3.0")
     assert os.path.isfile(tmp_path / "maildir")
+
+
+async def test_a_short_write_is_never_reported_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills part-way through the message: the spool must keep its copy (451),
+    and nothing half-written may sit in new/ as if it were the message."""
+    maildir = transport(tmp_path)
+    submission = Submission("0123456789ABCDEF012", "a@b.c", ("x@y.org",), b"\r\n" + b"x" * 4000)
+    SmallDisk(monkeypatch, tmp_path / "maildir", room=1000, error=errno.ENOSPC)
+    attempt = await maildir.deliver(submission)
+    assert attempt.delivered == () and attempt.deferred == ("x@y.org",)
+    assert attempt.reply.startswith("451 4.3.0")
+    assert list((tmp_path / "maildir" / "new").iterdir()) == []
+    assert list((tmp_path / "maildir" / "tmp").iterdir()) == []
