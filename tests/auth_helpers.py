@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from relayd import config
-from relayd.auth.client import Outcome, TokenClient
+from relayd.auth.client import TokenClient
+from relayd.auth.outcomes import Outcome
 from relayd.auth.resources import all_scopes, resources_for
 from relayd.auth.store import TokenStore
 from tests.fakes.entra import MAILBOX, FakeEntra, sign_in_in_browser

@@ -11,83 +11,29 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 import ssl
-import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msal
 import requests
 
+from relayd.auth.outcomes import (
+    CONFIG,
+    NO_ACCOUNT,
+    TRANSIENT,
+    Outcome,
+    classify,
+    storage_problem,
+)
 from relayd.auth.store import CacheStorageError, FileStamp, TokenStore
 from relayd.config import OAuthSettings
 from relayd.ops.logging import redactor
 
 CredentialType = msal.TokenCache.CredentialType
-
-# Entra ID's AADSTS codes that a new sign-in fixes, and what each means for a person.
-# Microsoft warns the texts may change: match on the code, show their text too.
-REAUTH_CODES: dict[int, str] = {
-    70008: "the refresh token expired or was revoked",
-    700082: "the refresh token expired after 90 days without use",
-    50173: "the grant was revoked by a password reset or by an administrator",
-    65001: "the user or an administrator has not consented to the app's permissions",
-    50076: "multi-factor authentication is now required",
-    50079: "the user must register for multi-factor authentication",
-    50132: "the session is no longer valid: the password changed or expired",
-    50133: "the session is no longer valid after a password change",
-    70043: "a sign-in frequency policy requires signing in again",
-}
-# Codes that a sign-in cannot fix: the configuration or the app registration is wrong.
-CONFIG_CODES: dict[int, str] = {
-    7000215: "the client secret in oauth.client_secret is wrong",
-    7000222: "the client secret has expired: create a new one in the app registration",
-    700016: "the application oauth.client_id was not found in the tenant",
-    90002: "the tenant oauth.tenant_id was not found",
-    700025: "the app registration is a public client: remove oauth.client_secret",
-}
-TRANSIENT_ERRORS = {"temporarily_unavailable", "server_error"}
-_AADSTS = re.compile(r"AADSTS(\d+)")
-
-# Outcome kinds.
-SUCCESS = "success"
-NO_ACCOUNT = "no_account"
-REAUTH = "reauth"  # invalid_grant and friends: a person must sign in again
-TRANSIENT = "transient"  # network, 5xx, temporarily_unavailable: retry later
-CONFIG = "config"  # invalid_client, unknown tenant…: fix the configuration
-# The token cache file could not be written or locked (disk full, read-only): a local
-# problem. With an access token: the tokens are good and kept in memory, the write is
-# retried (``TokenClient.save``); without: nothing was redeemed, try again later.
-STORAGE = "storage"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a token call came to. ``access_token`` never shows in repr()."""
-
-    kind: str
-    detail: str = ""
-    aadsts: int | None = None
-    error: str | None = None  # the OAuth error code, e.g. invalid_grant
-    access_token: str | None = field(default=None, repr=False)
-    expires_at: float | None = None
-    username: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.kind == SUCCESS
-
-    def explain(self) -> str:
-        """One sentence a person can act on, naming the AADSTS code when there is one."""
-        if self.aadsts is None:
-            return self.detail
-        meaning = REAUTH_CODES.get(self.aadsts) or CONFIG_CODES.get(self.aadsts)
-        prefix = f"AADSTS{self.aadsts}" + (f" ({meaning})" if meaning else "")
-        return f"{prefix}: {self.detail}" if self.detail else prefix
 
 
 class AuthorityError(Exception):
@@ -118,51 +64,18 @@ class MailboxMismatch(Exception):
         self.signed_in, self.mailbox = signed_in, mailbox
 
 
-def classify(result: dict[str, Any] | None) -> Outcome:
-    """Turn an MSAL result dict into an Outcome (tokens are registered for redaction)."""
-    if not result:
-        return Outcome(NO_ACCOUNT, "no refresh token in the cache")
-    if "access_token" in result:
-        redactor.register(result.get("access_token"))
-        redactor.register(result.get("refresh_token"))
-        claims = result.get("id_token_claims") or {}
-        return Outcome(
-            SUCCESS,
-            access_token=result["access_token"],
-            expires_at=time.time() + int(result.get("expires_in", 0)),
-            username=claims.get("preferred_username") or claims.get("upn"),
-        )
-    error = str(result.get("error", "unknown_error"))
-    description = str(result.get("error_description") or error)
-    codes = result.get("error_codes") or [int(m) for m in _AADSTS.findall(description)[:1]]
-    aadsts = int(codes[0]) if codes else None
-    summary = _first_sentence(description)
-    if error in TRANSIENT_ERRORS:
-        kind = TRANSIENT
-    elif aadsts in CONFIG_CODES or error in ("invalid_client", "unauthorized_client"):
-        kind = CONFIG
-    else:
-        kind = REAUTH
-    return Outcome(kind, summary, aadsts, error)
-
-
-def _first_sentence(description: str) -> str:
-    """AADSTS50173: The grant was revoked. Trace ID: … → "The grant was revoked."."""
-    text = _AADSTS.sub("", description.split("\r\n")[0].split(" Trace ID:")[0])
-    return text.lstrip(": ").strip()
-
-
-def storage_problem(outcome: Outcome | None, error: OSError) -> Outcome:
-    """The cache file could not be used: with the fresh tokens when Entra ID gave some."""
-    detail = f"token cache: {error.strerror or error}"
-    if outcome is not None and outcome.ok:
-        return replace(outcome, kind=STORAGE, detail=detail)
-    return outcome or Outcome(STORAGE, detail)
-
-
 def transient(error: Exception) -> Outcome:
     """A network error or a 5xx: the text names the problem, never a request body."""
-    return Outcome(TRANSIENT, f"{type(error).__name__}: {error}"[:300])
+    detail = f"{type(error).__name__}: {error}"[:300]
+    return Outcome(TRANSIENT, detail, unreachable=_no_answer(error))
+
+
+def _no_answer(error: Exception) -> bool:
+    """Whether Entra ID never answered: a connection, DNS, proxy or TLS failure, or a
+    timeout. MSAL's own service errors are answers."""
+    if isinstance(error, msal.exceptions.MsalServiceError):
+        return False
+    return isinstance(error, requests.ConnectionError | requests.Timeout | OSError)
 
 
 # What MSAL and requests raise when Entra ID cannot be reached or answers 5xx.

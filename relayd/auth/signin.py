@@ -21,12 +21,15 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, TextIO
 
-from relayd.auth.client import (
-    NETWORK_ERRORS,
-    AuthorityError,
-    MailboxMismatch,
+from relayd.auth.client import NETWORK_ERRORS, AuthorityError, MailboxMismatch, TokenClient
+from relayd.auth.outcomes import (
+    CONFIG,
+    NO_ACCOUNT,
+    REAUTH,
+    TRANSIENT,
     Outcome,
-    TokenClient,
+    failure_text,
+    network_advice,
 )
 from relayd.auth.resources import Resource, all_scopes, resources_for
 from relayd.auth.source import CONSENT_MISSING
@@ -76,7 +79,10 @@ class AuthCommands:
         try:
             outcome = self._device_code_login() if device_code else self._browser_login()
         except (AuthorityError, *NETWORK_ERRORS) as error:
-            self.say(f"Cannot reach Entra ID at {self.oauth.effective_authority}: {error}")
+            self.say(
+                f"Cannot reach Entra ID at {self.oauth.effective_authority}: {error}"
+                f" ({network_advice()}). The token cache was not changed."
+            )
             return 1
         except MailboxMismatch as error:
             self.say(f"Sign-in refused: {error} The token cache was not changed.")
@@ -216,11 +222,17 @@ class AuthCommands:
                 f"within {self.oauth.cache_poll_interval:g}s."
             )
             return 1 if missing else 0
-        if outcome.kind == "no_account":
+        if outcome.kind == NO_ACCOUNT:
             self.say(f"Nobody has signed in as {self.mailbox}. Run: {self.login_command}")
-        else:
-            self.say(f"Entra ID refused: {outcome.explain()}")
+            return 1
+        text = failure_text(outcome, self.oauth.effective_authority)
+        self.say(text[0].upper() + text[1:] + ".")
+        if outcome.kind == REAUTH:
             self.say(f"Sign in again: {self.login_command}")
+        elif outcome.kind == CONFIG:
+            self.say("A new sign-in does not help: fix the setting named above, then try again.")
+        elif outcome.kind == TRANSIENT:
+            self.say("The token cache was not changed: try again once Entra ID answers.")
         return 1
 
     def _other_resources(self) -> list[Resource]:
@@ -239,7 +251,7 @@ class AuthCommands:
             if outcome.aadsts == CONSENT_MISSING:
                 self.say(f"{label}: AADSTS65001, {resource.consent_advice(self.login_command)}.")
             else:
-                self.say(f"{label}: Entra ID refused: {outcome.explain()}")
+                self.say(f"{label}: {failure_text(outcome, self.oauth.effective_authority)}")
             if resource.required:
                 missing.append(resource)
             else:

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from relayd.auth.client import CONFIG, REAUTH, REAUTH_CODES, STORAGE, CacheView, Outcome
+from relayd.auth.client import CacheView
+from relayd.auth.outcomes import CONFIG, REAUTH, REAUTH_CODES, STORAGE, Outcome, failure_text
 from relayd.auth.resources import Resource
 from relayd.ops.auth_states import (
     BLOCKED_STATES,
@@ -155,7 +156,7 @@ class ResourceTokens:
         if self._state == REJECTED:
             return f"{self._rejected_message()} (refused with: {self._rejection})"
         if problem is not None:
-            return f"Entra ID token endpoint failing ({problem.explain()}); retrying"
+            return f"{failure_text(problem, self.oauth.effective_authority)}; retrying"
         return f"state {self._state}"
 
     def document(self) -> dict[str, Any]:
@@ -277,9 +278,7 @@ class ResourceTokens:
         self._retry_at = time.time() + delay
         level = log.error if outcome.kind in (CONFIG, STORAGE) else log.warning
         level(
-            "cannot use the token cache file; retrying"
-            if outcome.kind == STORAGE  # a local disk problem, not Entra ID's
-            else "cannot renew the access token; retrying",
+            _retry_event(outcome),
             problem=outcome.explain(),
             resource=self.name,
             attempt=self._failures,
@@ -316,3 +315,12 @@ class ResourceTokens:
         else:
             self._usable.set()
         self.manager.state_changed(self)
+
+
+def _retry_event(outcome: Outcome) -> str:
+    """The log line's event: what failed, in the words an operator searches for."""
+    if outcome.kind == STORAGE:  # a local disk problem, not Entra ID's
+        return "cannot use the token cache file; retrying"
+    if outcome.unreachable:
+        return "cannot reach Entra ID; retrying"
+    return "cannot renew the access token; retrying"

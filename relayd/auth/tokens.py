@@ -27,14 +27,8 @@ from typing import Any
 
 import structlog
 
-from relayd.auth.client import (
-    NO_ACCOUNT,
-    REAUTH,
-    STORAGE,
-    CacheView,
-    Outcome,
-    TokenClient,
-)
+from relayd.auth.client import CacheView, TokenClient
+from relayd.auth.outcomes import NO_ACCOUNT, REAUTH, STORAGE, Outcome
 from relayd.auth.resources import Resource, resources_for, smtp_resource
 from relayd.auth.source import (
     CONSENT_MISSING,

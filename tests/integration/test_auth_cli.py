@@ -161,3 +161,35 @@ def test_login_says_clearly_when_entra_is_unreachable(config_path: Path, entra: 
     result = run_auth(config_path, "login")
     assert result.returncode == 1
     assert f"Cannot reach Entra ID at {entra.authority}" in result.stdout
+
+
+@pytest.mark.parametrize("action", ["import", "refresh"])
+def test_an_unreachable_entra_id_is_never_called_a_refusal(
+    config_path: Path, entra: FakeEntra, ca_file: Path, action: str
+) -> None:
+    """With the network down, `auth import` used to say "Entra ID refused … sign in
+    again"; a person then signed in for nothing. It says where it could not reach, and
+    the cache stays as it was."""
+    if action == "refresh":
+        assert login_by_pasting(config_path, ca_file).process.returncode == 0
+    before = _cache(config_path).read_bytes() if _cache(config_path).exists() else None
+    token = entra.issue_refresh_token(MAILBOX)
+    entra.down = True
+    result = run_auth(config_path, action, stdin=token + "\n" if action == "import" else None)
+    assert result.returncode == 1
+    assert f"Cannot reach Entra ID at {entra.authority}" in result.stdout
+    assert "HTTPS_PROXY" in result.stdout
+    assert "refused" not in result.stdout.lower() and "sign in again" not in result.stdout.lower()
+    after = _cache(config_path).read_bytes() if _cache(config_path).exists() else None
+    assert after == before
+
+
+def test_a_refusal_still_names_the_aadsts_code_and_the_fix(
+    config_path: Path, entra: FakeEntra, ca_file: Path
+) -> None:
+    assert login_by_pasting(config_path, ca_file).process.returncode == 0
+    entra.revoke_refresh_tokens(50173)
+    result = run_auth(config_path, "refresh")
+    assert result.returncode == 1
+    assert "Entra ID refused: AADSTS50173" in result.stdout
+    assert f"Sign in again: relayd auth login -c {config_path}" in result.stdout

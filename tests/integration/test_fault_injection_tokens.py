@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from relayd.auth.client import STORAGE, SUCCESS, TokenClient
+from relayd.auth.client import TokenClient
+from relayd.auth.outcomes import STORAGE, SUCCESS
 from relayd.auth.store import TokenStore
 from relayd.config import Settings
 from tests.fakes.entra import CLIENT_ID, TENANT_ID

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd.auth.client import CONFIG, REAUTH, SUCCESS, TRANSIENT, classify
+from relayd.auth.outcomes import CONFIG, REAUTH, SUCCESS, TRANSIENT, classify
 from relayd.auth.store import TokenStore, exposure
 from relayd.config import ConfigError, from_mapping
 from relayd.ops.logging import redactor

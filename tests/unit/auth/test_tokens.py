@@ -16,7 +16,8 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from relayd.auth import store as token_store
-from relayd.auth.client import TRANSIENT, MailboxMismatch, Outcome
+from relayd.auth.client import MailboxMismatch
+from relayd.auth.outcomes import TRANSIENT, Outcome
 from relayd.auth.tokens import (
     NO_TOKEN,
     OK,
