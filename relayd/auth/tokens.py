@@ -80,7 +80,10 @@ class TokenManager:
         config_path: Path | None = None,
         client: TokenClient | None = None,
         resources: tuple[Resource, ...] | None = None,
+        login_mailbox: str | None = None,
     ) -> None:
+        """``login_mailbox``: a route's mailbox (not upstream.mailbox), named in the
+        sign-in command this manager advises (``--mailbox``)."""
         self.oauth = settings.oauth
         self.mailbox = settings.upstream.mailbox
         self.metrics = metrics
@@ -88,6 +91,8 @@ class TokenManager:
         self.store = TokenStore(self.oauth.token_cache)
         self.client = client or TokenClient(self.oauth, self.mailbox, self.store)
         self.login_command = f"relayd auth login -c {config_path or settings.source}"
+        if login_mailbox:
+            self.login_command += f" --mailbox {login_mailbox}"
         chosen = resources or resources_for(settings) or (smtp_resource(settings),)
         self.slots = {resource.name: ResourceTokens(self, resource) for resource in chosen}
         self._lead = next(iter(self.slots.values()))

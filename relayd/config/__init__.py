@@ -9,154 +9,64 @@ disagree about what exists.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from relayd.identifiers import is_address, is_domain_name, is_guid
-from relayd.units import format_duration, format_size, parse_duration, parse_size
+from relayd.config.checks import check_consistency
+from relayd.config.fields import (
+    LOOPBACK,
+    LOOPBACK_ONLY,
+    MICROSOFT_TRANSPORTS,
+    TRANSPORTS,
+    ConfigError,
+    MiB,
+    Secret,
+    _boolean,
+    _choice,
+    _duration,
+    _integer,
+    _message_size,
+    _networks,
+    _path,
+    _port,
+    _secret,
+    _setting,
+    _size,
+    _text,
+    _text_list,
+)
+from relayd.config.routes import (
+    ROUTES_KEY,
+    RouteSettings,
+    check_routes,
+    parse_routes,
+    route_for,
+    show_routes,
+)
+from relayd.units import format_size
+
+__all__ = [
+    "LOOPBACK",
+    "LOOPBACK_ONLY",
+    "MICROSOFT_TRANSPORTS",
+    "TRANSPORTS",
+    "ConfigError",
+    "RouteSettings",
+    "Secret",
+    "Settings",
+]
 
 ENV_PREFIX = "RELAYD_"
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # systemd LoadCredential=
 SANDBOX_DIR_ENV = "RELAYD_SANDBOX_DIR"
 SANDBOX_DIR = Path("relayd-sandbox")
-
-
-class ConfigError(Exception):
-    """A setting is wrong. The text names where it came from, the key and the problem."""
-
-    def __init__(self, source: str, key: str, problem: str) -> None:
-        super().__init__(f"{source}: {key}: {problem}")
-        self.source, self.key, self.problem = source, key, problem
-
-
-class Secret(str):
-    """A string that never shows itself in repr(), logs or check-config output."""
-
-    def __repr__(self) -> str:
-        return "Secret('<redacted>')"
-
-    def reveal(self) -> str:
-        return str.__str__(self)
-
-
-# --- field parsers -------------------------------------------------------------------
-
-
-def _text(value: object) -> str:
-    if isinstance(value, dict | list):
-        raise ValueError("expected a single text value")
-    return "" if value is None else str(value)
-
-
-def _integer(minimum: int = 0, maximum: int | None = None) -> Callable[[object], int]:
-    def parse(value: object) -> int:
-        if isinstance(value, bool):
-            raise ValueError("expected a whole number")
-        try:
-            number = int(str(value).strip()) if not isinstance(value, int) else value
-        except ValueError:
-            raise ValueError(f"expected a whole number, got {value!r}") from None
-        if maximum is not None and not minimum <= number <= maximum:
-            raise ValueError(f"must be between {minimum} and {maximum}, got {number}")
-        if number < minimum:
-            raise ValueError(f"must be at least {minimum}, got {number}")
-        return number
-
-    return parse
-
-
-def _port(value: object) -> int:
-    return _integer(0, 65535)(value)
-
-
-def _boolean(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "on", "1"):
-        return True
-    if text in ("false", "no", "off", "0"):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def _text_list(value: object) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):  # environment: comma separated
-        return tuple(item.strip() for item in value.split(",") if item.strip())
-    if isinstance(value, list):
-        return tuple(_text(item).strip() for item in value)
-    raise ValueError("expected a list")
-
-
-def _networks(value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    networks = []
-    for item in _text_list(value):
-        try:
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise ValueError(f"{item!r} is not an address or CIDR network") from None
-    return tuple(networks)
-
-
-def _path(value: object) -> Path | None:
-    text = _text(value).strip()
-    return Path(text).expanduser() if text else None
-
-
-def _choice(*choices: str) -> Callable[[object], str]:
-    def parse(value: object) -> str:
-        text = _text(value).strip().lower()
-        if text not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
-        return text
-
-    return parse
-
-
-def _secret(value: object) -> Secret | None:
-    text = _text(value)
-    return Secret(text) if text else None
-
-
-def _setting(
-    default: Any, parse: Callable[[object], Any], show: Callable[[Any], Any] | None = None
-):
-    """A declared setting: its default, its parser and how check-config shows it."""
-    return field(default=default, metadata={"parse": parse, "show": show})
-
-
-def _size(default: int):
-    return _setting(default, parse_size, format_size)
-
-
-def _message_size(value: object) -> int:
-    # relayd keeps headers.ADDED_AT_MOST (4 KiB) of the limit for the fields it adds
-    # and accepts the rest (the SIZE it advertises); below 16 KiB little would be left.
-    size = parse_size(value)
-    if size < 16 * 1024:
-        raise ValueError(f"must be at least 16KiB, got {format_size(size)}")
-    return size
-
-
-def _duration(default: float):
-    return _setting(default, parse_duration, format_duration)
-
-
-TRANSPORTS = ("smtp", "graph", "auto", "maildir")
-MICROSOFT_TRANSPORTS = ("smtp", "graph", "auto")  # the ones that sign in to Microsoft 365
-LOOPBACK_ONLY = _networks(["127.0.0.0/8", "::1/128"])
-LOOPBACK = "localhost"  # listen.address: 127.0.0.1 and ::1, whatever /etc/hosts says
-MiB = 1024 * 1024
 
 
 # --- sections ------------------------------------------------------------------------
@@ -293,18 +203,64 @@ class Settings:
     oauth: OAuthSettings = field(default_factory=OAuthSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    # Further mailboxes, chosen by envelope sender (relayd.config.routes); () = one.
+    routes: tuple[RouteSettings, ...] = ()
     source: str = field(default="<defaults>", compare=False)
 
     @property
     def hostname(self) -> str:
         return self.listen.hostname or socket.getfqdn()
 
+    @property
+    def default_mailbox(self) -> str:
+        """The default route's name: upstream.mailbox (lower case), or "default"."""
+        return self.upstream.mailbox.strip().lower() or "default"
+
 
 SECTIONS: dict[str, type] = {
     f.name: f.default_factory  # type: ignore[misc]
     for f in dataclasses.fields(Settings)
-    if f.name != "source"
+    if f.name not in ("source", "routes")
 }
+
+
+def route_settings(settings: Settings, route: RouteSettings) -> Settings:
+    """The settings one route runs with: ``settings`` with the route's mailbox,
+    send_as, transport, limits and token cache in place of the default's, and no
+    routes (what the token manager, the transport and the scheduler each read)."""
+    upstream = dataclasses.replace(
+        settings.upstream,
+        mailbox=route.mailbox,
+        send_as=route.send_as,
+        transport=route.transport,
+        max_connections=route.max_connections,
+        rate_limit_per_minute=route.rate_limit_per_minute,
+        daily_recipient_limit=route.daily_recipient_limit,
+    )
+    oauth = dataclasses.replace(settings.oauth, token_cache=route.token_cache)
+    return dataclasses.replace(settings, upstream=upstream, oauth=oauth, routes=())
+
+
+def mailbox_settings(settings: Settings) -> dict[str, Settings]:
+    """Every mailbox's settings by route name: the routes in order, the default last."""
+    routes = {route.key: route_settings(settings, route) for route in settings.routes}
+    return {**routes, settings.default_mailbox: dataclasses.replace(settings, routes=())}
+
+
+def settings_for_sender(settings: Settings, sender: str) -> Settings:
+    """The settings of the route ``sender`` takes (the default's when none)."""
+    route = route_for(settings.routes, sender)
+    if route is None:
+        return dataclasses.replace(settings, routes=())
+    return route_settings(settings, route)
+
+
+def settings_for_mailbox(settings: Settings, mailbox: str | None) -> Settings | None:
+    """The settings of the route of ``mailbox`` (None: the default); None when no
+    route has that mailbox."""
+    if mailbox is None:
+        return dataclasses.replace(settings, routes=())
+    return mailbox_settings(settings).get(mailbox.strip().lower())
 
 
 # --- loading -------------------------------------------------------------------------
@@ -371,6 +327,10 @@ def sandbox(path: str | Path | None = None, environ: Mapping[str, str] | None = 
         document, source = _layered(document, _read_document(path)), str(path)
     if isinstance(document, dict) and isinstance(document.get("upstream"), dict):
         document["upstream"]["transport"] = "maildir"
+    if isinstance(document, dict) and isinstance(document.get(ROUTES_KEY), list):
+        for route in document[ROUTES_KEY]:  # no route of a sandbox sends real mail
+            if isinstance(route, dict) and "transport" in route:
+                route["transport"] = "maildir"
     transport_variable = f"{ENV_PREFIX}UPSTREAM_TRANSPORT"
     environ = {name: value for name, value in environ.items() if name != transport_variable}
     return from_mapping(document, source, environ)
@@ -399,15 +359,18 @@ def from_mapping(
     if not isinstance(document, dict):
         raise ConfigError(source, "(top level)", "expected a mapping of sections")
     for name in document:
-        if name not in SECTIONS:
-            raise ConfigError(source, str(name), _unknown("section", name, SECTIONS))
+        if name not in SECTIONS and name != ROUTES_KEY:
+            known = {**SECTIONS, ROUTES_KEY: None}
+            raise ConfigError(source, str(name), _unknown("section", name, known))
     sections = {
         name: _load_section(name, cls, document.get(name), source, environ)
         for name, cls in SECTIONS.items()
     }
-    settings = Settings(**sections, source=source)
+    routes = parse_routes(document.get(ROUTES_KEY), source)
+    routes = check_routes(routes, sections["upstream"], sections["oauth"].token_cache, source)
+    settings = Settings(**sections, routes=routes, source=source)
     settings = _resolve_secrets(settings, source, environ)
-    _check_consistency(settings, source)
+    check_consistency(settings, source)
     return settings
 
 
@@ -462,78 +425,6 @@ def _resolve_secrets(settings: Settings, source: str, environ: Mapping) -> Setti
     return dataclasses.replace(settings, oauth=oauth)
 
 
-def _check_consistency(settings: Settings, source: str) -> None:
-    upstream, oauth, retry = settings.upstream, settings.oauth, settings.retry
-    if upstream.transport in MICROSOFT_TRANSPORTS:
-        if not upstream.mailbox:
-            raise ConfigError(
-                source, "upstream.mailbox", "required: the address of the sending mailbox"
-            )
-        for key in ("tenant_id", "client_id"):
-            if not getattr(oauth, key):
-                raise ConfigError(
-                    source, f"oauth.{key}", f"required when upstream.transport={upstream.transport}"
-                )
-    _check_graph(upstream, source)
-    _check_identities(settings, source)
-    if oauth.authority and not oauth.authority.startswith("https://"):
-        raise ConfigError(source, "oauth.authority", "must be an https:// URL")
-    if retry.min_delay > retry.max_delay:
-        raise ConfigError(source, "retry.min_delay", "must not be longer than retry.max_delay")
-    if oauth.retry_min_delay > oauth.retry_max_delay:
-        raise ConfigError(
-            source, "oauth.retry_min_delay", "must not be longer than oauth.retry_max_delay"
-        )
-    if oauth.cache_poll_interval <= 0:
-        raise ConfigError(source, "oauth.cache_poll_interval", "must be longer than 0s")
-    for section, key in (("upstream", "ca_file"), ("oauth", "ca_file")):
-        path = getattr(getattr(settings, section), key)
-        if path is not None and not path.is_file():
-            raise ConfigError(source, f"{section}.{key}", f"{path} does not exist")
-
-
-def _check_graph(upstream: UpstreamSettings, source: str) -> None:
-    url = upstream.graph_url
-    if not url.startswith("https://") or len(url) <= len("https://"):
-        raise ConfigError(
-            source,
-            "upstream.graph_url",
-            f"must be an https:// URL such as https://graph.microsoft.com/v1.0, got {url!r}",
-        )
-    if upstream.smtp_probe_interval <= 0:
-        raise ConfigError(source, "upstream.smtp_probe_interval", "must be longer than 0s")
-
-
-def _check_identities(settings: Settings, source: str) -> None:
-    """Values that Entra ID and Exchange would only refuse later, with less clear words."""
-    upstream, oauth = settings.upstream, settings.oauth
-    if upstream.mailbox and not is_address(upstream.mailbox):
-        raise ConfigError(
-            source,
-            "upstream.mailbox",
-            f"invalid: {upstream.mailbox!r} is not an email address (e.g. relay@contoso.com)",
-        )
-    for address in upstream.send_as:
-        if not is_address(address):
-            raise ConfigError(
-                source, "upstream.send_as", f"invalid: {address!r} is not an email address"
-            )
-    if oauth.tenant_id and not (is_guid(oauth.tenant_id) or is_domain_name(oauth.tenant_id)):
-        raise ConfigError(
-            source,
-            "oauth.tenant_id",
-            f"invalid: {oauth.tenant_id!r} is neither a GUID nor a domain name; copy the"
-            " Directory (tenant) ID from the app registration's overview",
-        )
-    if oauth.client_id and not is_guid(oauth.client_id):
-        raise ConfigError(
-            source,
-            "oauth.client_id",
-            f"invalid: {oauth.client_id!r} is not a GUID; copy the Application (client) ID"
-            " from the app registration's overview",
-        )
-
-
 def listen_hosts(address: str) -> list[str]:
     """The addresses to bind for listen.address. ``localhost`` is both loopbacks, decided
     here and not by the resolver: /etc/hosts may name only one, and a host may have
@@ -572,6 +463,8 @@ def redacted(settings: Settings) -> dict[str, dict[str, Any]]:
         result[name] = shown
     if not settings.oauth.authority:
         result["oauth"]["authority"] = settings.oauth.effective_authority
+    if settings.routes:
+        result[ROUTES_KEY] = show_routes(settings.routes)  # type: ignore[assignment]
     return result
 
 
