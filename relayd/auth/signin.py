@@ -52,15 +52,21 @@ class AuthCommands:
         *,
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
+        mailbox_setting: str = "upstream.mailbox",
     ) -> None:
+        """``settings`` are one mailbox's (``config.route_settings`` for a route, whose
+        ``mailbox_setting`` is then ``routes[N].mailbox``)."""
         self.settings, self.oauth = settings, settings.oauth
         self.mailbox = settings.upstream.mailbox
+        self.mailbox_setting = mailbox_setting
         # The tokens the transport needs; the sign-in asks consent for all of them and
         # redeems the code for the first (Entra ID issues one resource per request).
         self.resources = resources_for(settings)
         self.lead_scopes = list(self.resources[0].scopes)
         self.store = TokenStore(self.oauth.token_cache)
         self.login_command = f"relayd auth login -c {config_path}"
+        if mailbox_setting != "upstream.mailbox":
+            self.login_command += f" --mailbox {self.mailbox}"
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
 
@@ -68,7 +74,13 @@ class AuthCommands:
         print(redactor(text), file=self.stdout, flush=True)
 
     def client(self, public: bool = False) -> TokenClient:
-        return TokenClient(self.oauth, self.mailbox, self.store, public=public)
+        return TokenClient(
+            self.oauth,
+            self.mailbox,
+            self.store,
+            public=public,
+            mailbox_setting=self.mailbox_setting,
+        )
 
     # --- login ---------------------------------------------------------------------------
 
@@ -265,7 +277,7 @@ class AuthCommands:
         if as_json:
             self.say(json.dumps(report, indent=2, sort_keys=True))
         else:
-            self._print_status(report)
+            self.print_status(report)
         return 0 if report["healthy"] else 1
 
     def status_report(self) -> dict[str, Any]:
@@ -320,10 +332,10 @@ class AuthCommands:
             }
         return reports
 
-    def _print_status(self, report: dict[str, Any]) -> None:
+    def print_status(self, report: dict[str, Any]) -> None:
         daemon = report["daemon"]
         rows = [
-            ("Account", report["account"] or f"none (upstream.mailbox is {self.mailbox})"),
+            ("Account", report["account"] or f"none ({self.mailbox_setting} is {self.mailbox})"),
             ("Scopes", " ".join(report["scopes"])),
             *self._resource_rows(report["resources"]),
             ("Refresh token", _rotation(report["refresh_token_rotated_at"])),

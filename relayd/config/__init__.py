@@ -255,6 +255,12 @@ def settings_for_sender(settings: Settings, sender: str) -> Settings:
     return route_settings(settings, route)
 
 
+def mailbox_for_sender(settings: Settings, sender: str) -> str:
+    """The name of the route ``sender`` takes (``RouteSettings.key``, or the default's)."""
+    route = route_for(settings.routes, sender)
+    return route.key if route is not None else settings.default_mailbox
+
+
 def settings_for_mailbox(settings: Settings, mailbox: str | None) -> Settings | None:
     """The settings of the route of ``mailbox`` (None: the default); None when no
     route has that mailbox."""
