@@ -10,8 +10,17 @@ the test CA. It serves what MSAL and a browser use:
   with rotation, device_code)
 - ``POST /<tenant>/oauth2/v2.0/devicecode``
 
-Switches let a test revoke refresh tokens, make the token endpoint fail with 5xx, take
-the whole service down, or shorten the access-token lifetime. Everything it issued is
+Switches let a test revoke refresh tokens (everyone's, or one user's), make the token
+endpoint fail with 5xx, take the whole service down, or shorten the access-token
+lifetime.
+
+Several users: ``FakeEntra(ca, users=(...))`` or ``add_user``. At the browser step the
+person signs in as the account MSAL named in ``login_hint`` when that is a known user;
+without a hint (or an unknown one) as ``signin_user`` (the default user), as before.
+Setting ``signin_user`` makes the person sign in as that account whatever the hint
+(someone who types another address). Each user's tokens are their own, the ID token's
+``preferred_username`` is that user, and ``revoke_refresh_tokens(user=...)`` /
+``revoke_sessions(user)`` touch only that user's grants. Everything it issued is
 recorded so a test can check a token (``is_valid_access_token``, used by the fake
 Exchange server too) or prove that none leaked. All public methods are thread-safe.
 
@@ -102,6 +111,7 @@ class _Grant:
     code_challenge: str | None = None
     used: bool = False
     revoked: bool = False
+    revoked_code: int | None = None  # the AADSTS code a revoked grant answers with
 
 
 class FakeEntra:
@@ -114,12 +124,14 @@ class FakeEntra:
         tenant_id: str = TENANT_ID,
         client_id: str = CLIENT_ID,
         user: str = MAILBOX,
+        users: tuple[str, ...] = (),
     ) -> None:
         self.tenant_id, self.client_id = tenant_id, client_id
         self.client_secret = "fake-secret~" + secrets.token_urlsafe(24)
         self._cert = ca.issue_cert("127.0.0.1", "localhost")
         self._lock = threading.Lock()
         self._users: dict[str, _User] = {}
+        self._known: set[str] = {user.lower(), *(u.lower() for u in users)}  # login_hint
         self._codes: dict[str, _Grant] = {}
         self._refresh: dict[str, _Grant] = {}
         self._access: dict[str, tuple[str, float]] = {}  # token → (user, expires_at)
@@ -130,7 +142,8 @@ class FakeEntra:
         self._user_codes: dict[str, str] = {}  # user_code → device_code
         self._issued: set[str] = {self.client_secret}
         # --- switches ---
-        self.signin_user = user  # who "signs in" in the browser / approves a device code
+        self._default_user = user  # who signs in without a (known) login_hint
+        self._forced_user: str | None = None  # who signs in whatever the hint
         self.access_token_lifetime = 3600  # seconds; Entra gives 60-90 min
         self.refresh_token_lifetime = 90 * 86400
         self.down = False  # drop every connection without a word
@@ -193,12 +206,48 @@ class FakeEntra:
 
     # --- switches ----------------------------------------------------------------------
 
-    def revoke_refresh_tokens(self, code: int = 50173) -> None:
-        """Every refresh token issued so far answers invalid_grant with this AADSTS code."""
+    @property
+    def signin_user(self) -> str:
+        """Who signs in in the browser / approves a device code (without a known hint)."""
+        return self._forced_user or self._default_user
+
+    @signin_user.setter
+    def signin_user(self, user: str) -> None:
+        """From now on the person signs in as ``user``, whatever login_hint says."""
+        self._forced_user = user
+
+    def add_user(self, *users: str) -> None:
+        """Accounts in the tenant: a sign-in whose login_hint names one signs in as it."""
         with self._lock:
-            self.revocation_code = code
+            self._known.update(user.lower() for user in users)
+
+    def user_for_hint(self, login_hint: str | None) -> str:
+        """The account the person signs in as when MSAL sent ``login_hint``."""
+        if self._forced_user:
+            return self._forced_user
+        if login_hint and login_hint.lower() in self._known:
+            return login_hint
+        return self._default_user
+
+    def revoke_refresh_tokens(self, code: int = 50173, user: str | None = None) -> None:
+        """Every refresh token issued so far (to ``user`` only, if given) answers
+        invalid_grant with this AADSTS code; other users' tokens keep working."""
+        with self._lock:
+            if user is None:
+                self.revocation_code = code
             for grant in self._refresh.values():
-                grant.revoked = True
+                if user is None or grant.user.lower() == user.lower():
+                    grant.revoked, grant.revoked_code = True, code
+
+    def revoke_sessions(self, user: str, code: int = 50173) -> None:
+        """An administrator's "Revoke sessions" for ``user``: its refresh tokens are
+        refused, and so are its access tokens (Exchange, with continuous access
+        evaluation, stops taking them at once)."""
+        self.revoke_refresh_tokens(code, user)
+        with self._lock:
+            for token, (owner, _) in list(self._access.items()):
+                if owner.lower() == user.lower():
+                    self._access[token] = (owner, 0.0)
 
     def fail_next(self, count: int, status: int = 500, retry_after: int | None = None) -> None:
         """The next ``count`` token/devicecode requests answer ``status`` (5xx: transient)."""
@@ -284,9 +333,12 @@ class FakeEntra:
                 and (user is None or grant.user.lower() == user.lower())
             }
 
-    def latest_refresh_token(self) -> str | None:
+    def latest_refresh_token(self, user: str | None = None) -> str | None:
         with self._lock:
-            return next(reversed(self._refresh), None)
+            for token in reversed(self._refresh):
+                if user is None or self._refresh[token].user.lower() == user.lower():
+                    return token
+            return None
 
     def issued_secrets(self) -> set[str]:
         """Every token, code and the client secret this fake ever handed out."""
@@ -326,10 +378,11 @@ class FakeEntra:
                 state=query.get("state", ""),
             )
         code = self._new_secret("code")
-        self._consent(self.signin_user, _scopes(query.get("scope", "")))
+        user = self.user_for_hint(query.get("login_hint"))
+        self._consent(user, _scopes(query.get("scope", "")))
         with self._lock:
             self._codes[code] = _Grant(
-                user=self.signin_user,
+                user=user,
                 scopes=_scopes(query.get("scope", "")),
                 expires_at=time.time() + 600,
                 nonce=query.get("nonce"),
@@ -388,11 +441,10 @@ class FakeEntra:
     def _redeem_refresh_token(self, form: dict[str, str]) -> tuple[int, dict]:
         with self._lock:
             grant = self._refresh.get(form.get("refresh_token", ""))
-            code = self.revocation_code
         if grant is None or time.time() >= grant.expires_at:
             return _error(400, "invalid_grant", 70008)
         if grant.revoked:
-            return _error(400, "invalid_grant", code)
+            return _error(400, "invalid_grant", grant.revoked_code or self.revocation_code)
         # Entra replaces the refresh token on every use; the old one is not revoked at once.
         return self._issue_checked(grant.user, _scopes(form.get("scope", "")) or grant.scopes)
 
