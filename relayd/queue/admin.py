@@ -31,7 +31,7 @@ from relayd.queue.listing import Listing, human_age, human_size
 from relayd.queue.model import PENDING_STATES, STATES, NotFound, QueueEntry, SpoolError
 from relayd.queue.select import Filters, expand_ids
 from relayd.queue.spool import Spool
-from relayd.queue.why import deliveries_note
+from relayd.queue.why import deliveries_note, route_notes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # What each change applies to when only --all or filters say which messages.
@@ -357,6 +357,8 @@ class QueueAdmin:
         note = deliveries_note(self.settings, self.spool.directory)
         if note:
             self._print(prefix + note)
+        for route_note in route_notes(self.settings, self.spool.directory):
+            self._print(prefix + route_note)
 
     def _print_listing(self, item: Listing, now: float) -> None:
         entry, envelope = item.entry, item.envelope
