@@ -201,6 +201,15 @@ class FakeExchange:
     def revoke_send_as(self, mailbox: str, *addresses: str) -> None:
         self.mailboxes.revoke_send_as(mailbox, *addresses)
 
+    def disconnect(self, mailbox: str) -> int:
+        """Close every connection signed in as ``mailbox`` (a session revoked, a server
+        restarted): the next connection has to sign in again. Returns how many."""
+        sessions = [s for s in self._sessions if s.mailbox.lower() == mailbox.lower()]
+        for session in sessions:
+            if session.transport is not None:
+                session.transport.close()
+        return len(sessions)
+
     def refuse_recipient(self, address: str, reply: str = RECIPIENT_NOT_FOUND) -> None:
         self.refused_recipients[address.lower()] = reply
 
