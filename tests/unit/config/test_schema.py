@@ -140,3 +140,26 @@ def test_check_config_prints_it_without_a_configuration_file() -> None:
     printed = json.loads(result.stdout)
     assert printed == schema()
     assert re.match(r"https://json-schema.org/", printed["$schema"])
+
+
+def test_the_readmes_routes_example_loads_and_conforms() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Several mailboxes") :]
+    block = section[
+        section.index("```yaml\n") + 8 : section.index("```\n", section.index("```yaml"))
+    ]
+    example = yaml.safe_load(block)
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["upstream"].update(example["upstream"])
+    document["routes"] = example["routes"]
+    assert problems(schema(), document) == []
+    settings = config.from_mapping(document, "README.md", environ={})
+    assert [route.mailbox for route in settings.routes] == [
+        "notifications@contoso.com",
+        "hr@contoso.com",
+    ]
+    assert config.mailbox_for_sender(settings, "x@alerts.contoso.com") == (
+        "notifications@contoso.com"
+    )
+    assert config.mailbox_for_sender(settings, "jobs@contoso.com") == "hr@contoso.com"
+    assert config.mailbox_for_sender(settings, "x@sub.alerts.contoso.com") == "relay@contoso.com"
