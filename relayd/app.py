@@ -87,7 +87,8 @@ class Relay:
         for key, mailbox_settings in config.mailbox_settings(settings).items():
             metrics_of = self.metrics.for_mailbox(key)
             route = key != settings.default_mailbox
-            tokens = _token_manager(mailbox_settings, metrics_of, config_path, route)
+            cache_key = _token_cache_key(settings, key)
+            tokens = _token_manager(mailbox_settings, metrics_of, config_path, route, cache_key)
             self.mailboxes[key] = tokens
             transport = build_transport(mailbox_settings, metrics_of, tokens)
             lanes[key] = (mailbox_settings, transport, metrics_of)
@@ -283,7 +284,7 @@ class Relay:
             await tokens.start()
         except OSError as error:
             path = tokens.store.cache_path
-            key = _token_cache_key(self.settings, tokens.mailbox)
+            key = tokens.cache_setting
             raise StartupError(f"{key}: cannot use {path}: {_os_reason(error, path)}") from None
 
     async def _start_listener(self) -> None:
@@ -374,7 +375,11 @@ class Relay:
 
 
 def _token_manager(
-    settings: Settings, metrics: Metrics | MailboxMetrics, config_path: Path | None, route: bool
+    settings: Settings,
+    metrics: Metrics | MailboxMetrics,
+    config_path: Path | None,
+    route: bool,
+    cache_key: str,
 ) -> TokenManager | None:
     """The mailbox's token manager; None for the maildir transport (signs in nowhere)."""
     if settings.upstream.transport not in MICROSOFT_TRANSPORTS:
@@ -385,6 +390,7 @@ def _token_manager(
         metrics,  # type: ignore[arg-type]
         config_path=config_path,
         login_mailbox=settings.upstream.mailbox if route else None,
+        cache_setting=cache_key,
     )
 
 

@@ -81,9 +81,12 @@ class TokenManager:
         client: TokenClient | None = None,
         resources: tuple[Resource, ...] | None = None,
         login_mailbox: str | None = None,
+        cache_setting: str = "oauth.token_cache",
     ) -> None:
         """``login_mailbox``: a route's mailbox (not upstream.mailbox), named in the
-        sign-in command this manager advises (``--mailbox``)."""
+        sign-in command this manager advises (``--mailbox``); ``cache_setting``: the
+        key that names its cache in errors (a route's: ``routes[N].token_cache``)."""
+        self.cache_setting = cache_setting
         self.oauth = settings.oauth
         self.mailbox = settings.upstream.mailbox
         self.metrics = metrics
@@ -160,10 +163,10 @@ class TokenManager:
         in the background nor write the daemon's auth state file."""
         problem = exposure(self.store.cache_path)
         if problem:
-            raise ConfigError(self._source, "oauth.token_cache", f"refusing to start: {problem}")
+            raise ConfigError(self._source, self.cache_setting, f"refusing to start: {problem}")
         problem = self.store.directory_exposure()
         if problem:
-            raise ConfigError(self._source, "oauth.token_cache", problem)
+            raise ConfigError(self._source, self.cache_setting, problem)
         views = await self._in_thread(self._reload)
         previous = await asyncio.to_thread(self.store.read_state) or {}
         self._adopt(views, startup=True)

@@ -285,7 +285,12 @@ class SendTest:
             )
             return EXIT_FAILED
         metrics = Metrics(process=False)
-        tokens = auth.TokenManager(self.settings, metrics, config_path=self.config_path)
+        tokens = auth.TokenManager(
+            self.settings,
+            metrics,
+            config_path=self.config_path,
+            login_mailbox=self.route.mailbox if self.route is not None else None,
+        )
         await tokens.load()
         if upstream.transport == "graph":
             return await self._through_graph(tokens, metrics)
