@@ -23,6 +23,7 @@ from relayd.queue.model import STATES
 from tests.auth_helpers import AuthCli, auth_overrides, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra, sign_in_in_browser
 from tests.fakes.exchange import FakeExchange, ReceivedMessage
+from tests.fakes.graph import FakeGraph
 from tests.fakes.mailboxes import REFUSE
 from tests.harness import FAST_RETRY
 from tests.helpers import (
@@ -131,6 +132,16 @@ async def exchange(ca: trustme.CA, entra: FakeEntra) -> AsyncIterator[FakeExchan
         mailboxes=(NOTIFY, APPROVALS),
         max_connections=10,
     )
+    fake.grant_send_as(APPROVALS, HR)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def graph(ca: trustme.CA, entra: FakeEntra) -> AsyncIterator[FakeGraph]:
+    """The fake Graph knowing approvals@ (Send As on hr@) besides the default mailbox."""
+    fake = FakeGraph(ca, grant=entra.token_grant, mailbox=MAILBOX, mailboxes=(APPROVALS,))
     fake.grant_send_as(APPROVALS, HR)
     await fake.start()
     yield fake
@@ -325,3 +336,16 @@ async def test_shared_mailbox_send_as_granted_is_kept_and_refused_is_held(
         FINANCE,
         FINANCE,
     )
+
+
+async def test_a_route_chooses_its_transport(
+    routed: Routed, exchange: FakeExchange, graph: FakeGraph
+) -> None:
+    relay = routed.start({"graph_url": graph.graph_url}, approvals={"transport": "graph"})
+    await send_messages(relay.port, batch(12, [NOTIFY, APPROVALS, HR, MAILBOX]))
+    await eventually(
+        lambda: len(exchange.messages) == 6 and len(graph.messages) == 6, 20, "6 and 6"
+    )
+    assert {m.mailbox for m in graph.messages} == {APPROVALS}  # Graph: approvals@ alone
+    assert sorted(from_address(m.mime) for m in graph.messages) == [APPROVALS] * 3 + [HR] * 3
+    assert collections.Counter(m.mailbox for m in exchange.messages) == {NOTIFY: 3, MAILBOX: 3}
