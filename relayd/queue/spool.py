@@ -62,7 +62,7 @@ from relayd.queue.model import (
     requeued,
 )
 from relayd.queue.moves import DEFERRED, DELIVERED, FAILED, RELEASED, Move, Mover
-from relayd.queue.reading import read_header_line, read_message, read_state
+from relayd.queue.reading import read_header_line, read_message, read_sender, read_state
 
 log = structlog.get_logger("relayd.spool")
 
@@ -137,8 +137,7 @@ class Spool:
         owns: Callable[[str, str], bool] | None = None,
     ) -> list[str]:
         """Up to ``limit`` ids ready for delivery: incoming first (oldest first), then
-        deferred messages whose next attempt (mtime) has come. With ``owns`` (a route's
-        scheduler: id, state → is it mine?), only the ids it owns."""
+        deferred ones now due (mtime); with ``owns`` (id, state), a route's ids only."""
         exclude = exclude or set()
         names = (n for n in self._names("incoming") if n not in exclude)
         if owns is not None:
@@ -255,13 +254,8 @@ class Spool:
         return envelope, state
 
     def sender(self, state: str, queue_id: str) -> str | None:
-        """The envelope sender of a queued message, from its file's first line only
-        (routes: which mailbox it leaves by); None when the file cannot be read."""
-        try:
-            header = json.loads(read_header_line(self.path(state, queue_id)))
-            return envelope_from_header(header, queue_id).sender
-        except (OSError, ValueError, CorruptMessage):
-            return None
+        """The envelope sender (routes: which mailbox it leaves as); None: unreadable."""
+        return read_sender(self.path(state, queue_id), queue_id)
 
     def find(self, queue_id: str) -> tuple[str, QueuedMessage]:
         """The state and parsed message for an id, wherever it is."""
