@@ -180,6 +180,9 @@ class QueueAdmin:
         ]
         if delivery.requeued_at:
             lines.insert(3, ("Requeued", f"{show_as.iso_time(delivery.requeued_at)} (retry)"))
+        if self.settings is not None and self.settings.routes:  # the route it leaves by
+            mailbox = config.mailbox_for_sender(self.settings, envelope.sender)
+            lines.insert(lines.index(("Sender", f"<{envelope.sender}>")) + 1, ("Mailbox", mailbox))
         for label, value in lines:
             self._print(f"{label + ':':<12} {value}")
         for recipient, outcome in show_as.recipient_outcomes(envelope, delivery):

@@ -148,6 +148,8 @@ def test_queue_list_shows_and_selects_by_mailbox(tmp_path: Path) -> None:
         assert {item["mailbox"] for item in items} <= {mailbox.lower()}
         return [item["id"] for item in items]
 
+    shown = run_relayd("queue", "show", ids[1], "-c", str(path))
+    assert f"Mailbox:     {HR}\n" in shown.stdout, shown.stdout
     assert selected(HR) == [ids[1]]
     assert selected("Notify@Contoso.example") == [ids[0]]
     assert selected(MAILBOX) == ids[2:]
