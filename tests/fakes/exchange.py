@@ -32,19 +32,21 @@ import base64
 import contextlib
 import itertools
 import logging
-import ssl
 import time
 from dataclasses import dataclass, field
-from email.parser import BytesHeaderParser
-from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
-from tests.fakes.entra import CLIENT_ID, TENANT_ID
 from tests.fakes.mailboxes import Mailboxes
+from tests.fakes.wire import (
+    from_addresses,
+    parse_xoauth2,
+    relay_config,
+    server_tls_context,
+)
 
 HOSTNAME = "FAKE01.PROD.OUTLOOK.COM"
 MAILBOX = "relay@contoso.example"  # not @example.com: serve refuses the example's placeholder
@@ -98,18 +100,6 @@ class Stats:
     auth_attempts: int = 0
     auth_failures: int = 0
     tokens_seen: list[str] = field(default_factory=list)
-
-
-_CERTIFICATES: dict[int, trustme.LeafCert] = {}
-
-
-def server_tls_context(ca: trustme.CA) -> ssl.SSLContext:
-    cert = _CERTIFICATES.get(id(ca))
-    if cert is None:
-        cert = _CERTIFICATES[id(ca)] = ca.issue_cert("127.0.0.1", "localhost", "::1")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(context)
-    return context
 
 
 class FakeExchange:
@@ -306,7 +296,7 @@ class _Handler:
         else:
             # aiosmtpd's challenge_auth returns the decoded client response.
             initial = base64.b64encode(await server.challenge_auth("", encode_to_b64=False))
-        user, token = _parse_xoauth2(initial)
+        user, token = parse_xoauth2(initial)
         if token:
             fake.stats.tokens_seen.append(token)
         override = fake.take("auth")
@@ -360,7 +350,7 @@ class _Handler:
         if override:
             return server.answer(override)
         user = server.mailbox or fake.mailbox
-        senders = [envelope.mail_from or "", *_from_addresses(envelope.original_content or b"")]
+        senders = [envelope.mail_from or "", *from_addresses(envelope.original_content or b"")]
         denied = [s for s in senders if not fake.permitted(s, user)]
         if denied:
             return fake.send_as_denied(user, denied[0])
@@ -453,35 +443,3 @@ class _ExchangeSMTP(SMTP):
         text = status if isinstance(status, str) else status.decode("utf-8", "replace")
         if text.startswith("421") and self.transport is not None:
             self.transport.close()  # RFC 5321 §3.8: 421 closes the channel
-
-
-def relay_config(host: str, port: int, mailbox: str, ca_file: Path, **upstream: Any) -> dict:
-    """Config overrides that point relayd at a fake upstream on ``host:port``."""
-    return {
-        "upstream": {
-            "transport": "smtp",
-            "host": host,
-            "port": port,
-            "tls": "starttls",
-            "mailbox": mailbox,
-            "ca_file": str(ca_file),
-            **upstream,
-        },
-        "oauth": {"tenant_id": TENANT_ID, "client_id": CLIENT_ID},
-    }
-
-
-def _parse_xoauth2(initial: str | bytes) -> tuple[str, str]:
-    """("user", "token") from base64("user=U\\x01auth=Bearer T\\x01\\x01")."""
-    try:
-        text = base64.b64decode(initial).decode("utf-8")
-    except (ValueError, UnicodeDecodeError):
-        return "", ""
-    fields = dict(part.split("=", 1) for part in text.split("\x01") if "=" in part)
-    token = fields.get("auth", "")
-    return fields.get("user", ""), token.removeprefix("Bearer ")
-
-
-def _from_addresses(content: bytes) -> list[str]:
-    header = BytesHeaderParser().parsebytes(content).get_all("From") or []
-    return [address for _, address in getaddresses([str(value) for value in header])]
