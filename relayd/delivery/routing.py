@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable, Mapping
 
 import structlog
@@ -47,6 +48,7 @@ class SenderIndex:
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
         self._senders: dict[str, str] = {}
+        self._reading = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._senders)
@@ -60,14 +62,20 @@ class SenderIndex:
         return self._senders.get(queue_id)
 
     def sender(self, queue_id: str, state: str) -> str | None:
-        """Blocking when not known yet (one small read): call it in a thread."""
+        """Blocking when not known yet (one small read): call it in a thread. One
+        reader at a time: the routes' first scans after a start meet the same unknown
+        files, and each file is read once instead of once per route."""
         known = self._senders.get(queue_id)
         if known is not None:
             return known
-        sender = self.spool.sender(state, queue_id)
-        if sender is not None:
-            self.remember(queue_id, sender)
-        return sender
+        with self._reading:
+            known = self._senders.get(queue_id)
+            if known is not None:
+                return known
+            sender = self.spool.sender(state, queue_id)
+            if sender is not None:
+                self.remember(queue_id, sender)
+            return sender
 
 
 class Router:

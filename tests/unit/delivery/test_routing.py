@@ -161,3 +161,32 @@ async def test_the_sender_policy_and_dsns_are_the_routes(routed: Routed) -> None
     dsn = await routed.queue("", notify=False)
     routed.scheduler.notify(dsn)  # as the recorder announces a DSN
     await eventually(lambda: routed.sent_by(DEFAULT) == [dsn])
+
+
+def test_the_routes_first_scans_read_each_file_once() -> None:
+    """After a start every route's scan meets the same unknown files at once: each
+    file's first line is read once, not once per route."""
+    import threading
+
+    from relayd.delivery.routing import SenderIndex
+
+    class SlowSpool:
+        reads = 0
+
+        def sender(self, state: str, queue_id: str) -> str:
+            SlowSpool.reads += 1
+            time.sleep(0.001)  # a read that lets the other scans run meanwhile
+            return f"{queue_id}@contoso.example"
+
+    index = SenderIndex(SlowSpool())  # type: ignore[arg-type]
+    ids = [f"{n:019X}" for n in range(100)]
+    scans = [
+        threading.Thread(target=lambda: [index.sender(q, "incoming") for q in ids])
+        for _ in range(3)
+    ]
+    for scan in scans:
+        scan.start()
+    for scan in scans:
+        scan.join(30)
+    assert SlowSpool.reads == len(ids)
+    assert index.sender(ids[0], "incoming") == f"{ids[0]}@contoso.example"
