@@ -24,8 +24,6 @@ import contextlib
 import threading
 from collections.abc import Callable, Mapping
 
-import structlog
-
 from relayd.config import Settings
 from relayd.config.routes import route_for
 from relayd.delivery.policy import SenderPolicy
@@ -34,8 +32,6 @@ from relayd.ops.metrics import Metrics
 from relayd.queue.model import Envelope
 from relayd.queue.spool import Spool
 from relayd.transports.base import Transport
-
-log = structlog.get_logger("relayd.scheduler")
 
 INDEX_LIMIT = 200_000  # senders kept in memory; beyond, the index starts afresh
 
