@@ -143,14 +143,8 @@ def _auth(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     relay_logging.configure(settings.logging.format, settings.logging.level)
-    if args.action == "status" and args.mailbox is None and settings.routes:
-        return mailboxes.status_all(settings, args.config, args.json)
-    try:
-        commands = mailboxes.commands_for(settings, args.config, args.mailbox)
-    except mailboxes.UnknownMailbox as error:
-        print(f"relayd auth: {error}", file=sys.stderr)
-        return 2
-    return args.auth_action(commands, args)
+    every = args.action == "status" and args.mailbox is None
+    return mailboxes.run(settings, args.config, args.mailbox, args.auth_action, args, every)
 
 
 QUEUE_STATES = ("incoming", "active", "deferred", "hold", "failed")
@@ -439,12 +433,9 @@ def _cannot_start(text: str) -> None:
 
 def _check_config(args: argparse.Namespace) -> int:
     if args.schema:
-        import json
+        from relayd.config.schema import print_schema
 
-        from relayd.config.schema import json_schema
-
-        print(json.dumps(json_schema(config.SECTIONS), indent=2))
-        return 0
+        return print_schema(config.SECTIONS)
     settings = _settings(args)
     findings = preflight.check(settings, serving=False)
     for finding in findings:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,6 +24,26 @@ from relayd.ops.logging import redactor
 
 class UnknownMailbox(Exception):
     """--mailbox names no mailbox of the configuration; the text lists the known."""
+
+
+def run(
+    settings: Settings,
+    config_path: Path,
+    mailbox: str | None,
+    action: Callable[[AuthCommands, Any], int],
+    args: Any,
+    every: bool = False,
+) -> int:
+    """One `relayd auth` command for ``mailbox`` (None: the default's); ``every`` (status
+    without --mailbox) with routes: every mailbox's status."""
+    if every and settings.routes:
+        return status_all(settings, config_path, args.json)
+    try:
+        commands = commands_for(settings, config_path, mailbox)
+    except UnknownMailbox as error:
+        print(f"relayd auth: {error}", file=sys.stderr)
+        return 2
+    return action(commands, args)
 
 
 def commands_for(

@@ -12,6 +12,7 @@ as a quoted string passes the loader, not the schema) and cannot say everything
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from relayd.config.fields import schema_of
@@ -36,6 +37,12 @@ def json_schema(sections: dict[str, type]) -> dict[str, Any]:
         "additionalProperties": False,
         "properties": properties,
     }
+
+
+def print_schema(sections: dict[str, type]) -> int:
+    """`relayd check-config --schema`: the schema on standard output."""
+    print(json.dumps(json_schema(sections), indent=2))
+    return 0
 
 
 def _object(cls: type, required: tuple[str, ...] = ()) -> dict[str, Any]:
