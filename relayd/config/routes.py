@@ -74,6 +74,18 @@ class RouteSettings:
 
 
 FIELDS = {spec.name: spec for spec in dataclasses.fields(RouteSettings)}
+# What each key means, for the JSON Schema (editors show it while completing).
+DESCRIPTIONS = {
+    "mailbox": "the account that signs in and sends (not upstream.mailbox)",
+    "senders": "envelope senders routed here: addresses or *@domain; first match wins",
+    "send_as": "addresses this mailbox may send as (shared mailboxes, Send As rights)",
+    "token_cache": "this mailbox's MSAL cache; default token_cache.<mailbox>.json beside"
+    " oauth.token_cache",
+    "transport": "default: upstream.transport",
+    "max_connections": "default: upstream.max_connections",
+    "rate_limit_per_minute": "default: upstream.rate_limit_per_minute",
+    "daily_recipient_limit": "default: upstream.daily_recipient_limit",
+}
 
 
 def sender_matches(patterns: Iterable[str], sender: str) -> bool:

@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from relayd.config.fields import schema_of
-from relayd.config.routes import ROUTES_KEY, RouteSettings
+from relayd.config.routes import DESCRIPTIONS, ROUTES_KEY, RouteSettings
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -27,7 +27,7 @@ def json_schema(sections: dict[str, type]) -> dict[str, Any]:
     properties[ROUTES_KEY] = {
         "type": ["array", "null"],
         "description": "further mailboxes, chosen by envelope sender (first match wins)",
-        "items": _object(RouteSettings, required=("mailbox",)),
+        "items": _object(RouteSettings, ("mailbox",), DESCRIPTIONS),
     }
     return {
         "$schema": DIALECT,
@@ -45,10 +45,14 @@ def print_schema(sections: dict[str, type]) -> int:
     return 0
 
 
-def _object(cls: type, required: tuple[str, ...] = ()) -> dict[str, Any]:
+def _object(
+    cls: type, required: tuple[str, ...] = (), descriptions: dict[str, str] | None = None
+) -> dict[str, Any]:
     properties = {}
     for spec in dataclasses.fields(cls):
         schema = _nullable(schema_of(spec.metadata["parse"]))
+        if descriptions and spec.name in descriptions:
+            schema["description"] = descriptions[spec.name]
         default = _default(spec)
         if default is not None:
             schema["default"] = default

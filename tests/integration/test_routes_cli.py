@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from relayd import config
 from relayd.queue.model import Envelope, new_queue_id
@@ -199,3 +200,18 @@ def test_send_test_from_a_routed_sender_leaves_as_its_mailbox(tmp_path: Path) ->
     line = f'relayd_messages_delivered_total{{mailbox="{HR}"}} 1.0'
     assert line in scraped.decode()
     assert REPO.exists()
+
+
+def test_check_config_shows_the_routes_and_warns_about_a_shadowed_sender(tmp_path: Path) -> None:
+    shadowed = {"mailbox": "boss@contoso.example", "senders": ["app@contoso.example"]}
+    path = write_config(tmp_path, {"upstream": {"mailbox": MAILBOX}, "routes": [*ROUTES, shadowed]})
+    checked = run_relayd("check-config", "-c", str(path))
+    assert checked.returncode == 0, checked.stderr
+    assert (
+        f"relayd: warning: {path}: routes[2].senders: app@contoso.example is routed by"
+        f" routes[0] ({NOTIFY}) first (first match wins)"
+    ) in checked.stderr
+    shown = yaml.safe_load(checked.stdout)["routes"]
+    assert [route["mailbox"] for route in shown] == [NOTIFY, HR, "boss@contoso.example"]
+    assert shown[1]["token_cache"].endswith(f"token_cache.{HR}.json")
+    assert shown[1]["max_connections"] == 3  # upstream.max_connections

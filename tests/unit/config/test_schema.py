@@ -126,6 +126,8 @@ def test_every_declared_key_is_in_the_schema_with_its_default() -> None:
         "daily_recipient_limit",
     }
     assert "default" not in route["max_connections"]  # upstream.max_connections, by default
+    assert route["max_connections"]["description"] == "default: upstream.max_connections"
+    assert all(item.get("description") for item in route.values())
 
 
 def test_check_config_prints_it_without_a_configuration_file() -> None:
