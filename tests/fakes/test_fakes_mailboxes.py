@@ -102,7 +102,8 @@ async def test_the_rate_is_per_mailbox_and_the_excess_delayed(two_mailboxes, ca_
         await fast.sendmail(MAILBOX, ["a@example.org"], make_message(sender=MAILBOX))
     assert exchange.mailboxes.max_in_window(OTHER, 0.5) == 2
     assert exchange.mailboxes.max_in_window(MAILBOX, 0.5) == 5
-    assert exchange.mailboxes.rate_delayed[OTHER.lower()] == 2  # the 3rd and the 5th
+    # The 3rd and the 5th wait; the 4th too when it comes a hair before the 2nd's slot frees.
+    assert exchange.mailboxes.rate_delayed[OTHER.lower()] in (2, 3)
     await fast.quit()
     await slow.quit()
 
