@@ -25,12 +25,12 @@ import structlog
 from relayd import config
 from relayd.auth.tokens import TokenManager
 from relayd.config import MICROSOFT_TRANSPORTS, ConfigError, Settings
-from relayd.delivery.scheduler import Scheduler
+from relayd.delivery.routing import RoutedScheduler
 from relayd.ops import logging as relay_logging
 from relayd.ops import sdnotify
 from relayd.ops.daemon_status import StatusFile
 from relayd.ops.health import HealthServer, readiness_report
-from relayd.ops.metrics import NOT_USED, Metrics
+from relayd.ops.metrics import NOT_USED, MailboxMetrics, Metrics
 from relayd.ops.pidfile import PID_FILE_NAME, AlreadyRunning, PidFile
 from relayd.ops.reload import merge_reload
 from relayd.ops.sdnotify import Notifier
@@ -69,7 +69,7 @@ class Relay:
         self.settings = settings
         self.config_path = config_path
         self._load_config = loader  # SIGHUP; the sandbox's keeps the maildir transport
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(per_mailbox=bool(settings.routes))
         self.notifier = notifier or Notifier()
         self.spool = Spool(settings.spool.directory, min_free_space=settings.spool.min_free_space)
         self.handler = RelayHandler(
@@ -77,22 +77,26 @@ class Relay:
             self.spool,
             self.metrics,
             hostname=settings.hostname,
-            on_queued=self._queued,
+            on_queued_from=self._queued,
             content_policy=self._content_policy,
         )
         self.listener = Listener(self.handler, settings.listen, settings.hostname)
-        self.tokens = (
-            TokenManager(settings, self.metrics, config_path=config_path)
-            if settings.upstream.transport in MICROSOFT_TRANSPORTS
-            else None
-        )
-        if self.tokens is None:
-            self.metrics.set_auth_state(NOT_USED)
-        transport = build_transport(settings, self.metrics, self.tokens)
-        self.scheduler = Scheduler(self.spool, transport, settings, self.metrics)
+        # One token manager, transport and scheduler per mailbox (routes by sender).
+        self.mailboxes: dict[str, TokenManager | None] = {}
+        lanes = {}
+        for key, mailbox_settings in config.mailbox_settings(settings).items():
+            metrics_of = self.metrics.for_mailbox(key)
+            route = key != settings.default_mailbox
+            cache_key = _token_cache_key(settings, key)
+            tokens = _token_manager(mailbox_settings, metrics_of, config_path, route, cache_key)
+            self.mailboxes[key] = tokens
+            transport = build_transport(mailbox_settings, metrics_of, tokens)
+            lanes[key] = (mailbox_settings, transport, metrics_of)
+        self.tokens = self.mailboxes[settings.default_mailbox]  # the default route's
+        self.scheduler = RoutedScheduler(self.spool, lanes, settings)
         # Why deliveries wait, for `relayd queue list` / `show` (another process).
         self.status_file = StatusFile(self.spool.directory)
-        self.scheduler.on_pause = self._deliveries_paused
+        self.scheduler.set_on_pause(self._deliveries_paused)
         self.health = self._health_server(settings) if settings.metrics.enabled else None
         self.pid_file = PidFile(self.spool.directory / PID_FILE_NAME)
         self.ready = False  # listener bound and spool recovered
@@ -132,8 +136,9 @@ class Relay:
             **report,
             queued=sum(census.messages[s] for s in ("incoming", "deferred", "hold")),
         )
-        if self.tokens is not None:
-            await self._start_tokens()
+        for tokens in self.mailboxes.values():
+            if tokens is not None:
+                await self._start_tokens(tokens)
         await self._start_listener()
         self.status_file.start()
         await self.scheduler.start()
@@ -157,8 +162,9 @@ class Relay:
         deadline = time.monotonic() + grace
         await self.listener.stop(grace)
         await self.scheduler.stop(max(MIN_DELIVERY_GRACE, deadline - time.monotonic()))
-        if self.tokens is not None:
-            await self.tokens.stop()
+        for tokens in self.mailboxes.values():
+            if tokens is not None:
+                await tokens.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -194,7 +200,7 @@ class Relay:
         _register_secrets(new)
         relay_logging.set_level(new.logging.level)
         self.listener.reconfigure(new.listen)
-        self.scheduler.reconfigure(new)
+        self.scheduler.reconfigure(config.mailbox_settings(new))
         self.settings = new
         log.info("configuration reloaded", file=str(self.config_path), log_level=new.logging.level)
 
@@ -203,10 +209,26 @@ class Relay:
         self._tasks = [task for task in self._tasks if not task.done()]
         self._tasks.append(asyncio.create_task(self._rescan(), name="rescan"))
 
+    def mailbox_report(self) -> dict[str, dict[str, object]]:
+        """Every mailbox's auth state, circuit and pause (/readyz), with routes only."""
+        if not self.settings.routes:
+            return {}
+        report = self.scheduler.report()
+        for key, tokens in self.mailboxes.items():
+            report[key] = {"auth": tokens.state if tokens is not None else None, **report[key]}
+        return report
+
     def status_line(self) -> str:
         census = self.spool.census()
         held, failed = census.messages["hold"], census.messages["failed"]
         auth = self.tokens.state if self.tokens is not None else "n/a"
+        if self.settings.routes:  # every mailbox's, the default first
+            states = [f"{self.settings.default_mailbox} {auth}"] + [
+                f"{key} {tokens.state if tokens is not None else 'n/a'}"
+                for key, tokens in self.mailboxes.items()
+                if key != self.settings.default_mailbox
+            ]
+            auth = ", ".join(states)
         return f"queue {census.pending}, hold {held}, failed {failed}, auth {auth}"
 
     # --- internals ---------------------------------------------------------------
@@ -257,15 +279,13 @@ class Relay:
                 f"metrics.address/port: cannot listen on {where}: {_os_reason(error)}"
             ) from None
 
-    async def _start_tokens(self) -> None:
-        assert self.tokens is not None
+    async def _start_tokens(self, tokens: TokenManager) -> None:
         try:
-            await self.tokens.start()
+            await tokens.start()
         except OSError as error:
-            path = self.settings.oauth.token_cache
-            raise StartupError(
-                f"oauth.token_cache: cannot use {path}: {_os_reason(error, path)}"
-            ) from None
+            path = tokens.store.cache_path
+            key = tokens.cache_setting
+            raise StartupError(f"{key}: cannot use {path}: {_os_reason(error, path)}") from None
 
     async def _start_listener(self) -> None:
         listen = self.settings.listen
@@ -293,18 +313,23 @@ class Relay:
         self.scheduler.wake()
         log.info("spool rescanned on request", **census.messages)
 
-    def _deliveries_paused(self, reason: str | None, detail: str) -> None:
-        """The scheduler paused or resumed deliveries (reason None): record it."""
-        advice = self.tokens.advice() if reason == AUTH and self.tokens is not None else None
-        self.status_file.update(reason, detail, advice)
+    def _deliveries_paused(self, mailbox: str, reason: str | None, detail: str) -> None:
+        """A route's scheduler paused or resumed deliveries (reason None): record it."""
+        tokens = self.mailboxes.get(mailbox)
+        advice = tokens.advice() if reason == AUTH and tokens is not None else None
+        if mailbox == self.settings.default_mailbox:
+            self.status_file.update(reason, detail, advice)
+        if self.settings.routes:
+            self.status_file.update_mailbox(mailbox, reason, detail, advice)
 
-    def _queued(self, queue_id: str) -> None:
-        """A message was committed; delivery is started from here."""
-        self.scheduler.notify(queue_id)
+    def _queued(self, queue_id: str, sender: str) -> None:
+        """A message was committed; delivery is started from here, by its route."""
+        self.scheduler.notify_from(queue_id, sender)
 
     def _content_policy(self, envelope: Envelope, content: bytes) -> str | None:
-        """End of DATA: the sender policy may refuse a From: it cannot send as."""
-        return self.scheduler.policy.refusal(envelope, content)
+        """End of DATA: the sender policy of the message's route may refuse a From: it
+        cannot send as."""
+        return self.scheduler.policy_for(envelope).refusal(envelope, content)
 
     async def _update_gauges(self) -> None:
         """Refresh the queue gauges every second and recount the spool every 30 s.
@@ -347,6 +372,34 @@ class Relay:
             sum(size for state, size in census.bytes.items() if state != "failed")
         )
         self.metrics.queue_oldest_age.set(census.oldest_age(time.time()))
+
+
+def _token_manager(
+    settings: Settings,
+    metrics: Metrics | MailboxMetrics,
+    config_path: Path | None,
+    route: bool,
+    cache_key: str,
+) -> TokenManager | None:
+    """The mailbox's token manager; None for the maildir transport (signs in nowhere)."""
+    if settings.upstream.transport not in MICROSOFT_TRANSPORTS:
+        metrics.set_auth_state(NOT_USED)
+        return None
+    return TokenManager(
+        settings,
+        metrics,  # type: ignore[arg-type]
+        config_path=config_path,
+        login_mailbox=settings.upstream.mailbox if route else None,
+        cache_setting=cache_key,
+    )
+
+
+def _token_cache_key(settings: Settings, mailbox: str) -> str:
+    """The setting that names a mailbox's token cache, for a start-up error."""
+    for index, route in enumerate(settings.routes):
+        if route.key == mailbox.strip().lower():
+            return f"routes[{index}].token_cache"
+    return "oauth.token_cache"
 
 
 def build_transport(settings: Settings, metrics: Metrics, tokens: TokenManager | None) -> Transport:

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         "errors go to standard error; exit status 2 on an error.",
     )
     _add_config_option(check, sandbox=True)
+    check.add_argument(
+        "--schema",
+        action="store_true",
+        help="print a JSON Schema of relayd.yaml (for editors) instead; reads no file",
+    )
     check.set_defaults(handler=_check_config)
 
     _add_auth_commands(commands)
@@ -94,11 +99,14 @@ def _add_auth_commands(commands: argparse._SubParsersAction) -> None:
         "auth",
         "sign in to Microsoft 365 and manage the tokens",
         "Sign in once as upstream.mailbox, then inspect, renew or remove the tokens "
-        "relayd keeps in oauth.token_cache. Safe while relayd runs.",
+        "relayd keeps in oauth.token_cache; with --mailbox, the same for a route's mailbox "
+        "and its token cache. Safe while relayd runs.",
     )
     actions = auth.add_subparsers(dest="action", metavar="ACTION", required=True)
     login = _subcommand(
-        actions, "login", "sign in as upstream.mailbox (browser on any machine, or --device-code)"
+        actions,
+        "login",
+        "sign in as upstream.mailbox or --mailbox (browser on any machine, or --device-code)",
     )
     login.add_argument(
         "--device-code",
@@ -121,15 +129,22 @@ def _add_auth_commands(commands: argparse._SubParsersAction) -> None:
     logout.set_defaults(auth_action=lambda commands, args: commands.logout())
     for parser in (login, migrate, status, refresh, logout):
         _add_config_option(parser)
+        parser.add_argument(
+            "--mailbox",
+            metavar="ADDRESS",
+            help="a route's mailbox (routes: in the configuration); default: upstream.mailbox"
+            + (" (without it, status shows every mailbox)" if parser is status else ""),
+        )
         parser.set_defaults(handler=_auth)
 
 
 def _auth(args: argparse.Namespace) -> int:
-    from relayd.auth.signin import AuthCommands  # imported late: MSAL is slow to import
+    from relayd.auth import mailboxes  # imported late: MSAL is slow to import
 
     settings = _settings(args)
     relay_logging.configure(settings.logging.format, settings.logging.level)
-    return args.auth_action(AuthCommands(settings, args.config), args)
+    every = args.action == "status" and args.mailbox is None
+    return mailboxes.run(settings, args.config, args.mailbox, args.auth_action, args, every)
 
 
 QUEUE_STATES = ("incoming", "active", "deferred", "hold", "failed")
@@ -245,6 +260,12 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
         metavar="DURATION",
         help="arrived longer ago than this (30m, 2h, 3d)",
     )
+    filters.add_argument(
+        "--mailbox",
+        metavar="ADDRESS",
+        help="leaving as this mailbox (routes: chosen by the sender; upstream.mailbox for"
+        " the rest)",
+    )
 
 
 def _states(text: str) -> tuple[str, ...]:
@@ -265,6 +286,7 @@ def _filters(args: argparse.Namespace):
         sender=args.sender,
         recipient=args.recipient,
         older_than=args.older_than,
+        mailbox=args.mailbox,
     )
 
 
@@ -410,6 +432,10 @@ def _cannot_start(text: str) -> None:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    if args.schema:
+        from relayd.config.schema import print_schema
+
+        return print_schema(config.SECTIONS)
     settings = _settings(args)
     findings = preflight.check(settings, serving=False)
     for finding in findings:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relayd.config import CREDENTIALS_ENV, Settings
+from relayd.config.routes import shadowed
 
 ERROR, WARNING = "error", "warning"
 # What config/relayd.example.yaml ships: an all-zero GUID and example.com (RFC 2606).
@@ -36,7 +37,7 @@ class Finding:
 def check(settings: Settings, *, serving: bool) -> list[Finding]:
     """Everything found, errors first. ``serving``: placeholders are errors, not warnings."""
     findings = [*_placeholders(settings, serving), *_secret_file(settings)]
-    findings += _directories(settings) + _readable_files(settings)
+    findings += _directories(settings) + _readable_files(settings) + _routes(settings, serving)
     return sorted(findings, key=lambda finding: finding.severity != ERROR)
 
 
@@ -78,6 +79,30 @@ def _placeholders(settings: Settings, serving: bool) -> list[Finding]:
         " put in the values of your app registration and mailbox"
     )
     return [Finding(ERROR if serving else WARNING, ", ".join(keys), problem)]
+
+
+# --- routes --------------------------------------------------------------------------
+
+
+def _routes(settings: Settings, serving: bool) -> list[Finding]:
+    """Each route's placeholders and token cache; senders an earlier route takes."""
+    found = [Finding(WARNING, *line.split(": ", 1)) for line in shadowed(settings.routes)]
+    for index, route in enumerate(settings.routes):
+        where = f"routes[{index}]"
+        addresses = (route.mailbox, *route.senders, *route.send_as)
+        if route.transport != "maildir" and any(map(_is_placeholder_address, addresses)):
+            problem = f"still an address @{PLACEHOLDER_DOMAIN}: put in your mailbox and senders"
+            found.append(Finding(ERROR if serving else WARNING, where, problem))
+        cache = route.token_cache
+        if route.transport == "maildir" or cache is None:
+            continue
+        if cache.exists() and not _can(cache, os.R_OK | os.W_OK):
+            problem = f"cannot read and write {cache} (as {_user()})"
+            found.append(Finding(ERROR, f"{where}.token_cache", problem))
+        problem = directory_problem(cache.parent)
+        if problem:
+            found.append(Finding(ERROR, f"{where}.token_cache", problem))
+    return found
 
 
 # --- files ---------------------------------------------------------------------------

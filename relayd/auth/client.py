@@ -55,9 +55,9 @@ class CacheView:
 class MailboxMismatch(Exception):
     """The person signed in as someone other than ``upstream.mailbox``."""
 
-    def __init__(self, signed_in: str, mailbox: str) -> None:
+    def __init__(self, signed_in: str, mailbox: str, setting: str = "upstream.mailbox") -> None:
         super().__init__(
-            f"signed in as {signed_in}, but upstream.mailbox is {mailbox}: Exchange Online "
+            f"signed in as {signed_in}, but {setting} is {mailbox}: Exchange Online "
             f"would refuse every message (535 5.7.3). Sign in as {mailbox} (a private "
             "browser window avoids reusing another signed-in account)."
         )
@@ -113,9 +113,16 @@ class TokenClient:
     """MSAL application + token cache for one mailbox. Not thread-safe: one at a time."""
 
     def __init__(
-        self, oauth: OAuthSettings, mailbox: str, store: TokenStore, *, public: bool = False
+        self,
+        oauth: OAuthSettings,
+        mailbox: str,
+        store: TokenStore,
+        *,
+        public: bool = False,
+        mailbox_setting: str = "upstream.mailbox",
     ) -> None:
         self.oauth, self.mailbox, self.store = oauth, mailbox, store
+        self.mailbox_setting = mailbox_setting  # a route's: routes[N].mailbox
         self.scopes = list(oauth.scopes)
         self.cache = msal.SerializableTokenCache()
         self._public = public or oauth.client_secret is None
@@ -347,7 +354,8 @@ class TokenClient:
     def _keep_only_mailbox(self, outcome: Outcome) -> None:
         signed_in = outcome.username or "an account without a user name"
         if signed_in.lower() != self.mailbox.lower():
-            raise MailboxMismatch(signed_in, self.mailbox)  # transaction() rolls back
+            # transaction() rolls back: a sign-in as anyone else is never saved.
+            raise MailboxMismatch(signed_in, self.mailbox, self.mailbox_setting)
         for account in list(self.cache.search(CredentialType.ACCOUNT)):
             if account.get("username", "").lower() != self.mailbox.lower():
                 self._forget(account)

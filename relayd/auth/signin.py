@@ -35,8 +35,11 @@ from relayd.auth.resources import Resource, all_scopes, resources_for
 from relayd.auth.source import CONSENT_MISSING
 from relayd.auth.store import TokenStore, stamp_to_json
 from relayd.auth.tokens import NO_TOKEN, OK, REAUTH_REQUIRED
+from relayd.auth.wording import daemon_line, expiry, rotation, when
 from relayd.config import Settings
 from relayd.ops.logging import redactor
+
+__all__ = ["AuthCommands", "LoginAborted", "RedirectListener", "parse_redirect", "when"]
 
 LOGIN_TIMEOUT = 900.0  # seconds a person has to finish signing in
 _PENDING = ("authorization_pending", "slow_down")  # device flow: keep polling (RFC 8628 §3.5)
@@ -52,15 +55,21 @@ class AuthCommands:
         *,
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
+        mailbox_setting: str = "upstream.mailbox",
     ) -> None:
+        """``settings`` are one mailbox's (``config.route_settings`` for a route, whose
+        ``mailbox_setting`` is then ``routes[N].mailbox``)."""
         self.settings, self.oauth = settings, settings.oauth
         self.mailbox = settings.upstream.mailbox
+        self.mailbox_setting = mailbox_setting
         # The tokens the transport needs; the sign-in asks consent for all of them and
         # redeems the code for the first (Entra ID issues one resource per request).
         self.resources = resources_for(settings)
         self.lead_scopes = list(self.resources[0].scopes)
         self.store = TokenStore(self.oauth.token_cache)
         self.login_command = f"relayd auth login -c {config_path}"
+        if mailbox_setting != "upstream.mailbox":
+            self.login_command += f" --mailbox {self.mailbox}"
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
 
@@ -68,7 +77,13 @@ class AuthCommands:
         print(redactor(text), file=self.stdout, flush=True)
 
     def client(self, public: bool = False) -> TokenClient:
-        return TokenClient(self.oauth, self.mailbox, self.store, public=public)
+        return TokenClient(
+            self.oauth,
+            self.mailbox,
+            self.store,
+            public=public,
+            mailbox_setting=self.mailbox_setting,
+        )
 
     # --- login ---------------------------------------------------------------------------
 
@@ -265,7 +280,7 @@ class AuthCommands:
         if as_json:
             self.say(json.dumps(report, indent=2, sort_keys=True))
         else:
-            self._print_status(report)
+            self.print_status(report)
         return 0 if report["healthy"] else 1
 
     def status_report(self) -> dict[str, Any]:
@@ -320,15 +335,15 @@ class AuthCommands:
             }
         return reports
 
-    def _print_status(self, report: dict[str, Any]) -> None:
+    def print_status(self, report: dict[str, Any]) -> None:
         daemon = report["daemon"]
         rows = [
-            ("Account", report["account"] or f"none (upstream.mailbox is {self.mailbox})"),
+            ("Account", report["account"] or f"none ({self.mailbox_setting} is {self.mailbox})"),
             ("Scopes", " ".join(report["scopes"])),
             *self._resource_rows(report["resources"]),
-            ("Refresh token", _rotation(report["refresh_token_rotated_at"])),
+            ("Refresh token", rotation(report["refresh_token_rotated_at"])),
             ("Last refresh", when(report["last_refresh"]) if report["last_refresh"] else "-"),
-            ("Daemon saw", _daemon_line(daemon, report["daemon_saw_this_cache"])),
+            ("Daemon saw", daemon_line(daemon, report["daemon_saw_this_cache"])),
             ("Token cache", report["token_cache"]),
             ("Health", "OK" if report["healthy"] else f"NOT USABLE ({report['state']})"),
         ]
@@ -345,7 +360,7 @@ class AuthCommands:
         """One "Access token" row per resource (one row, as before, when there is one)."""
         rows = []
         for name, resource in resources.items():
-            text = _expiry(resource["access_token_expires_at"])
+            text = expiry(resource["access_token_expires_at"])
             if len(resources) > 1:
                 state = f" [{resource['state']}]" if resource["state"] else ""
                 text = f"{name} ({' '.join(resource['scopes'])}): {text}{state}"
@@ -427,45 +442,3 @@ def parse_redirect(text: str) -> dict[str, str] | None:
     if "state" in response and ("code" in response or "error" in response):
         return response
     return None
-
-
-# --- formatting ---------------------------------------------------------------------------
-
-
-def when(timestamp: float | None) -> str:
-    if not timestamp:
-        return "-"
-    moment = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
-    delta = timestamp - time.time()
-    return f"{moment} ({_span(delta)})"
-
-
-def _span(seconds: float) -> str:
-    amount = abs(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if amount >= size:
-            text = f"{amount / size:.0f} {unit}"
-            break
-    else:
-        text = f"{amount:.0f} s"
-    return f"in {text}" if seconds >= 0 else f"{text} ago"
-
-
-def _expiry(expires_at: float | None) -> str:
-    if not expires_at:
-        return "none cached"
-    state = "valid until" if expires_at > time.time() else "expired"
-    return f"{state} {when(expires_at)}"
-
-
-def _rotation(rotated_at: float | None) -> str:
-    if not rotated_at:
-        return "none"
-    return f"issued {when(rotated_at)}; expires after 90 days unused"
-
-
-def _daemon_line(daemon: dict | None, current: bool) -> str:
-    if daemon is None:
-        return "nothing recorded (the daemon has not run with this cache)"
-    line = f"{daemon.get('state')} at {when(daemon.get('updated_at'))} (pid {daemon.get('pid')})"
-    return line if current else line + "; the cache changed since"

@@ -80,7 +80,13 @@ class TokenManager:
         config_path: Path | None = None,
         client: TokenClient | None = None,
         resources: tuple[Resource, ...] | None = None,
+        login_mailbox: str | None = None,
+        cache_setting: str = "oauth.token_cache",
     ) -> None:
+        """``login_mailbox``: a route's mailbox (not upstream.mailbox), named in the
+        sign-in command this manager advises (``--mailbox``); ``cache_setting``: the
+        key that names its cache in errors (a route's: ``routes[N].token_cache``)."""
+        self.cache_setting = cache_setting
         self.oauth = settings.oauth
         self.mailbox = settings.upstream.mailbox
         self.metrics = metrics
@@ -88,6 +94,8 @@ class TokenManager:
         self.store = TokenStore(self.oauth.token_cache)
         self.client = client or TokenClient(self.oauth, self.mailbox, self.store)
         self.login_command = f"relayd auth login -c {config_path or settings.source}"
+        if login_mailbox:
+            self.login_command += f" --mailbox {login_mailbox}"
         chosen = resources or resources_for(settings) or (smtp_resource(settings),)
         self.slots = {resource.name: ResourceTokens(self, resource) for resource in chosen}
         self._lead = next(iter(self.slots.values()))
@@ -155,10 +163,10 @@ class TokenManager:
         in the background nor write the daemon's auth state file."""
         problem = exposure(self.store.cache_path)
         if problem:
-            raise ConfigError(self._source, "oauth.token_cache", f"refusing to start: {problem}")
+            raise ConfigError(self._source, self.cache_setting, f"refusing to start: {problem}")
         problem = self.store.directory_exposure()
         if problem:
-            raise ConfigError(self._source, "oauth.token_cache", problem)
+            raise ConfigError(self._source, self.cache_setting, problem)
         views = await self._in_thread(self._reload)
         previous = await asyncio.to_thread(self.store.read_state) or {}
         self._adopt(views, startup=True)

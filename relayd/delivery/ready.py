@@ -25,7 +25,7 @@ import heapq
 import math
 import time
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from relayd.queue.spool import Spool
 
@@ -117,8 +117,9 @@ class ReadyQueue:
 class ReadySource:
     """The ready lanes and the scans that fill them; the scheduler asks ``next``."""
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, owns: Callable[[str, str], bool] | None = None) -> None:
         self.spool = spool
+        self.owns = owns  # a route's: (id, state) → whether its scheduler takes it
         self.lanes = ReadyQueue(READY_LIMIT, SCAN_BATCH)
         self._scan_due_at = 0.0  # monotonic; 0 = scan as soon as the new-mail lane is empty
         self._last_scan = -MIN_SCAN_GAP
@@ -179,7 +180,7 @@ class ReadySource:
         self._finished_during_scan = set()
         try:
             incoming, retries, next_deferred = await asyncio.to_thread(
-                find_due, self.spool, exclude, batch, retry_batch
+                find_due, self.spool, exclude, batch, retry_batch, self.owns
             )
         finally:
             finished, self._finished_during_scan = self._finished_during_scan, None
@@ -196,21 +197,28 @@ class ReadySource:
 
 
 def find_due(
-    spool: Spool, exclude: set[str], batch: int, retry_batch: int
+    spool: Spool,
+    exclude: set[str],
+    batch: int,
+    retry_batch: int,
+    owns: Callable[[str, str], bool] | None = None,
 ) -> tuple[list[str], list[str], float | None]:
     """In a thread: up to ``batch`` new ids (oldest first), up to ``retry_batch`` due
     retries (in the order they came due), and when the next deferred message not
-    among them is due."""
+    among them is due; with ``owns``, only the ids one route's scheduler takes."""
     now = time.time()
     deferred = [
         (entry.next_attempt, entry.queue_id)
         for entry in spool.entries(("deferred",))
-        if entry.queue_id not in exclude and entry.next_attempt is not None
+        if entry.queue_id not in exclude
+        and entry.next_attempt is not None
+        and (owns is None or owns(entry.queue_id, "deferred"))
     ]
     due = heapq.nsmallest(retry_batch, (item for item in deferred if item[0] <= now))
     taken = {queue_id for _, queue_id in due}
     upcoming = min((at for at, queue_id in deferred if queue_id not in taken), default=None)
     incoming: list[str] = []
     if batch > 0:  # every deferred id excluded: due() then lists incoming/ only
-        incoming = spool.due(now, batch, exclude | {queue_id for _, queue_id in deferred})
+        excluded = exclude | {queue_id for _, queue_id in deferred}
+        incoming = spool.due(now, batch, excluded, owns)
     return incoming, [queue_id for _, queue_id in due], upcoming

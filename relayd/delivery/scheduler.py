@@ -67,21 +67,31 @@ class Scheduler:
         metrics: Metrics,
         *,
         rng: random.Random | None = None,
+        owns: Callable[[str, str], bool] | None = None,
+        on_new_message: Callable[[str], None] | None = None,
+        mailbox: str | None = None,
     ) -> None:
+        """``owns``, ``on_new_message`` and ``mailbox`` are for one route of several
+        (``relayd.delivery.routing``): which queued ids are this route's, where a DSN
+        it queues is announced (the route of the DSN's null sender), and the route's
+        name in log lines."""
         self.spool = spool
         self.transport = transport
         self.metrics = metrics
+        self.mailbox = mailbox
+        self._log = log.bind(mailbox=mailbox) if mailbox else log
         self._rng = rng or random.Random()  # noqa: S311 (retry jitter, not a secret)
         upstream = settings.upstream
         self.budget = SendingBudget(upstream.rate_limit_per_minute, upstream.daily_recipient_limit)
         self.rate, self.daily = self.budget.rate, self.budget.daily
         self._fqdn = settings.hostname  # resolved once: getfqdn() may block on DNS
         reporter = self._dsn_reporter(settings)
-        self.recorder = OutcomeRecorder(spool, metrics, self.notify, reporter)
+        announce = on_new_message or self.notify
+        self.recorder = OutcomeRecorder(spool, metrics, announce, reporter)
         self._apply_settings(settings)
         self._active: dict[str, asyncio.Task] = {}
         self._settling: set[asyncio.Task] = set()
-        self._ready = ReadySource(spool)  # the ids to take next, bounded and fair
+        self._ready = ReadySource(spool, owns)  # the ids to take next, bounded and fair
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.claims = Claims(spool, lambda: self.policy)
@@ -108,6 +118,11 @@ class Scheduler:
         # Twice the transport's concurrency: the next message is read from disk while
         # the previous one is still on the wire.
         return max(1, self.transport.concurrency) * 2
+
+    @property
+    def paused(self) -> str | None:
+        """Why no delivery starts now (a PAUSE_REASONS value), None while they do."""
+        return self._paused
 
     @property
     def active_count(self) -> int:
@@ -367,9 +382,9 @@ class Scheduler:
         if reason == self._paused:
             return
         if reason is None:
-            log.info("deliveries resumed", after=self._paused)
+            self._log.info("deliveries resumed", after=self._paused)
         else:
-            log.warning("deliveries paused", reason=reason, detail=detail)
+            self._log.warning("deliveries paused", reason=reason, detail=detail)
         self._paused = reason
         if self.on_pause is not None:
             self.on_pause(reason, detail)

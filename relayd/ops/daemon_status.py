@@ -66,7 +66,22 @@ class StatusFile:
         self._task: asyncio.Task | None = None
 
     def update(self, reason: str | None, detail: str, advice: str | None = None) -> None:
+        """The default mailbox's deliveries (the top of the file, as with one mailbox)."""
+        mailboxes = self._document.get("mailboxes")
         self._document = _document(reason, detail, advice)
+        if mailboxes is not None:
+            self._document["mailboxes"] = mailboxes
+        self._dirty.set()
+
+    def update_mailbox(
+        self, mailbox: str, reason: str | None, detail: str, advice: str | None = None
+    ) -> None:
+        """One route's deliveries, under ``mailboxes`` (a relay with routes)."""
+        mailboxes = dict(self._document.get("mailboxes") or {})
+        entry = _document(reason, detail, advice)
+        del entry["pid"]
+        mailboxes[mailbox] = entry
+        self._document = {**self._document, "mailboxes": mailboxes}
         self._dirty.set()
 
     def start(self) -> None:

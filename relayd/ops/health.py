@@ -102,6 +102,11 @@ def readiness_report(relay: RelayState) -> tuple[bool, dict[str, Any]]:
         "circuit": None if circuit_open is None else ("open" if circuit_open else "closed"),
         "queue": None,
     }
+    mailboxes = getattr(relay, "mailbox_report", None)
+    if callable(mailboxes):
+        report = mailboxes()
+        if report:  # a relay with routes: every mailbox's auth state and circuit
+            body["mailboxes"] = report
     if relay.phase in ("ready", "stopping"):
         census = relay.spool.census()
         body["queue"] = {

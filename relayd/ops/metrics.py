@@ -7,6 +7,7 @@ classes): never an address, a message id or anything a client can choose.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,6 +24,32 @@ from relayd.ops.auth_states import AUTH_STATES as TOKEN_STATES
 from relayd.ops.auth_states import NOT_USED
 
 AUTH_STATES = (*TOKEN_STATES, NOT_USED)
+MAILBOX_LABEL = "mailbox"  # relayd.config.Settings.default_mailbox or a route's mailbox
+# The metrics about one upstream mailbox: labelled by it in a relay with routes.
+PER_MAILBOX = (
+    "messages_delivered",
+    "recipients_delivered",
+    "messages_deferred",
+    "messages_failed",
+    "dsn_sent",
+    "delivery_duration",
+    "upstream_ambiguous",
+    "deliveries_paused",
+    "upstream_connections",
+    "upstream_replies",
+    "upstream_circuit_open",
+    "rate_limit_tokens",
+    "daily_recipients_used",
+    "auth_healthy",
+    "auth_state",
+    "access_token_expiry",
+    "refresh_token_rotated",
+    "token_refresh",
+    "messages_held",
+    "graph_responses",
+    "upstream_transport",
+    "transport_switches",
+)
 HEALTHY_AUTH_STATES = ("ok", "refreshing", NOT_USED)
 
 # Fixed label values. Anything else is folded into "other".
@@ -49,11 +76,62 @@ DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 SIZE_BUCKETS = tuple(2**n for n in range(10, 27, 2))  # 1 KiB … 64 MiB
 
 
-class Metrics:
-    """Holds the metric objects. Create one per process (or per test) with a registry."""
+class Recording:
+    """How the metrics are told things; shared by ``Metrics`` and a mailbox's view."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True):
+    messages_rejected: Any
+    upstream_replies: Any
+    graph_responses: Any
+    upstream_transport: Any
+    auth_state: Any
+    auth_healthy: Any
+
+    def reject(self, reason: str) -> None:
+        self.messages_rejected.labels(reason if reason in REJECT_REASONS else "other").inc()
+
+    def upstream_reply(self, code: int, message: str) -> None:
+        self.upstream_replies.labels(enhanced_code_class(code, message)).inc()
+
+    def graph_response(self, status: int | None) -> None:
+        self.graph_responses.labels(graph_status_label(status)).inc()
+
+    def using_transport(self, name: str) -> None:
+        for known in ("smtp", "graph"):
+            self.upstream_transport.labels(known).set(1 if known == name else 0)
+
+    def set_auth_state(self, state: str) -> None:
+        for known in AUTH_STATES:
+            self.auth_state.labels(known).set(1 if known == state else 0)
+        self.auth_healthy.set(1 if state in HEALTHY_AUTH_STATES else 0)
+
+    def _precreate(self) -> None:
+        """Series that exist before anything happens (alerts see 0, not nothing)."""
+        for reason in HELD_REASONS:
+            self.messages_held.labels(reason)  # type: ignore[attr-defined]
+        for destination in ("smtp", "graph"):
+            self.transport_switches.labels(destination)  # type: ignore[attr-defined]
+        self.set_auth_state("no_token")
+
+
+class Metrics(Recording):
+    """Holds the metric objects. Create one per process (or per test) with a registry.
+
+    ``per_mailbox`` (a relay with ``routes:``): the metrics about one upstream
+    mailbox (deliveries, pauses, replies, tokens, limits, connections, breaker) carry a
+    ``mailbox`` label, one value per configured route, and each route records through
+    ``for_mailbox(name)``. Without it they have no such label, as with one mailbox.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        process: bool = True,
+        per_mailbox: bool = False,
+    ):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.per_mailbox = per_mailbox
+        self._views: dict[str, MailboxMetrics] = {}
         r = self.registry
         if process:
             ProcessCollector(registry=r)
@@ -89,68 +167,83 @@ class Metrics:
         self.messages_delivered = Counter(
             "relayd_messages_delivered",
             "Messages delivered to every recipient, each counted once, when it is done",
+            labelnames=self._mailbox_labels(),
             registry=r,
         )
         self.recipients_delivered = Counter(
             "relayd_recipients_delivered",
             "Recipients the upstream accepted a message for, each counted once",
+            labelnames=self._mailbox_labels(),
             registry=r,
         )
         self.messages_deferred = Counter(
             "relayd_messages_deferred",
             "Delivery attempts deferred, by reason",
-            ["reason"],
+            self._mailbox_labels("reason"),
             registry=r,
         )
         self.messages_failed = Counter(
             "relayd_messages_failed",
             "Messages failed permanently, by reason",
-            ["reason"],
+            self._mailbox_labels("reason"),
             registry=r,
         )
         self.dsn_sent = Counter(
-            "relayd_dsn_sent", "Delivery status notifications queued to senders", registry=r
+            "relayd_dsn_sent",
+            "Delivery status notifications queued to senders",
+            labelnames=self._mailbox_labels(),
+            registry=r,
         )
         self.delivery_duration = Histogram(
             "relayd_delivery_duration_seconds",
             "Upstream SMTP transaction time per message",
             buckets=DELIVERY_BUCKETS,
+            labelnames=self._mailbox_labels(),
             registry=r,
         )
         self.upstream_ambiguous = Counter(
             "relayd_upstream_ambiguous",
             "Messages whose final reply never came (connection lost, timed out or"
             " unreadable after the final dot): they may have been delivered; sent again",
+            labelnames=self._mailbox_labels(),
             registry=r,
         )
         self.deliveries_paused = Gauge(
             "relayd_deliveries_paused",
             "1 for the reason no delivery starts now (throttled, connection, timeout, auth,"
             " daily_limit, quota, mailbox_full, account_restricted, tenant_blocked)",
-            ["reason"],
+            self._mailbox_labels("reason"),
             registry=r,
         )
         self.upstream_connections = Gauge(
-            "relayd_upstream_connections", "Open upstream SMTP connections", registry=r
+            "relayd_upstream_connections",
+            "Open upstream SMTP connections",
+            labelnames=self._mailbox_labels(),
+            registry=r,
         )
         self.upstream_replies = Counter(
             "relayd_upstream_replies",
             "Upstream replies by enhanced status code (e.g. 2.0.0, 4.3.2, 5.7.3)",
-            ["code"],
+            self._mailbox_labels("code"),
             registry=r,
         )
         self.upstream_circuit_open = Gauge(
             "relayd_upstream_circuit_open",
             "1 while deliveries are paused because the upstream throttles or is down",
+            labelnames=self._mailbox_labels(),
             registry=r,
         )
         self.rate_limit_tokens = Gauge(
             "relayd_rate_limit_tokens",
             "Messages that may be sent now under the rate limit",
+            labelnames=self._mailbox_labels(),
             registry=r,
         )
         self.daily_recipients_used = Gauge(
-            "relayd_daily_recipients_used", "Recipients sent in the last 24 hours", registry=r
+            "relayd_daily_recipients_used",
+            "Recipients sent in the last 24 hours",
+            labelnames=self._mailbox_labels(),
+            registry=r,
         )
 
         # Queue
@@ -169,23 +262,34 @@ class Metrics:
 
         # Tokens
         self.auth_healthy = Gauge(
-            "relayd_auth_healthy", "1 when a usable access token can be obtained", registry=r
+            "relayd_auth_healthy",
+            "1 when a usable access token can be obtained",
+            labelnames=self._mailbox_labels(),
+            registry=r,
         )
         self.auth_state = Gauge(
-            "relayd_auth_state", "1 for the current auth state", ["state"], registry=r
+            "relayd_auth_state",
+            "1 for the current auth state",
+            self._mailbox_labels("state"),
+            registry=r,
         )
         self.access_token_expiry = Gauge(
             "relayd_access_token_expiry_timestamp_seconds",
             "Unix time the cached access token expires",
+            labelnames=self._mailbox_labels(),
             registry=r,
         )
         self.refresh_token_rotated = Gauge(
             "relayd_refresh_token_last_rotated_timestamp_seconds",
             "Unix time the refresh token was last redeemed and replaced",
+            labelnames=self._mailbox_labels(),
             registry=r,
         )
         self.token_refresh = Counter(
-            "relayd_token_refresh", "Token refresh attempts by result", ["result"], registry=r
+            "relayd_token_refresh",
+            "Token refresh attempts by result",
+            self._mailbox_labels("result"),
+            registry=r,
         )
 
         # Microsoft Graph (upstream.transport graph or auto)
@@ -193,55 +297,74 @@ class Metrics:
             "relayd_messages_held",
             "Messages moved to hold/ for an operator, by reason (too_big: over Graph's"
             " request limit with no other way to send it)",
-            ["reason"],
+            self._mailbox_labels("reason"),
             registry=r,
         )
         self.graph_responses = Counter(
             "relayd_graph_responses",
             "Microsoft Graph HTTP answers by status (error: no answer)",
-            ["status"],
+            self._mailbox_labels("status"),
             registry=r,
         )
         self.upstream_transport = Gauge(
             "relayd_upstream_transport",
             "1 for the way mail leaves now (smtp or graph; auto moves between them)",
-            ["transport"],
+            self._mailbox_labels("transport"),
             registry=r,
         )
         self.transport_switches = Counter(
             "relayd_upstream_transport_switches",
             "Moves of upstream.transport auto between SMTP and Graph, by destination",
-            ["to"],
+            self._mailbox_labels("to"),
             registry=r,
         )
-        for reason in HELD_REASONS:
-            self.messages_held.labels(reason)
-        for destination in ("smtp", "graph"):
-            self.transport_switches.labels(destination)
-
         for state in QUEUE_STATES:
             self.queue_messages.labels(state)
         for reason in REJECT_REASONS:
             self.messages_rejected.labels(reason)
-        self.set_auth_state("no_token")
+        if not per_mailbox:
+            self._precreate()
 
-    def reject(self, reason: str) -> None:
-        self.messages_rejected.labels(reason if reason in REJECT_REASONS else "other").inc()
+    def _mailbox_labels(self, *names: str) -> list[str]:
+        return [*names, MAILBOX_LABEL] if self.per_mailbox else list(names)
 
-    def upstream_reply(self, code: int, message: str) -> None:
-        self.upstream_replies.labels(enhanced_code_class(code, message)).inc()
+    def for_mailbox(self, mailbox: str) -> Metrics | MailboxMetrics:
+        """What one route records through: its view (``mailbox`` label set to its
+        name), or these metrics themselves when they are not per mailbox."""
+        if not self.per_mailbox:
+            return self
+        if mailbox not in self._views:
+            self._views[mailbox] = MailboxMetrics(self, mailbox)
+        return self._views[mailbox]
 
-    def graph_response(self, status: int | None) -> None:
-        self.graph_responses.labels(graph_status_label(status)).inc()
 
-    def using_transport(self, name: str) -> None:
-        for known in ("smtp", "graph"):
-            self.upstream_transport.labels(known).set(1 if known == name else 0)
+class _Bound:
+    """One per-mailbox metric with its ``mailbox`` label filled in: ``labels(...)``
+    takes the other labels, as the metric without the mailbox label would."""
 
-    def set_auth_state(self, state: str) -> None:
-        for known in AUTH_STATES:
-            self.auth_state.labels(known).set(1 if known == state else 0)
-        self.auth_healthy.set(1 if state in HEALTHY_AUTH_STATES else 0)
+    def __init__(self, metric: Any, mailbox: str) -> None:
+        self._metric, self._mailbox = metric, mailbox
+
+    def labels(self, *values: str) -> Any:
+        return self._metric.labels(*values, self._mailbox)
+
+    def __getattr__(self, name: str) -> Any:  # inc, set, observe of an unlabelled one
+        return getattr(self._metric.labels(self._mailbox), name)
+
+
+class MailboxMetrics(Recording):
+    """One route's metrics: the per-mailbox ones bound to its name, the rest shared."""
+
+    def __init__(self, metrics: Metrics, mailbox: str) -> None:
+        self._metrics = metrics
+        self.mailbox = mailbox
+        self.registry = metrics.registry
+        for name in PER_MAILBOX:
+            setattr(self, name, _Bound(getattr(metrics, name), mailbox))
+        self._precreate()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._metrics, name)
 
 
 # Graph's answers that mean something to relayd; any other is counted by its class.

@@ -5,14 +5,16 @@ for every new session or delivery, so a reload applies them without dropping a
 connection or touching the queue. Settings that name a socket, a directory, the
 upstream account or the token client are bound at start-up: changing them live would
 orphan the queue or the token cache, so a reload keeps the running value and says
-that a restart is needed.
+that a restart is needed. Routes likewise: their limits and ``send_as`` change live;
+a change to which routes exist, their senders, token caches or transports needs a
+restart (the whole ``routes`` list is kept then).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from relayd.config import SECTIONS, Settings
+from relayd.config import SECTIONS, RouteSettings, Settings
 
 EVERY_KEY = "*"
 
@@ -56,4 +58,14 @@ def merge_reload(running: Settings, loaded: Settings) -> tuple[Settings, list[st
         }
         kept += [f"{name}.{key}" for key in running_values]
         sections[name] = dataclasses.replace(new, **running_values)
-    return dataclasses.replace(loaded, **sections), kept
+    routes = loaded.routes
+    if _route_shape(running.routes) != _route_shape(loaded.routes):
+        routes = running.routes
+        kept.append("routes")
+    return dataclasses.replace(loaded, **sections, routes=routes), kept
+
+
+def _route_shape(routes: tuple[RouteSettings, ...]) -> list[tuple]:
+    """What a running relay built from its routes: a scheduler, tokens and a transport
+    each, and the sender patterns that choose between them."""
+    return [(route.key, route.senders, route.token_cache, route.transport) for route in routes]

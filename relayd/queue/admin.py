@@ -11,6 +11,7 @@ selection (``--all``, ``--state``, ``--sender``, ``--recipient``, ``--older-than
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -21,16 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from relayd import headers
+from relayd import config, headers
 from relayd.config import Settings
 from relayd.ops.pidfile import PID_FILE_NAME, signal_daemon
 from relayd.queue import listing as show_as
 from relayd.queue import shape as qshape
 from relayd.queue.listing import Listing, human_age, human_size
-from relayd.queue.model import PENDING_STATES, STATES, NotFound, SpoolError
+from relayd.queue.model import PENDING_STATES, STATES, NotFound, QueueEntry, SpoolError
 from relayd.queue.select import Filters, expand_ids
 from relayd.queue.spool import Spool
-from relayd.queue.why import deliveries_note
+from relayd.queue.why import deliveries_note, route_notes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # What each change applies to when only --all or filters say which messages.
@@ -77,7 +78,7 @@ class Target:
         if bool(self.ids) == selection:
             raise AdminError(
                 "give message IDs (or - to read them from standard input), or select"
-                " messages with --all, --state, --sender, --recipient, --older-than",
+                " messages with --all, --state, --sender, --recipient, --older-than, --mailbox",
                 EXIT_USAGE,
             )
 
@@ -115,9 +116,32 @@ class QueueAdmin:
     def listings(self, filters: Filters | None = None) -> list[Listing]:
         filters = filters or Filters()
         now = time.time()
+        mailbox_of = self._mailbox_of(filters)
         entries = sorted(self.spool.entries(filters.states_or(STATES)), key=lambda e: e.queue_id)
-        found = (Listing(entry, *self.spool.peek(entry)) for entry in entries)
-        return [item for item in found if filters.matches(item.entry, item.envelope, now)]
+        found = (self._listing(entry, mailbox_of) for entry in entries)
+        return [
+            item for item in found if filters.matches(item.entry, item.envelope, now, mailbox_of)
+        ]
+
+    def _listing(self, entry: QueueEntry, mailbox_of: Callable[[str], str] | None) -> Listing:
+        envelope, state = self.spool.peek(entry)
+        routed = mailbox_of(envelope.sender) if mailbox_of and envelope else None
+        return Listing(entry, envelope, state, routed)
+
+    def _mailbox_of(self, filters: Filters) -> Callable[[str], str] | None:
+        """Sender → the mailbox it leaves as, when the relay has routes (or --mailbox)."""
+        settings = self.settings
+        if settings is None or not (settings.routes or filters.mailbox):
+            return None
+        if filters.mailbox is not None:
+            known = config.mailbox_settings(settings)
+            if filters.mailbox.strip().lower() not in known:
+                raise AdminError(
+                    f"--mailbox {filters.mailbox}: not a mailbox of {settings.source}"
+                    f" (the mailboxes: {', '.join(known)})",
+                    EXIT_USAGE,
+                )
+        return lambda sender: config.mailbox_for_sender(settings, sender)
 
     def list(self, *, as_json: bool = False, filters: Filters | None = None) -> int:
         now = time.time()
@@ -126,8 +150,12 @@ class QueueAdmin:
             json.dump([item.as_json(now) for item in listings], self.out, indent=2)
             self.out.write("\n")
             return EXIT_OK
+        routed = self.settings is not None and bool(self.settings.routes)
         if listings:
-            self._print(f"{'Queue ID':<19}  {'State':<8}  {'Age':>5}  {'Size':>6}  Tries  Sender")
+            mailbox = f"{'Mailbox':<24}  " if routed else ""
+            self._print(
+                f"{'Queue ID':<19}  {'State':<8}  {'Age':>5}  {'Size':>6}  Tries  {mailbox}Sender"
+            )
         for item in listings:
             self._print_listing(item, now)
         self._print(show_as.summary(listings))
@@ -152,6 +180,9 @@ class QueueAdmin:
         ]
         if delivery.requeued_at:
             lines.insert(3, ("Requeued", f"{show_as.iso_time(delivery.requeued_at)} (retry)"))
+        if self.settings is not None and self.settings.routes:  # the route it leaves by
+            mailbox = config.mailbox_for_sender(self.settings, envelope.sender)
+            lines.insert(lines.index(("Sender", f"<{envelope.sender}>")) + 1, ("Mailbox", mailbox))
         for label, value in lines:
             self._print(f"{label + ':':<12} {value}")
         for recipient, outcome in show_as.recipient_outcomes(envelope, delivery):
@@ -171,7 +202,7 @@ class QueueAdmin:
     def shape(self, *, filters: Filters | None = None, by_sender: bool = False) -> int:
         filters = filters or Filters()
         if not filters.states:
-            filters = Filters(PENDING_STATES, filters.sender, filters.recipient, filters.older_than)
+            filters = dataclasses.replace(filters, states=PENDING_STATES)
         items = []
         for item in self.listings(filters):
             state = item.state
@@ -245,7 +276,7 @@ class QueueAdmin:
             return expand_ids(target.ids, self.stdin)
         filters = target.filters
         if not filters.states:
-            filters = Filters(tuple(states), filters.sender, filters.recipient, filters.older_than)
+            filters = dataclasses.replace(filters, states=tuple(states))
         return [item.entry.queue_id for item in self.listings(filters)]
 
     def _each(
@@ -329,6 +360,8 @@ class QueueAdmin:
         note = deliveries_note(self.settings, self.spool.directory)
         if note:
             self._print(prefix + note)
+        for route_note in route_notes(self.settings, self.spool.directory):
+            self._print(prefix + route_note)
 
     def _print_listing(self, item: Listing, now: float) -> None:
         entry, envelope = item.entry, item.envelope
@@ -337,6 +370,8 @@ class QueueAdmin:
         else:
             count = len(envelope.recipients)
             who = f"<{envelope.sender}> -> {count} recipient{'s' if count != 1 else ''}"
+        if item.mailbox is not None:
+            who = f"{item.mailbox:<24}  {who}"
         self._print(
             f"{entry.queue_id:<19}  {entry.state:<8}  {human_age(now - entry.received_at):>5}"
             f"  {human_size(entry.size):>6}  {item.state.attempts:>5}  {who}"

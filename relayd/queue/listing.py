@@ -22,10 +22,11 @@ class Listing:
     entry: QueueEntry
     envelope: Envelope | None
     state: DeliveryState
+    mailbox: str | None = None  # the route it leaves by (a relay with routes)
 
     def as_json(self, now: float) -> dict:
         envelope = self.envelope
-        return {
+        shown = {
             "id": self.entry.queue_id,
             "state": self.entry.state,
             "age": round(now - self.entry.received_at, 3),
@@ -37,6 +38,9 @@ class Listing:
             "last_error": self.state.last_error or None,
             "next_attempt": iso_time(self.entry.next_attempt),
         }
+        if self.mailbox is not None:
+            shown["mailbox"] = self.mailbox
+        return shown
 
 
 def iso_time(timestamp: float | None) -> str | None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from relayd.ops.files import NotRegular, open_regular, read_regular
-from relayd.queue.fileformat import decode_header
+from relayd.queue.fileformat import decode_header, envelope_from_header
 from relayd.queue.model import CorruptMessage, DeliveryState, QueuedMessage
 
 HEADER_LIMIT = 1_000_000  # bytes of the first line (the envelope) read at most
@@ -73,3 +73,12 @@ def read_state(path: Path) -> DeliveryState:
     if not isinstance(document, dict):
         raise ValueError("not a JSON object")
     return DeliveryState.from_json(document)
+
+
+def read_sender(path: Path, queue_id: str) -> str | None:
+    """The envelope sender, from the file's first line only; None when unreadable."""
+    try:
+        header = json.loads(read_header_line(path))
+        return envelope_from_header(header, queue_id).sender
+    except (OSError, ValueError, CorruptMessage):
+        return None

@@ -4,7 +4,7 @@ input, as with `postsuper -d -`), or every message that matches --state, --sende
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -21,21 +21,31 @@ class Filters:
     sender: str | None = None
     recipient: str | None = None
     older_than: float | None = None  # seconds since arrival
+    # The route a message leaves by (its envelope sender decides: relayd.config.routes).
+    mailbox: str | None = None
 
     @property
     def given(self) -> bool:
         return bool(self.states) or any(
-            value is not None for value in (self.sender, self.recipient, self.older_than)
+            value is not None
+            for value in (self.sender, self.recipient, self.older_than, self.mailbox)
         )
 
     @property
     def needs_envelope(self) -> bool:
-        return self.sender is not None or self.recipient is not None
+        return any(value is not None for value in (self.sender, self.recipient, self.mailbox))
 
     def states_or(self, default: Iterable[str]) -> tuple[str, ...]:
         return self.states or tuple(default)
 
-    def matches(self, entry: QueueEntry, envelope: Envelope | None, now: float) -> bool:
+    def matches(
+        self,
+        entry: QueueEntry,
+        envelope: Envelope | None,
+        now: float,
+        mailbox_of: Callable[[str], str] | None = None,
+    ) -> bool:
+        """``mailbox_of``: envelope sender → the mailbox it leaves as (for ``mailbox``)."""
         if self.states and entry.state not in self.states:
             return False
         if self.older_than is not None and now - entry.received_at <= self.older_than:
@@ -46,6 +56,10 @@ class Filters:
             return False
         if self.sender is not None and not address_matches(self.sender, envelope.sender):
             return False
+        if self.mailbox is not None:
+            leaves_as = mailbox_of(envelope.sender) if mailbox_of else None
+            if leaves_as is None or leaves_as != self.mailbox.strip().lower():
+                return False
         return self.recipient is None or any(
             address_matches(self.recipient, recipient) for recipient in envelope.recipients
         )

@@ -35,7 +35,7 @@ import heapq
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -62,7 +62,7 @@ from relayd.queue.model import (
     requeued,
 )
 from relayd.queue.moves import DEFERRED, DELIVERED, FAILED, RELEASED, Move, Mover
-from relayd.queue.reading import read_header_line, read_message, read_state
+from relayd.queue.reading import read_header_line, read_message, read_sender, read_state
 
 log = structlog.get_logger("relayd.spool")
 
@@ -129,17 +129,26 @@ class Spool:
 
     # --- delivery ----------------------------------------------------------------
 
-    def due(self, now: float, limit: int, exclude: set[str] | None = None) -> list[str]:
+    def due(
+        self,
+        now: float,
+        limit: int,
+        exclude: set[str] | None = None,
+        owns: Callable[[str, str], bool] | None = None,
+    ) -> list[str]:
         """Up to ``limit`` ids ready for delivery: incoming first (oldest first), then
-        deferred messages whose next attempt (mtime) has come."""
+        deferred ones now due (mtime); with ``owns`` (id, state), a route's ids only."""
         exclude = exclude or set()
+        names = (n for n in self._names("incoming") if n not in exclude)
+        if owns is not None:
+            names = (n for n in names if owns(n, "incoming"))
         # nsmallest, not a full sort: a scan of 100,000 queued takes about half as long.
-        found = heapq.nsmallest(limit, (n for n in self._names("incoming") if n not in exclude))
+        found = heapq.nsmallest(limit, names)
         if len(found) < limit:
             ready = (
                 (mtime, name)
                 for mtime, name in self._mtimes("deferred")
-                if name not in exclude and mtime <= now
+                if name not in exclude and mtime <= now and (owns is None or owns(name, "deferred"))
             )
             found += [name for _, name in heapq.nsmallest(limit - len(found), ready)]
         return found
@@ -243,6 +252,10 @@ class Spool:
         except OSError:
             state = DeliveryState()
         return envelope, state
+
+    def sender(self, state: str, queue_id: str) -> str | None:
+        """The envelope sender (routes: which mailbox it leaves as); None: unreadable."""
+        return read_sender(self.path(state, queue_id), queue_id)
 
     def find(self, queue_id: str) -> tuple[str, QueuedMessage]:
         """The state and parsed message for an id, wherever it is."""

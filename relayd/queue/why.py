@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from relayd import config
 from relayd.config import Settings
 from relayd.ops.daemon_status import read_status
 from relayd.ops.pidfile import PID_FILE_NAME, running_daemon
@@ -39,6 +40,29 @@ def deliveries_note(
     since = float(status.get("since") or now)
     head = f"deliveries are paused ({status.get('reason')}) since {human_age(now - since)} ago"
     return f"{head}: {explain(status, settings, _auth_state(settings, pid))}"
+
+
+def route_notes(settings: Settings, spool_directory: Path, now: float | None = None) -> list[str]:
+    """One sentence per route (not the default mailbox) whose deliveries are paused."""
+    now = time.time() if now is None else now
+    pid = running_daemon(spool_directory / PID_FILE_NAME)
+    status = read_status(spool_directory) if pid is not None else None
+    if not status or status.get("pid") != pid or not settings.routes:
+        return []
+    notes = []
+    for mailbox, entry in sorted((status.get("mailboxes") or {}).items()):
+        route = config.settings_for_mailbox(settings, mailbox)
+        if mailbox == settings.default_mailbox or route is None:
+            continue
+        if not isinstance(entry, dict) or entry.get("deliveries") != "paused":
+            continue
+        since = float(entry.get("since") or now)
+        head = (
+            f"{mailbox}: its deliveries are paused ({entry.get('reason')})"
+            f" since {human_age(now - since)} ago"
+        )
+        notes.append(f"{head}: {explain(entry, route, _auth_state(route, pid))}")
+    return notes
 
 
 def explain(status: dict[str, Any], settings: Settings, auth: dict[str, Any] | None) -> str:

@@ -39,6 +39,7 @@ class RelayHandler:
         *,
         hostname: str,
         on_queued: Callable[[str], None] = lambda queue_id: None,
+        on_queued_from: Callable[[str, str], None] | None = None,
         content_policy: Callable[[SpoolEnvelope, bytes], str | None] | None = None,
     ) -> None:
         self.settings = settings
@@ -46,6 +47,8 @@ class RelayHandler:
         self.metrics = metrics
         self.hostname = hostname
         self.on_queued = on_queued
+        # With the envelope sender too (routes: the sender chooses the mailbox).
+        self.on_queued_from = on_queued_from
         self.content_policy = content_policy
         self.sessions: set[RelaySMTP] = set()
         self.closing = False  # set at shutdown: finish transactions, start no new ones
@@ -144,7 +147,10 @@ class RelayHandler:
         if reply.startswith("250"):
             self.metrics.accept_duration.observe(time.perf_counter() - started)
             self._log_received(queue_id, spool_envelope, len(stored), message_id)
-            self.on_queued(queue_id)
+            if self.on_queued_from is not None:
+                self.on_queued_from(queue_id, spool_envelope.sender)
+            else:
+                self.on_queued(queue_id)
         return reply
 
     async def handle_exception(self, error: Exception) -> str:

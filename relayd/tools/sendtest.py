@@ -24,9 +24,12 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import TextIO
 
+from relayd import config as relayd_config
 from relayd.auth import tokens as auth
-from relayd.auth.signin import AuthCommands, when
+from relayd.auth.mailboxes import commands_for
+from relayd.auth.signin import when
 from relayd.config import ListenSettings, Settings
+from relayd.config.routes import route_for
 from relayd.delivery.policy import SenderPolicy
 from relayd.ops import logging as relay_logging
 from relayd.ops.metrics import Metrics
@@ -77,15 +80,21 @@ class SendTest:
         wait: float = 60.0,
         out: TextIO | None = None,
     ) -> None:
-        self.settings = settings
         self.config_path = config_path
         self.to = to
         self.hostname = settings.hostname
         self.sender = sender or settings.upstream.mailbox or f"relayd@{self.hostname}"
+        # With routes, the sender chooses the mailbox (its token cache, its limits).
+        self.route = route_for(settings.routes, self.sender)
+        self.all_settings = settings
+        self.settings = settings = relayd_config.settings_for_sender(settings, self.sender)
         self.wait = wait
         self.steps = Steps(out or sys.stdout)
         config = str(config_path) if config_path else settings.source
         upstream = settings.upstream
+        login = f"relayd auth login -c {config}"
+        if self.route is not None:
+            login += f" --mailbox {self.route.mailbox}"
         self.context = {
             "mailbox": upstream.mailbox or "(upstream.mailbox)",
             "sender": self.sender,
@@ -93,7 +102,7 @@ class SendTest:
             "port": upstream.port,
             "graph_url": upstream.graph_url,
             "config": config,
-            "login": f"relayd auth login -c {config}",
+            "login": login,
         }
 
     def message(self, route: str) -> bytes:
@@ -121,6 +130,9 @@ class SendTest:
     def through_relay(self) -> int:
         host, port = relay_address(self.settings.listen)
         self.steps.title(f"<{self.sender}> to <{self.to}> through the relay at {host}:{port}")
+        if self.all_settings.routes:
+            which = "a route" if self.route is not None else "no route: the default mailbox"
+            self.steps.step("route", f"leaves as {self.settings.upstream.mailbox} ({which})")
         blocked = self._daemon_auth_problem()
         queue_id = self._submit(host, port)
         if queue_id is None:
@@ -249,7 +261,9 @@ class SendTest:
         if self.settings.upstream.transport == "maildir" or self.config_path is None:
             return None
         try:
-            report = AuthCommands(self.settings, self.config_path).status_report()
+            report = commands_for(
+                self.all_settings, self.config_path, self.route and self.route.mailbox
+            ).status_report()
         except (OSError, ValueError) as error:  # e.g. the cache is the daemon user's
             self.steps.step("auth", f"cannot read the token cache: {error}")
             return None
@@ -271,7 +285,12 @@ class SendTest:
             )
             return EXIT_FAILED
         metrics = Metrics(process=False)
-        tokens = auth.TokenManager(self.settings, metrics, config_path=self.config_path)
+        tokens = auth.TokenManager(
+            self.settings,
+            metrics,
+            config_path=self.config_path,
+            login_mailbox=self.route.mailbox if self.route is not None else None,
+        )
         await tokens.load()
         if upstream.transport == "graph":
             return await self._through_graph(tokens, metrics)

@@ -93,10 +93,16 @@ ACCOUNT_EXPLANATIONS = {
         " sending domain as an accepted domain); mail waits in the queue until then"
     ),
 }
+# 554 5.2.252 SendAsDenied after DATA, or 550 5.7.60 "Client does not have permissions to
+# send as this sender" at MAIL FROM (a shared mailbox without Send As for the signed-in
+# one). A permission of the relay's own account, not the message's fault: the message
+# is deferred and never expires (relayd.delivery.outcome.NEVER_EXPIRE), never bounced;
+# the route's other mail keeps flowing, as it is only this sender that lacks the right.
 SEND_AS_EXPLANATION = (
     "Exchange refused the sender (SendAsDenied): the mailbox has no Send As right for "
-    "an address listed in upstream.send_as; grant the right or remove the address; "
-    "mail waits in the queue until then"
+    "an address listed in upstream.send_as (or its route's send_as); grant it "
+    "(Add-RecipientPermission -Identity <address> -Trustee <mailbox> -AccessRights "
+    "SendAs) or remove the address; mail waits in the queue until then"
 )
 
 

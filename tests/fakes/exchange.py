@@ -5,17 +5,24 @@ A real aiosmtpd server on loopback: STARTTLS with a trustme certificate, AUTH
 ``validator(user, token) -> bool``. It behaves like Exchange Online where relayd
 depends on it:
 
-* a connection beyond ``max_connections`` (3) gets ``432 4.3.2`` at AUTH;
-* a ``MAIL FROM`` or ``From:`` that is not the mailbox or a send-as address gets
-  ``554 5.2.252 SendAsDenied`` after DATA;
+* several mailboxes may sign in (``mailboxes=``, ``add_mailbox``), each with its own
+  Send As rights, connection count and message rate (tests/fakes/mailboxes.py);
+* a connection beyond ``max_connections`` (3) of one mailbox gets ``432 4.3.2`` at
+  AUTH (Exchange counts per mailbox);
+* a ``MAIL FROM`` or ``From:`` that is not the signed-in mailbox or an address it has
+  Send As on gets ``554 5.2.252 SendAsDenied`` after DATA (``send_as_check = "mail"``:
+  the older ``550 5.7.60`` at MAIL FROM instead);
+* ``mailboxes.rate_limit(mailbox, n, per)``: Exchange's messages per minute, scaled,
+  the excess delayed (or refused with ``mode="refuse"``);
 * ``fail(stage, reply)`` answers a stage (connect, auth, mail, rcpt, data) with any
   reply (451, 421, 432 4.3.2, 535 5.7.3, 535 5.7.139, ...), ``refuse_recipient``
   answers one address with a 5xx, ``drop(stage)`` / ``drop_every`` close the
   connection without a reply, ``reply_delay`` slows every reply, ``go_down`` /
   ``come_up`` stop and restart the listener.
 
-It records every accepted message (envelope and exact bytes), connection counts and
-the peak number of concurrent connections.
+It records every accepted message (envelope, exact bytes, the mailbox that signed in
+to send it, when), connection counts and the peak number of concurrent connections,
+overall and per mailbox.
 """
 
 from __future__ import annotations
@@ -25,17 +32,21 @@ import base64
 import contextlib
 import itertools
 import logging
-import ssl
+import time
 from dataclasses import dataclass, field
-from email.parser import BytesHeaderParser
-from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
-from tests.fakes.entra import CLIENT_ID, TENANT_ID
+from tests.fakes.mailboxes import Mailboxes
+from tests.fakes.wire import (
+    from_addresses,
+    parse_xoauth2,
+    relay_config,
+    server_tls_context,
+)
 
 HOSTNAME = "FAKE01.PROD.OUTLOOK.COM"
 MAILBOX = "relay@contoso.example"  # not @example.com: serve refuses the example's placeholder
@@ -51,6 +62,8 @@ AUTH_DISABLED = (
 TOO_MANY_CONNECTIONS = "432 4.3.2 Concurrent connections limit exceeded"
 SERVICE_UNAVAILABLE = "421 4.3.2 Service not available, closing transmission channel"
 TRY_LATER = "451 4.7.500 Server busy. Please try again later"
+# Exchange's older (and on-premises) wording, at MAIL FROM.
+SEND_AS_DENIED_AT_MAIL = "550 5.7.60 SMTP; Client does not have permissions to send as this sender"
 RECIPIENT_NOT_FOUND = (
     "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup"
 )
@@ -68,6 +81,8 @@ class ReceivedMessage:
     recipients: tuple[str, ...]
     content: bytes
     connection: int
+    mailbox: str = ""  # the XOAUTH2 user that delivered it
+    at: float = 0.0  # time.monotonic() when it was accepted
 
 
 @dataclass
@@ -87,18 +102,6 @@ class Stats:
     tokens_seen: list[str] = field(default_factory=list)
 
 
-_CERTIFICATES: dict[int, trustme.LeafCert] = {}
-
-
-def server_tls_context(ca: trustme.CA) -> ssl.SSLContext:
-    cert = _CERTIFICATES.get(id(ca))
-    if cert is None:
-        cert = _CERTIFICATES[id(ca)] = ca.issue_cert("127.0.0.1", "localhost", "::1")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(context)
-    return context
-
-
 class FakeExchange:
     """Start with ``await start()``; ``port`` is then the listening port."""
 
@@ -109,13 +112,19 @@ class FakeExchange:
         validator: Any,
         mailbox: str = MAILBOX,
         send_as: tuple[str, ...] = (),
+        mailboxes: tuple[str, ...] = (),
         host: str = "127.0.0.1",
         max_connections: int = 3,
     ) -> None:
+        """``mailbox`` (with Send As on ``send_as``) and ``mailboxes`` may sign in."""
         self.host = host
         self.port = 0
         self.mailbox = mailbox
-        self.send_as = {a.lower() for a in (mailbox, *send_as)}
+        self.mailboxes = Mailboxes(mailbox, send_as)
+        for other in mailboxes:
+            self.mailboxes.add(other)
+        self.send_as = self.mailboxes.send_as(mailbox)  # the default mailbox's, live
+        self.send_as_check = "data"  # or "mail": refuse at MAIL FROM (550 5.7.60)
         self.validator = validator
         self.max_connections = max_connections
         self.tls_context = server_tls_context(ca)
@@ -171,6 +180,26 @@ class FakeExchange:
         """Close the connection at ``stage`` without answering."""
         self.fail(stage, DROP, times)
 
+    def add_mailbox(self, mailbox: str, *send_as: str) -> None:
+        """Another account that may sign in, with Send As on ``send_as`` (shared mailboxes)."""
+        self.mailboxes.add(mailbox, *send_as)
+
+    def grant_send_as(self, mailbox: str, *addresses: str) -> None:
+        """Add-RecipientPermission -Identity ADDRESS -Trustee MAILBOX -AccessRights SendAs."""
+        self.mailboxes.grant_send_as(mailbox, *addresses)
+
+    def revoke_send_as(self, mailbox: str, *addresses: str) -> None:
+        self.mailboxes.revoke_send_as(mailbox, *addresses)
+
+    def disconnect(self, mailbox: str) -> int:
+        """Close every connection signed in as ``mailbox`` (a session revoked, a server
+        restarted): the next connection has to sign in again. Returns how many."""
+        sessions = [s for s in self._sessions if s.mailbox.lower() == mailbox.lower()]
+        for session in sessions:
+            if session.transport is not None:
+                session.transport.close()
+        return len(sessions)
+
     def refuse_recipient(self, address: str, reply: str = RECIPIENT_NOT_FOUND) -> None:
         self.refused_recipients[address.lower()] = reply
 
@@ -189,6 +218,14 @@ class FakeExchange:
 
     def received_by(self, address: str) -> list[ReceivedMessage]:
         return [m for m in self.messages if address in m.recipients]
+
+    def sent_through(self, mailbox: str) -> list[ReceivedMessage]:
+        """The messages the signed-in ``mailbox`` delivered."""
+        return [m for m in self.messages if m.mailbox.lower() == mailbox.lower()]
+
+    def peak_connections_of(self, mailbox: str) -> int:
+        """The most connections signed in as ``mailbox`` at once."""
+        return self.mailboxes.peak[mailbox.lower()]
 
     # --- internals ---------------------------------------------------------------------
 
@@ -213,18 +250,35 @@ class FakeExchange:
         self._sessions.discard(session)
         self.stats.connections_now -= 1
 
-    def permitted(self, address: str) -> bool:
-        return address.lower() in self.send_as
+    def permitted(self, address: str, mailbox: str | None = None) -> bool:
+        return self.mailboxes.may_send_as(mailbox or self.mailbox, address)
 
-    def record(self, envelope: Envelope, connection: int) -> str:
+    def send_as_denied(self, mailbox: str, sender: str) -> str:
+        self.mailboxes.send_as_refused[mailbox.lower()] += 1
+        if self.send_as_check == "mail":
+            return SEND_AS_DENIED_AT_MAIL
+        return (
+            f"554 5.2.252 SendAsDenied; {mailbox} not allowed to send as {sender};"
+            " STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied;"
+            f" Failed to process message due to a permanent exception [{HOSTNAME}]"
+        )
+
+    def record(
+        self, envelope: Envelope, connection: int, mailbox: str = "", at: float | None = None
+    ) -> str:
+        """Keep an accepted message; ``at``: when it counts as submitted (its rate slot)."""
+        at = time.monotonic() if at is None else at
         self.messages.append(
             ReceivedMessage(
                 mail_from=envelope.mail_from,
                 recipients=tuple(envelope.rcpt_tos),
                 content=envelope.original_content,
                 connection=connection,
+                mailbox=mailbox,
+                at=at,
             )
         )
+        self.mailboxes.accepted(mailbox or self.mailbox, at)
         return f"250 2.0.0 OK <{next(self._ids)}@{HOSTNAME}> [Hostname={HOSTNAME}]"
 
 
@@ -242,7 +296,7 @@ class _Handler:
         else:
             # aiosmtpd's challenge_auth returns the decoded client response.
             initial = base64.b64encode(await server.challenge_auth("", encode_to_b64=False))
-        user, token = _parse_xoauth2(initial)
+        user, token = parse_xoauth2(initial)
         if token:
             fake.stats.tokens_seen.append(token)
         override = fake.take("auth")
@@ -251,10 +305,12 @@ class _Handler:
             return AuthResult(success=False, handled=True)
         if override:
             return self._refuse(override)
-        if fake.stats.connections_now > fake.max_connections:
-            return self._refuse(TOO_MANY_CONNECTIONS)
-        if user != fake.mailbox or not fake.validator(user, token):
+        if not fake.mailboxes.knows(user) or not fake.validator(user, token):
             return self._refuse(BAD_TOKEN)
+        # Learn: "Up to three concurrent connections are allowed" per mailbox.
+        if fake.mailboxes.open[user.lower()] + 1 > fake.max_connections:
+            return self._refuse(TOO_MANY_CONNECTIONS)
+        server.signed_in(user)
         return AuthResult(success=True, auth_data=user, message=AUTH_OK)
 
     def _refuse(self, reply: str) -> AuthResult:
@@ -269,6 +325,9 @@ class _Handler:
         override = self.fake.take("mail")
         if override:
             return server.answer(override)
+        user = server.mailbox or self.fake.mailbox
+        if self.fake.send_as_check == "mail" and not self.fake.permitted(address, user):
+            return self.fake.send_as_denied(user, address)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Sender OK"
@@ -290,15 +349,18 @@ class _Handler:
             override = DROP
         if override:
             return server.answer(override)
-        senders = [envelope.mail_from or "", *_from_addresses(envelope.original_content or b"")]
-        denied = [s for s in senders if not fake.permitted(s)]
+        user = server.mailbox or fake.mailbox
+        senders = [envelope.mail_from or "", *from_addresses(envelope.original_content or b"")]
+        denied = [s for s in senders if not fake.permitted(s, user)]
         if denied:
-            return (
-                f"554 5.2.252 SendAsDenied; {fake.mailbox} not allowed to send as {denied[0]};"
-                " STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied;"
-                f" Failed to process message due to a permanent exception [{HOSTNAME}]"
-            )
-        return fake.record(envelope, server.number)
+            return fake.send_as_denied(user, denied[0])
+        arrived = time.monotonic()
+        admitted = fake.mailboxes.admit(user, arrived)
+        if isinstance(admitted, str):
+            return server.answer(admitted)
+        if admitted:
+            await asyncio.sleep(admitted)  # the excess is "carried over" (Learn)
+        return fake.record(envelope, server.number, user, arrived + admitted)
 
 
 class _ExchangeSMTP(SMTP):
@@ -318,8 +380,14 @@ class _ExchangeSMTP(SMTP):
         )
         self.fake = fake
         self.number = 0
+        self.mailbox = ""  # the XOAUTH2 user, once signed in
         self._counted = False
         self._dropped = False
+
+    def signed_in(self, mailbox: str) -> None:
+        if not self.mailbox:
+            self.mailbox = mailbox
+            self.fake.mailboxes.connected(mailbox)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -333,6 +401,9 @@ class _ExchangeSMTP(SMTP):
         if self._counted:
             self._counted = False
             self.fake.closed(self)
+        if self.mailbox:
+            self.fake.mailboxes.disconnected(self.mailbox)
+            self.mailbox = ""
 
     async def _handle_client(self) -> None:
         override = self.fake.take("connect")
@@ -372,35 +443,3 @@ class _ExchangeSMTP(SMTP):
         text = status if isinstance(status, str) else status.decode("utf-8", "replace")
         if text.startswith("421") and self.transport is not None:
             self.transport.close()  # RFC 5321 §3.8: 421 closes the channel
-
-
-def relay_config(host: str, port: int, mailbox: str, ca_file: Path, **upstream: Any) -> dict:
-    """Config overrides that point relayd at a fake upstream on ``host:port``."""
-    return {
-        "upstream": {
-            "transport": "smtp",
-            "host": host,
-            "port": port,
-            "tls": "starttls",
-            "mailbox": mailbox,
-            "ca_file": str(ca_file),
-            **upstream,
-        },
-        "oauth": {"tenant_id": TENANT_ID, "client_id": CLIENT_ID},
-    }
-
-
-def _parse_xoauth2(initial: str | bytes) -> tuple[str, str]:
-    """("user", "token") from base64("user=U\\x01auth=Bearer T\\x01\\x01")."""
-    try:
-        text = base64.b64decode(initial).decode("utf-8")
-    except (ValueError, UnicodeDecodeError):
-        return "", ""
-    fields = dict(part.split("=", 1) for part in text.split("\x01") if "=" in part)
-    token = fields.get("auth", "")
-    return fields.get("user", ""), token.removeprefix("Bearer ")
-
-
-def _from_addresses(content: bytes) -> list[str]:
-    header = BytesHeaderParser().parsebytes(content).get_all("From") or []
-    return [address for _, address in getaddresses([str(value) for value in header])]

@@ -7,7 +7,10 @@ relayd depends on it:
   Entra ID's ``token_grant``): a token for another resource (an SMTP.Send token) gets
   ``401 InvalidAuthenticationToken``; one without the permission an endpoint needs
   (Mail.Send to send, Mail.ReadWrite for drafts and attachments) ``403
-  ErrorAccessDenied``; a From: the mailbox may not use ``403 ErrorSendAsDenied``;
+  ErrorAccessDenied``; a From: the signed-in mailbox may not use ``403
+  ErrorSendAsDenied``; several mailboxes may sign in (``mailboxes=``, ``add_mailbox``),
+  each with its own Send As rights and message rate (tests/fakes/mailboxes.py: over
+  the rate a send is delayed, or refused ``429`` with ``mode="refuse"``);
 * ``POST /me/sendMail`` (base64 MIME) → 202; ``POST /me/messages`` → 201 draft;
   ``POST …/attachments``, ``…/attachments/createUploadSession`` and ``PUT`` to the
   upload URL (in order, ≤ 4 MiB each, ``Content-Range``, and refused with 401 when it
@@ -18,8 +21,8 @@ relayd depends on it:
   requests with any status and error code.
 
 It records every message sent (the MIME as decoded, its recipients as Graph reads
-them from the To, Cc and Bcc fields, its attachments), the requests per path, and the
-peak number of requests in flight at once.
+them from the To, Cc and Bcc fields, its attachments, the mailbox that sent it), the
+requests per path, and the peak number of requests in flight at once.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import trustme
 from aiohttp import web
 
 from tests.fakes.exchange import server_tls_context
+from tests.fakes.mailboxes import Mailboxes
 
 MAIL_SEND = "https://graph.microsoft.com/Mail.Send"
 MAIL_READ_WRITE = "https://graph.microsoft.com/Mail.ReadWrite"
@@ -62,6 +66,7 @@ class SentMessage:
     bcc: tuple[str, ...]
     attachments: tuple[tuple[str, str, bytes], ...] = ()  # (name, content type, bytes)
     via: str = "sendMail"  # or "draft"
+    mailbox: str = ""  # the signed-in user that sent it
 
     @property
     def recipients(self) -> tuple[str, ...]:
@@ -71,6 +76,7 @@ class SentMessage:
 @dataclass
 class _Draft:
     mime: bytes
+    mailbox: str
     attachments: list[tuple[str, str, bytes]] = field(default_factory=list)
 
 
@@ -87,11 +93,20 @@ class FakeGraph:
     """Start with ``await start()``; ``graph_url`` is then the value for upstream.graph_url."""
 
     def __init__(
-        self, ca: trustme.CA, *, grant: Grant, mailbox: str, send_as: tuple[str, ...] = ()
+        self,
+        ca: trustme.CA,
+        *,
+        grant: Grant,
+        mailbox: str,
+        send_as: tuple[str, ...] = (),
+        mailboxes: tuple[str, ...] = (),
     ) -> None:
         self.grant = grant
         self.mailbox = mailbox
-        self.send_as = {a.lower() for a in (mailbox, *send_as)}
+        self.mailboxes = Mailboxes(mailbox, send_as)
+        for other in mailboxes:
+            self.mailboxes.add(other)
+        self.send_as = self.mailboxes.send_as(mailbox)  # the default mailbox's, live
         self.tls_context = server_tls_context(ca)
         self.port = 0
         self.messages: list[SentMessage] = []
@@ -152,7 +167,16 @@ class FakeGraph:
         """The next ``times`` requests (whose path ends with ``path``) get this answer."""
         self._failures.extend([(status, code, message or code, path)] * times)
 
+    def add_mailbox(self, mailbox: str, *send_as: str) -> None:
+        self.mailboxes.add(mailbox, *send_as)
+
+    def grant_send_as(self, mailbox: str, *addresses: str) -> None:
+        self.mailboxes.grant_send_as(mailbox, *addresses)
+
     # --- what happened -----------------------------------------------------------------
+
+    def sent_through(self, mailbox: str) -> list[SentMessage]:
+        return [m for m in self.messages if m.mailbox.lower() == mailbox.lower()]
 
     def received_by(self, address: str) -> list[SentMessage]:
         return [m for m in self.messages if address.lower() in map(str.lower, m.recipients)]
@@ -190,12 +214,19 @@ class FakeGraph:
             return self._upload(request, path, body)
         if not path.startswith("/v1.0/me/"):
             return _error(404, "ResourceNotFound", f"no route {path}")
-        refused = self._check_token(request, path)
-        if refused is not None:
-            return refused
-        return self._route(request, path[len("/v1.0") :], body)
+        user = self._check_token(request, path)
+        if isinstance(user, web.Response):
+            return user
+        if request.method == "POST" and path.endswith(("/sendMail", "/send")):
+            admitted = self.mailboxes.admit(user, time.monotonic())
+            if isinstance(admitted, str):  # over the mailbox's rate, mode "refuse"
+                retry = {"Retry-After": "1"}
+                return _error(429, "ApplicationThrottled", "Too many requests", retry)
+            await asyncio.sleep(admitted)  # (the message counts at its slot, roughly now)
+        return self._route(request, path[len("/v1.0") :], body, user)
 
-    def _check_token(self, request: web.Request, path: str) -> web.Response | None:
+    def _check_token(self, request: web.Request, path: str) -> str | web.Response:
+        """The signed-in user, or the refusal."""
         header = request.headers.get("Authorization", "")
         grant = self.grant(header.removeprefix("Bearer ")) if header.startswith("Bearer ") else None
         if grant is None or grant[1] != GRAPH_RESOURCE:
@@ -205,23 +236,19 @@ class FakeGraph:
                 "Access token validation failure. Invalid audience.",
             )
         user, _, scopes = grant
-        if user.lower() != self.mailbox.lower():
-            return _error(
-                403, "ErrorAccessDenied", "Access is denied. Check credentials and try again."
-            )
         needed = MAIL_SEND if path.endswith(("/sendMail", "/send")) else MAIL_READ_WRITE
-        if needed not in scopes:
+        if not self.mailboxes.knows(user) or needed not in scopes:
             return _error(
                 403, "ErrorAccessDenied", "Access is denied. Check credentials and try again."
             )
-        return None
+        return user
 
-    def _route(self, request: web.Request, path: str, body: bytes) -> web.Response:
+    def _route(self, request: web.Request, path: str, body: bytes, user: str) -> web.Response:
         method = request.method
         if method == "POST" and path == "/me/sendMail":
-            return self._send_mail(body)
+            return self._send_mail(body, user)
         if method == "POST" and path == "/me/messages":
-            return self._create_draft(body)
+            return self._create_draft(body, user)
         match = re.fullmatch(r"/me/messages/([^/]+)(/.*)?", path)
         draft_id = match.group(1) if match else ""
         if draft_id not in self._drafts:
@@ -241,7 +268,7 @@ class FakeGraph:
             return self._create_upload_session(request, draft_id, body)
         return _error(405, "ErrorInvalidRequest", f"{method} {path}")
 
-    def _send_mail(self, body: bytes) -> web.Response:
+    def _send_mail(self, body: bytes, user: str) -> web.Response:
         mime = _mime(body)
         if mime is None:
             return _error(
@@ -249,16 +276,20 @@ class FakeGraph:
                 "ErrorMimeContentInvalidBase64String",
                 "Invalid base64 string for MIME content.",
             )
-        refused = self._check_sender(mime)
+        refused = self._check_sender(mime, user)
         if refused is not None:
             return refused
-        message = _message(mime, "sendMail")
+        message = _message(mime, "sendMail", user)
         if not message.recipients:
             return _error(400, "ErrorInvalidRecipients", "At least one recipient is not valid.")
-        self.messages.append(message)
+        self._sent(message)
         return web.Response(status=202)
 
-    def _create_draft(self, body: bytes) -> web.Response:
+    def _sent(self, message: SentMessage) -> None:
+        self.messages.append(message)
+        self.mailboxes.accepted(message.mailbox or self.mailbox, time.monotonic())
+
+    def _create_draft(self, body: bytes, user: str) -> web.Response:
         mime = _mime(body)
         if mime is None:
             return _error(
@@ -267,17 +298,17 @@ class FakeGraph:
                 "Invalid base64 string for MIME content.",
             )
         draft_id = f"AAMkAD{next(self._ids):06d}{secrets.token_urlsafe(6)}="
-        self._drafts[draft_id] = _Draft(mime)
+        self._drafts[draft_id] = _Draft(mime, user)
         return web.json_response({"id": draft_id, "isDraft": True}, status=201)
 
     def _send_draft(self, draft_id: str) -> web.Response:
         draft = self._drafts.pop(draft_id)
-        refused = self._check_sender(draft.mime)
+        refused = self._check_sender(draft.mime, draft.mailbox)
         if refused is not None:
             return refused
-        message = _message(draft.mime, "draft")
+        message = _message(draft.mime, "draft", draft.mailbox)
         message.attachments = tuple(draft.attachments)
-        self.messages.append(message)
+        self._sent(message)
         return web.Response(status=202)
 
     def _add_attachment(self, draft_id: str, body: bytes) -> web.Response:
@@ -330,11 +361,12 @@ class FakeGraph:
             status=201, headers={"Location": f"/attachments/{secrets.token_hex(6)}"}
         )
 
-    def _check_sender(self, mime: bytes) -> web.Response | None:
+    def _check_sender(self, mime: bytes, user: str) -> web.Response | None:
         header = BytesHeaderParser().parsebytes(mime)
         senders = [address for _, address in getaddresses(header.get_all("From") or [])]
-        denied = [s for s in senders if s.lower() not in self.send_as]
+        denied = [s for s in senders if not self.mailboxes.may_send_as(user, s)]
         if denied:
+            self.mailboxes.send_as_refused[user.lower()] += 1
             return _error(
                 403,
                 "ErrorSendAsDenied",
@@ -356,14 +388,19 @@ def _mime(body: bytes) -> bytes | None:
         return None
 
 
-def _message(mime: bytes, via: str) -> SentMessage:
+def _message(mime: bytes, via: str, mailbox: str = "") -> SentMessage:
     header = BytesHeaderParser().parsebytes(mime)
 
     def field_addresses(name: str) -> tuple[str, ...]:
         return tuple(address for _, address in getaddresses(header.get_all(name) or []) if address)
 
     return SentMessage(
-        mime, field_addresses("To"), field_addresses("Cc"), field_addresses("Bcc"), via=via
+        mime,
+        field_addresses("To"),
+        field_addresses("Cc"),
+        field_addresses("Bcc"),
+        via=via,
+        mailbox=mailbox,
     )
 
 
