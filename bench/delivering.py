@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -34,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from math import nan
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -117,7 +119,11 @@ async def measure(
     return args.messages / accept_seconds, delivered / elapsed, delivered, job_cpu, bench_cpu
 
 
-async def run_relayd(tmp: Path, fakes: Fakes, args: argparse.Namespace) -> RunResult:
+async def run_relayd(
+    tmp: Path, fakes: Fakes, args: argparse.Namespace, watch: Callable[[int], Any] | None = None
+) -> RunResult:
+    """One relayd run; ``watch(pid)``, a context manager, is entered for the measured
+    part (bench/profile.py samples relayd in it)."""
     fake = await FakeExchange(fakes.ca, validator=fakes.entra.is_valid_access_token).start()
     try:
         path = await asyncio.to_thread(relay_config, tmp, fakes, fake, rate_limit_per_minute=0)
@@ -126,7 +132,8 @@ async def run_relayd(tmp: Path, fakes: Fakes, args: argparse.Namespace) -> RunRe
             await asyncio.to_thread(wait_for_port, "127.0.0.1", relay.port, 30)
             assert relay.process is not None
             pid = relay.process.pid
-            figures = await measure(fake, relay.port, lambda: cpu_seconds(pid), args)
+            with watch(pid) if watch else contextlib.nullcontext():
+                figures = await measure(fake, relay.port, lambda: cpu_seconds(pid), args)
         finally:
             relay.stop()
     finally:
@@ -143,6 +150,7 @@ async def run_postfix(tmp: Path, fakes: Fakes, args: argparse.Namespace) -> RunR
         ca_file=fakes.ca_file,
         token=postfix_xoauth2.token_file_for(fakes.entra, fakes.ca_file),
         mailbox=MAILBOX,
+        reuse=not args.postfix_tls_per_message,
     )
     try:
         await asyncio.to_thread(local.__enter__)
@@ -236,6 +244,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--no-postfix", action="store_true", help="relayd alone")
     parser.add_argument("--sasl-xoauth2-plugin", type=Path, help="path of libsasl-xoauth2.so")
+    parser.add_argument(
+        "--postfix-tls-per-message",
+        action="store_true",
+        help="Postfix's default smtp_tls_connection_reuse = no: a TLS session and AUTH per"
+        " message, and 432s when the next connection opens before the last one closed",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the spools and logs")
     parser.add_argument("--base", type=Path, default=Path("/var/tmp"), help="where spools go")
     args = parser.parse_args()
