@@ -21,6 +21,13 @@ Rows:
   from the start of ``relayd serve`` to READY=1 (on a NOTIFY_SOCKET this script binds)
   with 100,000 messages queued.
 
+* with ``--with-postfix-xoauth2``: accept while delivering (bench/delivering.py): the
+  accept rate, end-to-end rate and CPU for the whole job of relayd and of a Postfix with
+  the sasl-xoauth2 plugin, both forwarding to the fake Exchange over STARTTLS + XOAUTH2;
+  ``--repeat`` alternated pairs of ``--xoauth2-messages``.
+* with ``--rate-limit N``: the fake Exchange enforcing N messages a minute and relayd at
+  N (bench/ratelimit.py): the share of N delivered, throttling replies, queue order.
+
 Each load runs ``--repeat`` times, alternating relayd and Postfix; the table shows
 medians. Spools live under ``--base`` (a disk, not tmpfs, so fsync costs what it
 costs). On ext4 without a journal, creating a file skips inodes freed in the last

@@ -1,6 +1,6 @@
 """Where relayd's CPU goes while it accepts and delivers at once. Prints the figures.
 
-    python3 bench/profile.py [--messages 2000] [--clients 20] [--rate 200] [--py-spy PATH]
+    python3 bench/cpu_profile.py [--messages 2000] [--clients 20] [--rate 200] [--py-spy PATH]
 
 The load of bench/delivering.py (smtp-source, a new connection per message, relayd
 forwarding over STARTTLS + XOAUTH2 to the fake Exchange, 3 connections), relayd alone.
@@ -9,9 +9,10 @@ During the load:
 * per-thread CPU from /proc/<pid>/task: the main thread (the event loop: listener,
   scheduler, TLS to the upstream) against the other threads (spool commits, claims,
   outcome moves, token store), and the share of one core each used;
-* py-spy (``pip install py-spy``; on PyPI) samples relayd's threads without pausing
-  them (``--nonblocking``), and each sample of the main thread is put in the part of
-  relayd its stack is in (the outermost relayd, aiosmtpd or aiosmtplib frame).
+* py-spy (``pip install py-spy``; on PyPI) samples the thread that holds the GIL
+  (``--gil``: Python work on a CPU; a thread waiting in a system call or for a queue is
+  not counted), and each sample is put in the part of relayd its stack is in (the
+  first of ``PARTS`` it contains: queue, listener, transports, scheduler, ...).
   relayd runs on uvloop: time inside uvloop's C code (its TLS and socket work) shows
   under the Python frame that called it, or as "event loop (uvloop, C)" when no
   Python frame of relayd is on the stack (callbacks, TLS record processing).
@@ -23,12 +24,14 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import itertools
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,8 +44,9 @@ from bench.delivering import Fakes, _describe, run_relayd
 from bench.measure import machine, thread_cpu_seconds
 from tests.fakes.entra import FakeEntra
 
-# (what the stack contains, the part of relayd it is), the first match wins: the
-# outermost relayd frame says which part the work is for.
+# (what the stack contains, the part of relayd it is), the first match wins: a listener
+# stack that reaches the spool's commit counts as spool, a delivery stack that reaches
+# the spool's moves too.
 PARTS = (
     ("relayd/queue/", "spool (commit, claims, moves)"),
     ("relayd/smtp/", "listener (relayd's SMTP handler)"),
@@ -69,9 +73,14 @@ def watched(pid: int, py_spy: str | None, rate: int, output: Path, cpu: dict) ->
         command += ["--threads", "--format", "raw", "--output", str(output)]
         spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)  # attached before the load starts
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample, args=(pid, stop, cpu.setdefault("series", [])))
+    sampler.start()
     try:
         yield
     finally:
+        stop.set()
+        sampler.join()
         after = thread_cpu_seconds(pid)
         cpu["elapsed"] = time.perf_counter() - started
         cpu["main"] = after.get(pid, 0.0) - before.get(pid, 0.0)
@@ -80,6 +89,22 @@ def watched(pid: int, py_spy: str | None, rate: int, output: Path, cpu: dict) ->
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
+
+
+def _sample(pid: int, stop: threading.Event, series: list) -> None:
+    """(time, main thread CPU, other threads' CPU) every second, until ``stop``."""
+    while not stop.wait(1.0 if series else 0.0):
+        threads = thread_cpu_seconds(pid)
+        main = threads.pop(pid, 0.0)
+        series.append((time.perf_counter(), main, sum(threads.values())))
+
+
+def busy_seconds(series: list) -> list[tuple[float, float]]:
+    """Per second: the share of a core the main thread and the other threads used."""
+    return [
+        ((m1 - m0) / (t1 - t0), (o1 - o0) / (t1 - t0))
+        for (t0, m0, o0), (t1, m1, o1) in itertools.pairwise(series)
+    ]
 
 
 def parts(raw: Path) -> tuple[collections.Counter, collections.Counter]:
@@ -104,6 +129,10 @@ def report(result, cpu: dict, raw: Path | None) -> list[str]:
         f" ({cpu['main'] * 100 / elapsed:.0f} % of a core), {cpu['threads'] - 1} other threads"
         f" {cpu['others']:.2f} s ({cpu['others'] * 100 / elapsed:.0f} % of a core)",
     ]
+    seconds = busy_seconds(cpu.get("series", []))
+    if seconds:
+        shown = ", ".join(f"{m * 100:.0f}+{o * 100:.0f}" for m, o in seconds)
+        lines.append(f"each second, % of a core, main thread + other threads: {shown}")
     if raw is None or not raw.is_file():
         return [*lines, "(no py-spy samples)"]
     main, others = parts(raw)
