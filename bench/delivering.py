@@ -123,7 +123,7 @@ async def run_relayd(
     tmp: Path, fakes: Fakes, args: argparse.Namespace, watch: Callable[[int], Any] | None = None
 ) -> RunResult:
     """One relayd run; ``watch(pid)``, a context manager, is entered for the measured
-    part (bench/profile.py samples relayd in it)."""
+    part (bench/cpu_profile.py samples relayd in it)."""
     fake = await FakeExchange(fakes.ca, validator=fakes.entra.is_valid_access_token).start()
     try:
         path = await asyncio.to_thread(relay_config, tmp, fakes, fake, rate_limit_per_minute=0)
