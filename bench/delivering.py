@@ -152,6 +152,7 @@ async def run_postfix(tmp: Path, fakes: Fakes, args: argparse.Namespace) -> RunR
         mailbox=MAILBOX,
         reuse=not args.postfix_tls_per_message,
     )
+    redeemed = fakes.entra.requests["token:refresh_token"]
     try:
         await asyncio.to_thread(local.__enter__)
         try:
@@ -162,6 +163,8 @@ async def run_postfix(tmp: Path, fakes: Fakes, args: argparse.Namespace) -> RunR
             await asyncio.to_thread(local.__exit__)
     finally:
         await fake.stop()
+    redeemed = fakes.entra.requests["token:refresh_token"] - redeemed
+    print(f"    sasl-xoauth2: {redeemed} token requests to the fake Entra ID", file=sys.stderr)
     if figures[2] < args.messages:
         print(f"  Postfix delivered {figures[2]} of {args.messages}:", file=sys.stderr)
         for line in local.log_problems()[:5]:
