@@ -77,6 +77,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def session_cpu_seconds(session: int) -> float:
+    """CPU time of every process in a session (Postfix's master and all its daemons),
+    with what the daemons that already exited used (their parent's cutime + cstime)."""
+    total = 0
+    for entry in _listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it exited meanwhile: its parent's cutime has it now
+        if int(fields[3]) == session:
+            total += sum(int(value) for value in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU time of each live thread of a process (/proc/PID/task); the thread whose id
+    is the pid is the main thread (relayd's event loop)."""
+    per_thread: dict[int, float] = {}
+    for tid in _listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        per_thread[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return per_thread
+
+
 def _listdir(path: str) -> list[str]:
     try:
         return os.listdir(path)

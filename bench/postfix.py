@@ -135,10 +135,8 @@ class LocalPostfix:
         self.base.chmod(0o755)
         postfix_user = pwd.getpwnam("postfix")
         os.chown(self.base / "data", postfix_user.pw_uid, postfix_user.pw_gid)
-        (self.config / "main.cf").write_text(
-            MAIN_CF.format(base=self.base, sink_port=self.sink_port)
-        )
-        (self.config / "master.cf").write_text(MASTER_CF.format(port=self.port))
+        (self.config / "main.cf").write_text(self.main_cf())
+        (self.config / "master.cf").write_text(self.master_cf())
         assert POSTFIX is not None
         # start-fg keeps the master our child: we can wait for it and reap what it leaves.
         self.master = subprocess.Popen(
@@ -153,6 +151,13 @@ class LocalPostfix:
             self.__exit__()
             raise RuntimeError(f"Postfix did not start; see {self.base / 'maillog'}") from None
         return self
+
+    def main_cf(self) -> str:
+        """The instance's main.cf (a subclass adds to it: bench/postfix_xoauth2.py)."""
+        return MAIN_CF.format(base=self.base, sink_port=self.sink_port)
+
+    def master_cf(self) -> str:
+        return MASTER_CF.format(port=self.port)
 
     def settle(self, timeout: float = 600) -> None:
         """Wait until Postfix has relayed everything it accepted: its deliveries must not

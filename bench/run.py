@@ -21,6 +21,13 @@ Rows:
   from the start of ``relayd serve`` to READY=1 (on a NOTIFY_SOCKET this script binds)
   with 100,000 messages queued.
 
+* with ``--with-postfix-xoauth2``: accept while delivering (bench/delivering.py): the
+  accept rate, end-to-end rate and CPU for the whole job of relayd and of a Postfix with
+  the sasl-xoauth2 plugin, both forwarding to the fake Exchange over STARTTLS + XOAUTH2;
+  ``--repeat`` alternated pairs of ``--xoauth2-messages``.
+* with ``--rate-limit N``: the fake Exchange enforcing N messages a minute and relayd at
+  N (bench/ratelimit.py): the share of N delivered, throttling replies, queue order.
+
 Each load runs ``--repeat`` times, alternating relayd and Postfix; the table shows
 medians. Spools live under ``--base`` (a disk, not tmpfs, so fsync costs what it
 costs). On ext4 without a journal, creating a file skips inodes freed in the last
@@ -47,7 +54,7 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import e2e, postfix
+from bench import delivering, e2e, postfix, postfix_xoauth2, ratelimit
 from bench.measure import cpu_seconds, machine, peak_rss_mib
 from bench.queued import fill_spool, measure_startup
 from bench.smtpload import LoadResult, run_load
@@ -272,6 +279,69 @@ def run_queued(root: Path, args: argparse.Namespace) -> list[Row]:
     ]
 
 
+def run_accept_while_delivering(root: Path, args: argparse.Namespace) -> list[Row]:
+    """--with-postfix-xoauth2: bench/delivering.py's pairs (relayd and Postfix with
+    sasl-xoauth2, both forwarding to the fake Exchange), medians and ratios."""
+    load = argparse.Namespace(
+        messages=args.xoauth2_messages,
+        clients=20,
+        pairs=args.repeat,
+        no_postfix=False,
+        plugin=args.sasl_xoauth2_plugin,
+        postfix_tls_per_message=False,
+    )
+    directory = root / "delivering"
+    directory.mkdir()
+    directory.chmod(0o755)
+    postfix.become_subreaper()
+    results = _run(delivering.run_pairs(directory, load))
+    label = f"{load.messages:,} × 2 KiB, 20 sessions, new connection per message"
+    rows = []
+    for title, attribute, unit in (
+        ("accept rate while delivering", "accepted_per_s", "msg/s"),
+        ("end to end while accepting", "delivered_per_s", "msg/s"),
+        ("CPU for the whole job", "cpu_s", "s"),
+    ):
+        ours = [getattr(r, attribute) for r in results if r.server == "relayd"]
+        theirs = [getattr(r, attribute) for r in results if r.server == "postfix"]
+        ratios = [a / b for a, b in zip(ours, theirs, strict=False) if b]
+        rows.append(
+            Row(
+                title,
+                label,
+                "smtp-source",
+                relayd=f"{statistics.median(ours):,.{1 if unit == 's' else 0}f} {unit}",
+                postfix=f"{statistics.median(theirs):,.{1 if unit == 's' else 0}f} {unit}",
+                ratio=f"{statistics.median(ratios):.2f}" if ratios else "",
+                note="STARTTLS + XOAUTH2 to the fake Exchange, 3 connections each"
+                if attribute == "accepted_per_s"
+                else "",
+            )
+        )
+    return rows
+
+
+def run_rate_limit(root: Path, args: argparse.Namespace) -> list[Row]:
+    """--rate-limit N: bench/ratelimit.py, the fake enforcing N a minute."""
+    load = argparse.Namespace(limit=args.rate_limit, minutes=args.rate_minutes)
+    directory = root / "ratelimit"
+    directory.mkdir()
+    result = _run(ratelimit.run(directory, load))
+    backlogged = result["minutes"][: load.minutes]
+    sustained = min(backlogged) * 100 / load.limit if backlogged else 0.0
+    label = f"N = {load.limit}/min, {result['count']:,} queued, pool of 3"
+    return [
+        Row("delivery within the limit", label, relayd=f"{sustained:.1f} % of N"),
+        Row("throttling replies", label, relayd=str(result["throttled"])),
+        Row(
+            "oldest first",
+            label,
+            relayd=str(result["displacement"]),
+            note="largest distance between delivery and queue position (6 in flight)",
+        ),
+    ]
+
+
 def print_table(rows: list[Row], with_postfix: bool) -> None:
     columns: list[tuple[str, Callable[[Row], str], bool]] = [
         ("measurement", lambda r: r.measurement, False),
@@ -294,6 +364,32 @@ def print_table(rows: list[Row], with_postfix: bool) -> None:
         print("| " + " | ".join(cell(row) for _, cell, _ in columns) + " |")
 
 
+def add_delivering_arguments(parser: argparse.ArgumentParser) -> None:
+    """The accept-while-delivering and rate-limit rows (off unless asked for)."""
+    parser.add_argument(
+        "--with-postfix-xoauth2",
+        action="store_true",
+        help="accept while delivering, against Postfix + sasl-xoauth2 (bench/README.md)",
+    )
+    parser.add_argument("--sasl-xoauth2-plugin", type=Path, help="path of libsasl-xoauth2.so")
+    parser.add_argument("--xoauth2-messages", type=int, default=2000, help="per run")
+    parser.add_argument("--rate-limit", type=int, default=0, help="N/min; 0 skips that row")
+    parser.add_argument("--rate-minutes", type=int, default=2, help="minutes with mail queued")
+
+
+def check_delivering_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.with_postfix_xoauth2:
+        return
+    if not postfix.available() or postfix.SMTP_SOURCE is None:
+        parser.error("--with-postfix-xoauth2 needs Postfix: apt-get install postfix")
+    args.sasl_xoauth2_plugin = postfix_xoauth2.find_plugin(args.sasl_xoauth2_plugin)
+    if args.sasl_xoauth2_plugin is None:
+        parser.error(
+            "--with-postfix-xoauth2 needs the sasl-xoauth2 plugin (no distribution package:"
+            " install it per github.com/tarickb/sasl-xoauth2, or give --sasl-xoauth2-plugin)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=3000, help="per 2 KiB run (100 KiB: /5)")
@@ -303,9 +399,11 @@ def main() -> None:
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end rows")
     parser.add_argument("--no-accept", action="store_true", help="skip the accept-rate rows")
     parser.add_argument("--base", type=Path, default=Path("/var/tmp"), help="where spools go")
+    add_delivering_arguments(parser)
     args = parser.parse_args()
     if args.with_postfix and not postfix.available():
         parser.error("--with-postfix needs Postfix: apt-get install postfix (see bench/README.md)")
+    check_delivering_arguments(parser, args)
 
     header = machine(args.base)
     with tempfile.TemporaryDirectory(prefix="relayd-bench-", dir=args.base) as tmp:
@@ -317,10 +415,14 @@ def main() -> None:
             rows += run_end_to_end(root, args)
         if args.queued:
             rows += run_queued(root, args)
+        if args.with_postfix_xoauth2:
+            rows += run_accept_while_delivering(root, args)
+        if args.rate_limit:
+            rows += run_rate_limit(root, args)
         print("  removing the spools", file=sys.stderr)
     print(f"\n{header}\n")
     print(f"`{shlex.join(['python3', 'bench/run.py', *sys.argv[1:]])}`, medians of {args.repeat}\n")
-    print_table(rows, args.with_postfix)
+    print_table(rows, args.with_postfix or args.with_postfix_xoauth2)
 
 
 if __name__ == "__main__":

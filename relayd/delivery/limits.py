@@ -94,6 +94,18 @@ class SlidingWindow:
         spent.units -= units
         self._used -= units
 
+    def recount(self, spent: Spent, units: int) -> None:
+        """Count ``units`` of an earlier spend from now, and give the rest of it back.
+
+        The upstream counts a message when it accepts it, after the spend (for the first
+        message on a connection: a connect, TLS and AUTH later) and before now. Counted
+        from the spend, the window would free up before the upstream's does and let
+        messages through that the upstream refuses as over its limit
+        (bench/ratelimit.py: 3 throttling replies a minute, one per connection).
+        """
+        self.refund(spent, spent.units)
+        self.spend(units)
+
     def set_limit(self, limit: int) -> None:
         """SIGHUP: a new limit applies at once to what was already spent."""
         self.limit = limit
@@ -132,6 +144,7 @@ class SendingBudget:
         return Reservation(self.rate.spend(1), self.daily.spend(recipients))
 
     def give_back(self, reservation: Reservation, messages: int, recipients: int) -> None:
-        """Keep ``messages`` and ``recipients`` of the reservation; return the rest."""
-        self.rate.refund(reservation.message, reservation.message.units - messages)
-        self.daily.refund(reservation.recipients, reservation.recipients.units - recipients)
+        """Keep ``messages`` and ``recipients`` of the reservation, counted from now (the
+        attempt's end: ``SlidingWindow.recount``); return the rest."""
+        self.rate.recount(reservation.message, messages)
+        self.daily.recount(reservation.recipients, recipients)

@@ -118,3 +118,29 @@ def test_budget_keeps_what_the_upstream_counted(clock: Clock) -> None:
     nothing = budget.reserve(4)
     budget.give_back(nothing, messages=0, recipients=0)  # never reached the upstream
     assert budget.rate.used() == 1 and budget.daily.used() == 3
+
+
+def test_what_the_upstream_counted_frees_a_window_after_the_attempt_not_the_claim(
+    clock: Clock,
+) -> None:
+    # Three messages reserved at t=1000; Exchange accepted them over the next 2 s (a new
+    # connection: TLS and AUTH first) and counts them from then, so relayd must not send
+    # the next three before t=1062: at t=1060 Exchange would still count all three.
+    budget = SendingBudget(3, 100, clock)
+    reserved = [budget.reserve(1) for _ in range(3)]
+    clock.now = 1002
+    for reservation in reserved:
+        budget.give_back(reservation, messages=1, recipients=1)
+    clock.now = 1060
+    assert budget.rate.wait_time() == pytest.approx(2)
+    assert budget.daily.used() == 3
+    clock.now = 1062
+    assert budget.rate.wait_time() == 0
+
+
+def test_recount_keeps_an_attempt_that_outlived_the_window(clock: Clock) -> None:
+    window = SlidingWindow(3, 60, clock)
+    spent = window.spend(1)
+    clock.now += 90  # a slow upstream: the spend left the window before the reply
+    window.recount(spent, 1)
+    assert window.used() == 1
