@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import e2e, postfix
+from bench import e2e, listener, postfix
 from bench.measure import cpu_seconds, machine, peak_rss_mib
 from bench.queued import fill_spool, measure_startup
 from bench.smtpload import LoadResult, run_load
@@ -303,6 +303,8 @@ def main() -> None:
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end rows")
     parser.add_argument("--no-accept", action="store_true", help="skip the accept-rate rows")
     parser.add_argument("--base", type=Path, default=Path("/var/tmp"), help="where spools go")
+    parser.add_argument("--listener", action="store_true", help="bench/listener.py's rows too")
+    listener.add_arguments(parser)
     args = parser.parse_args()
     if args.with_postfix and not postfix.available():
         parser.error("--with-postfix needs Postfix: apt-get install postfix (see bench/README.md)")
@@ -317,10 +319,13 @@ def main() -> None:
             rows += run_end_to_end(root, args)
         if args.queued:
             rows += run_queued(root, args)
+        listener_rows = list(listener.rows(root, args)) if args.listener else []
         print("  removing the spools", file=sys.stderr)
     print(f"\n{header}\n")
     print(f"`{shlex.join(['python3', 'bench/run.py', *sys.argv[1:]])}`, medians of {args.repeat}\n")
     print_table(rows, args.with_postfix)
+    if listener_rows:
+        print("\nThe listener (bench/listener.py):\n\n" + "\n".join(listener_rows))
 
 
 if __name__ == "__main__":

@@ -276,8 +276,15 @@ class Listener:
         self.settings = settings
         self.hostname = hostname
         self._server: asyncio.base_events.Server | None = None
+        self._template: RelaySMTP | None = None
 
     def _protocol(self) -> RelaySMTP:
+        # One full aiosmtpd __init__ per setting change, a cheap copy per connection.
+        if self._template is None:
+            self._template = self._new_template()
+        return self._template.spawn()
+
+    def _new_template(self) -> RelaySMTP:
         return RelaySMTP(
             self.handler,
             data_size_limit=accepted_size(self.settings),
@@ -308,6 +315,7 @@ class Listener:
         """Apply new limits and allowed clients to new sessions (SIGHUP)."""
         self.settings = settings
         self.handler.settings = settings
+        self._template = None
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let sessions in a transaction finish, then close the rest."""

@@ -9,11 +9,13 @@ only speaks the protocol. Every reply code cites the RFC section that chose it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
+import types
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, syntax
+from aiosmtpd.smtp import SMTP, _AuthMechAttr, syntax
 
 from relayd.smtp.addresses import printable_name, split_path
 from relayd.smtp.content import READ_CHUNK, DataResult, check_content, read_data
@@ -35,6 +37,48 @@ class RelaySMTP(SMTP):
         self.relay = handler
         self.client_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self._idle_deadline = 0.0
+
+    # --- a protocol per connection -------------------------------------------------
+
+    def spawn(self) -> RelaySMTP:
+        """A protocol for a new connection, with this one's settings.
+
+        aiosmtpd's ``__init__`` looks up its command, hook and AUTH methods with
+        ``inspect.getmembers`` and ``dir`` on every instance: a third of the event
+        loop's time with a new connection per message (bench/README.md). The result
+        only depends on the class and the handler, so a new connection copies this
+        instance's settings, binds the same methods to itself, and gets a stream
+        reader of its own (asyncio's part of the state: never shared).
+        """
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self._settings_state())
+        asyncio.StreamReaderProtocol.__init__(
+            clone,
+            asyncio.StreamReader(limit=self.line_length_limit, loop=self.loop),
+            client_connected_cb=clone._cb_client_connected,
+            loop=self.loop,
+        )
+        clone._smtp_methods = {
+            name: types.MethodType(method.__func__, clone)
+            for name, method in self._smtp_methods.items()
+        }
+        clone._auth_methods = {
+            name: _AuthMechAttr(types.MethodType(attr.method.__func__, clone), True)
+            if attr.is_builtin
+            else attr
+            for name, attr in self._auth_methods.items()
+        }
+        return clone
+
+    def _settings_state(self) -> dict[str, Any]:
+        """What SMTP.__init__ and ours set, without asyncio's per-connection state."""
+        state = self.__dict__.get("_spawn_state")
+        if state is None:
+            reader = asyncio.StreamReader(loop=self.loop)
+            probe = asyncio.StreamReaderProtocol(reader, loop=self.loop)
+            state = {key: value for key, value in vars(self).items() if key not in vars(probe)}
+            self._spawn_state = state
+        return state
 
     # --- idle timeout ------------------------------------------------------------
 
