@@ -13,8 +13,8 @@ messages' accept latency while big ones arrive. Nothing is asserted.
 * **small messages beside big ones**: 4 clients send 2 KiB messages one after another
   while 2 clients each send ``--big-messages`` messages of 30 MiB; the p50/p99 accept
   latency of the small ones (end-of-data dot to 250) with and without the big senders.
-  The big senders run in threads with blocking sockets, so the generator's own event
-  loop is not busy with their bytes.
+  The big senders are processes of their own, so the generator's event loop (which
+  measures the latency) never waits for their bytes.
 """
 
 from __future__ import annotations
@@ -190,29 +190,36 @@ class Mixed:
 
 
 def small_beside_big(relay: RelayProcess, big_messages: int) -> Mixed:
+    """The big senders are processes of their own (this script with --send-big), so
+    that their bytes never hold up this process's event loop and its measurements."""
     assert relay.process is not None
     alone = asyncio.run(run_load("127.0.0.1", relay.port, 4, 2000, SMALL))
     done = threading.Event()
-    errors: list[str] = []
     before = cpu_seconds(relay.process.pid)
-    senders = [
-        threading.Thread(target=_big_sender, args=(relay.port, big_messages, errors))
-        for _ in range(2)
-    ]
+    command = [sys.executable, __file__, "--send-big", str(relay.port), str(big_messages)]
     started = time.perf_counter()
-    for sender in senders:
-        sender.start()
+    senders = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs: list[str] = []
 
     def wait_senders() -> None:
         for sender in senders:
-            sender.join()
+            outputs.append(sender.communicate(timeout=1800)[0])
         done.set()
 
-    threading.Thread(target=wait_senders, daemon=True).start()
+    waiter = threading.Thread(target=wait_senders, daemon=True)
+    waiter.start()
     small = asyncio.run(_small_until(relay.port, 4, done, 1_000_000))
+    waiter.join()
     big_seconds = time.perf_counter() - started
     cpu = cpu_seconds(relay.process.pid) - before
+    errors = [line for output in outputs for line in output.splitlines() if line]
     return Mixed(small, alone, big_seconds, cpu, errors)
+
+
+def _send_big(port: int, count: int) -> None:
+    errors: list[str] = []
+    _big_sender(port, count, errors)
+    print("\n".join(errors))
 
 
 # --- the rows -------------------------------------------------------------------------
@@ -231,7 +238,7 @@ def rows(root: Path, args: argparse.Namespace) -> Iterator[str]:
         relay = stack.enter_context(RelayProcess(write_config(base, unreachable_upstream(base))))
         yield "| load | relayd | relayd CPU ms/msg | Postfix | relayd / Postfix | notes |"
         yield "|---|---:|---:|---:|---:|---|"
-        for reuse in (False, True):
+        for reuse in (False, True) if args.pairs else ():
             label = "kept (-d)" if reuse else "new per message"
             print(f"  smtp-source, connection {label}", file=sys.stderr)
             pairs = source_pairs(relay, local, args, reuse)
@@ -286,6 +293,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--send-big"]:  # one of small_beside_big's big senders
+        _send_big(int(sys.argv[2]), int(sys.argv[3]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=3000, help="per smtp-source run")
     parser.add_argument("--no-postfix", dest="with_postfix", action="store_false")

@@ -140,10 +140,13 @@ class RelayHandler:
                 self.metrics.reject("sender_policy")
                 return refusal
         stored, message_id = self._with_trace_fields(content, summary, queue_id, server, envelope)
-        reply = await self._commit(queue_id, spool_envelope, stored)
+        # A big message's other parts follow as they are (no copy of the whole message).
+        parts = (stored, *server.data_rest)
+        reply = await self._commit(queue_id, spool_envelope, parts)
         if reply.startswith("250"):
             self.metrics.accept_duration.observe(time.perf_counter() - started)
-            self._log_received(queue_id, spool_envelope, len(stored), message_id)
+            size = sum(len(part) for part in parts)
+            self._log_received(queue_id, spool_envelope, size, message_id)
             self.on_queued(queue_id)
         return reply
 
@@ -209,7 +212,9 @@ class RelayHandler:
         )
         return received + added + content, message_id
 
-    async def _commit(self, queue_id: str, envelope: SpoolEnvelope, content: bytes) -> str:
+    async def _commit(
+        self, queue_id: str, envelope: SpoolEnvelope, content: tuple[bytes | memoryview, ...]
+    ) -> str:
         try:
             await self.spool.commit(queue_id, envelope, content)
         except SpoolFull:

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
+import logging
 import types
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, _AuthMechAttr, syntax
 
 from relayd.smtp.addresses import printable_name, split_path
-from relayd.smtp.content import READ_CHUNK, DataResult, check_content, read_data
+from relayd.smtp.content import READ_CHUNK, DataResult, check_data, read_data
 from relayd.smtp.wording import safe_reply
 
 if TYPE_CHECKING:
@@ -37,6 +41,8 @@ class RelaySMTP(SMTP):
         self.relay = handler
         self.client_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self._idle_deadline = 0.0
+        # A big message's parts after the first (DataResult.rest), for handle_DATA.
+        self.data_rest: tuple[bytes | memoryview, ...] = ()
 
     # --- a protocol per connection -------------------------------------------------
 
@@ -191,7 +197,11 @@ class RelaySMTP(SMTP):
         result = await self._read_data()
         if result.problem is None:
             self.envelope.content = self.envelope.original_content = result.content
-            status = await self._call_handler_hook("DATA")
+            self.data_rest = result.rest
+            try:
+                status = await self._call_handler_hook("DATA")
+            finally:
+                self.data_rest = ()
         else:
             status = self.relay.refuse_data(result.problem)
         self._set_post_data_state()
@@ -203,19 +213,49 @@ class RelaySMTP(SMTP):
         if content is None:
             return DataResult(b"", "too_big")
         settings = self.relay.settings
-        result = check_content(content, settings.bare_line_endings, settings.max_line_length)
-        if limit and len(result.content) > limit:  # bare line ends made CRLF grew it
+        result = await check_data(content, settings.bare_line_endings, settings.max_line_length)
+        del content  # the checked copy is what is kept
+        if limit and result.size > limit:  # bare line ends made CRLF grew it
             return DataResult(b"", "too_big")
         return result
 
 
 def _peer_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if not isinstance(peer, tuple) or not peer:
+    if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
         return None
+    return _parsed_address(peer[0])
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Parsed once per client address, not once per connection (ipaddress is slow, and
+    the same few applications connect again for every message)."""
     try:
-        address = ipaddress.ip_address(peer[0])
+        address = ipaddress.ip_address(host)
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+_LOG_METHOD_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_library_sanitized_log = aiosmtpd.smtp.sanitized_log
+
+
+def _sanitized_log_when_enabled(func: Callable[..., None], msg: Any, *args: Any, **kw: Any) -> None:
+    """aiosmtpd's sanitized_log, skipped when its logger would drop the line anyway.
+
+    aiosmtpd runs every command line through a regular expression (to hide AUTH
+    credentials) for two log calls per command, before the logger decides to print
+    nothing: relayd keeps "mail.log" at WARNING unless it runs at debug level. Same
+    lines, same sanitizing, whenever the level lets them through."""
+    logger = getattr(func, "__self__", None)
+    level = _LOG_METHOD_LEVELS.get(getattr(func, "__name__", ""))
+    if isinstance(logger, logging.Logger) and level and not logger.isEnabledFor(level):
+        return
+    _library_sanitized_log(func, msg, *args, **kw)
+
+
+# aiosmtpd's command loop looks the function up in its module at every call.
+aiosmtpd.smtp.sanitized_log = _sanitized_log_when_enabled
