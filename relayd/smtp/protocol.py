@@ -57,6 +57,10 @@ class RelaySMTP(SMTP):
         """
         clone = object.__new__(type(self))
         clone.__dict__.update(self._settings_state())
+        # As aiosmtpd's __init__ does: its command line limits are a class attribute
+        # that each EHLO raises (SIZE, SMTPUTF8) and each new protocol resets; without
+        # the reset, MAIL's 512-octet limit would grow with every EHLO.
+        clone.command_size_limits.clear()
         asyncio.StreamReaderProtocol.__init__(
             clone,
             asyncio.StreamReader(limit=self.line_length_limit, loop=self.loop),

@@ -27,3 +27,18 @@ async def test_spawned_protocols_share_settings_and_nothing_of_a_session(tmp_pat
     assert first._stream_reader is not template._stream_reader
     assert first._closed is not second._closed
     assert first._stream_reader._limit == template._stream_reader._limit
+
+
+async def test_a_spawned_protocol_resets_the_command_line_limits(tmp_path: Path) -> None:
+    # aiosmtpd keeps them in a class attribute that EHLO raises (by 36 for MAIL with
+    # SIZE and SMTPUTF8) and __init__ resets; a copy must reset them too, or MAIL's
+    # 512-octet limit would grow with every session.
+    handler = SimpleNamespace(settings=load_settings(tmp_path).listen)
+    template = RelaySMTP(handler, hostname="relay.test", loop=asyncio.get_running_loop())
+    try:
+        for _ in range(100):
+            protocol = template.spawn()
+            protocol.command_size_limits["MAIL"] += 36  # what one EHLO does
+        assert template.spawn().command_size_limits["MAIL"] == RelaySMTP.command_size_limit
+    finally:
+        RelaySMTP.command_size_limits.clear()
