@@ -236,6 +236,10 @@ def rows(root: Path, args: argparse.Namespace) -> Iterator[str]:
         base = root / "relayd-listener"
         base.mkdir(parents=True)
         relay = stack.enter_context(RelayProcess(write_config(base, unreachable_upstream(base))))
+        for port in [relay.port] + ([local.port] if local is not None else []):
+            smtp_source(port, args.sessions, 300, SMALL, reuse=False)  # warm up, untimed
+        if local is not None:
+            local.settle()
         yield "| load | relayd | relayd CPU ms/msg | Postfix | relayd / Postfix | notes |"
         yield "|---|---:|---:|---:|---:|---|"
         for reuse in (False, True) if args.pairs else ():
