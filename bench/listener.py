@@ -232,7 +232,7 @@ def rows(root: Path, args: argparse.Namespace) -> Iterator[str]:
         if args.with_postfix and postfix.available():
             postfix.become_subreaper()
             sink = stack.enter_context(postfix.SmtpSink())
-            local = stack.enter_context(postfix.LocalPostfix(root / "postfix", sink.port))
+            local = stack.enter_context(postfix.LocalPostfix(root / "postfix-listener", sink.port))
         base = root / "relayd-listener"
         base.mkdir(parents=True)
         relay = stack.enter_context(RelayProcess(write_config(base, unreachable_upstream(base))))
