@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import delivering, e2e, postfix, postfix_xoauth2, ratelimit
+from bench import delivering, e2e, listener, postfix, postfix_xoauth2, ratelimit
 from bench.measure import cpu_seconds, machine, peak_rss_mib
 from bench.queued import fill_spool, measure_startup
 from bench.smtpload import LoadResult, run_load
@@ -400,6 +400,8 @@ def main() -> None:
     parser.add_argument("--no-accept", action="store_true", help="skip the accept-rate rows")
     parser.add_argument("--base", type=Path, default=Path("/var/tmp"), help="where spools go")
     add_delivering_arguments(parser)
+    parser.add_argument("--listener", action="store_true", help="bench/listener.py's rows too")
+    listener.add_arguments(parser)
     args = parser.parse_args()
     if args.with_postfix and not postfix.available():
         parser.error("--with-postfix needs Postfix: apt-get install postfix (see bench/README.md)")
@@ -419,10 +421,13 @@ def main() -> None:
             rows += run_accept_while_delivering(root, args)
         if args.rate_limit:
             rows += run_rate_limit(root, args)
+        listener_rows = list(listener.rows(root, args)) if args.listener else []
         print("  removing the spools", file=sys.stderr)
     print(f"\n{header}\n")
     print(f"`{shlex.join(['python3', 'bench/run.py', *sys.argv[1:]])}`, medians of {args.repeat}\n")
     print_table(rows, args.with_postfix or args.with_postfix_xoauth2)
+    if listener_rows:
+        print("\nThe listener (bench/listener.py):\n\n" + "\n".join(listener_rows))
 
 
 if __name__ == "__main__":

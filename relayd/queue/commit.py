@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from relayd.ops.files import CLOEXEC, NOFOLLOW, fsync_directory, write_all
+from relayd.ops.files import CLOEXEC, NOFOLLOW, Buffer, fsync_directory, write_all
 from relayd.queue.batch import ThreadBatcher
 from relayd.queue.census import Counts
 from relayd.queue.fileformat import encode_header
@@ -31,13 +33,18 @@ _WRITERS = 8
 _SYNCED_WRITES = getattr(os, "O_DSYNC", 0)
 # O_EXCL | O_NOFOLLOW: a name already there (a planted file or symlink) is an error.
 _NEW_QUEUE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC | _SYNCED_WRITES
+# Messages over this size are committed in a lane of their own: writing 30 MiB takes
+# a tenth of a second or more, and the small messages of a batch that shared it waited
+# for it (p99 accept latency 416 ms beside two 30 MiB senders, bench/README.md).
+BIG_MESSAGE = 1024 * 1024
+WRITE_GROUP = 256 * 1024
 
 
 @dataclass(frozen=True)
 class _Job:
     queue_id: str
     envelope: Envelope
-    content: bytes
+    content: tuple[bytes | memoryview, ...]  # the parts, written one after the other
 
 
 class GroupCommit:
@@ -49,6 +56,8 @@ class GroupCommit:
         self._counts = counts
         # Concurrent commits share a thread hop and a directory fsync (_write_batch).
         self._committer = ThreadBatcher(self._write_batch, "spool-commit")
+        self._big_committer = ThreadBatcher(self._write_batch, "spool-commit-big")
+        self._free_lock = threading.Lock()  # both lanes subtract what they wrote
         self._fsync_pool = ThreadPoolExecutor(_WRITERS - 1, thread_name_prefix="spool-fsync")
         # The commit path runs for every message with the GIL held between system calls:
         # plain strings, because a pathlib join costs microseconds each time.
@@ -73,15 +82,24 @@ class GroupCommit:
             self._free_checked_at = now
         return self._free_bytes - size >= self.min_free_space
 
-    async def commit(self, queue_id: str, envelope: Envelope, content: bytes) -> None:
+    async def commit(
+        self, queue_id: str, envelope: Envelope, content: bytes | Sequence[bytes | memoryview]
+    ) -> None:
         """Store a message durably. When this returns, the listener may answer 250.
 
+        ``content`` is the message, or its parts in order (a big message is read and
+        checked in parts; they are written as they are, never joined).
+
         Concurrent commits are grouped: one thread writes and fsyncs a batch of files,
-        renames them and fsyncs incoming/ once for the whole batch.
+        renames them and fsyncs incoming/ once for the whole batch. Big messages have a
+        lane of their own, so that no small message waits for one to be written.
         """
-        if not self.has_room_for(len(content)):
+        parts = (content,) if isinstance(content, bytes | bytearray | memoryview) else content
+        size = sum(len(part) for part in parts)
+        if not self.has_room_for(size):
             raise SpoolFull("insufficient free space in the spool")
-        await self._committer.submit(_Job(queue_id, envelope, content))
+        lane = self._big_committer if size > BIG_MESSAGE else self._committer
+        await lane.submit(_Job(queue_id, envelope, tuple(parts)))
 
     def _write_batch(self, jobs: list[_Job]) -> list[BaseException | None]:
         """Runs in the commit thread: write + fsync each file (the fsyncs in parallel, so
@@ -124,7 +142,8 @@ class GroupCommit:
             return [failure for _ in jobs]
         for job, size, result in zip(jobs, written, results, strict=True):
             if result is None:
-                self._free_bytes -= size
+                with self._free_lock:
+                    self._free_bytes -= size
                 self._counts.count("incoming", +1, size, queue_id=job.queue_id)
         return results
 
@@ -147,7 +166,8 @@ class GroupCommit:
             try:
                 # All of it or an error: a partial write (ENOSPC, EDQUOT, EFBIG from a
                 # file-size limit) must never become a queued file and a 250.
-                write_all(fd, [header, job.content])
+                for group in _write_groups([header, *job.content]):
+                    write_all(fd, group)
                 if not _SYNCED_WRITES:
                     os.fsync(fd)
             finally:
@@ -156,4 +176,21 @@ class GroupCommit:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             return SpoolError(f"cannot write queue file: {error.strerror}")
-        return len(header) + len(job.content)
+        return len(header) + sum(len(part) for part in job.content)
+
+
+def _write_groups(buffers: list[Buffer]) -> list[list[Buffer]]:
+    """The buffers in groups of about WRITE_GROUP bytes, one write each. With O_DSYNC a
+    write returns when it is on the disk; a 30 MiB write in one call held the disk
+    queue for its whole length, and the small messages committed meanwhile waited
+    behind it (beside two 30 MiB senders, commits of small messages over 50 ms: 14 and
+    73 with one write, 6 and 2 with 256 KiB writes; bench/README.md)."""
+    groups: list[list[Buffer]] = [[]]
+    size = 0
+    for buffer in buffers:
+        if size >= WRITE_GROUP:
+            groups.append([])
+            size = 0
+        groups[-1].append(buffer)
+        size += len(buffer)
+    return groups

@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Sequence
 
 from relayd.queue.model import CorruptMessage, Envelope
 
 FORMAT_VERSION = 1
 
 
-def encode_header(queue_id: str, envelope: Envelope, content: bytes) -> bytes:
+def encode_header(
+    queue_id: str, envelope: Envelope, content: bytes | Sequence[bytes | memoryview]
+) -> bytes:
+    """The header line for ``content``: its bytes, or the parts that follow one another."""
+    parts = (content,) if isinstance(content, bytes | bytearray | memoryview) else content
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
     header = {
         "v": FORMAT_VERSION,
         "id": queue_id,
@@ -23,8 +31,8 @@ def encode_header(queue_id: str, envelope: Envelope, content: bytes) -> bytes:
         "helo": envelope.helo,
         "received_at": envelope.received_at,
         "mail_options": envelope.mail_options,
-        "size": len(content),
-        "crc32": zlib.crc32(content),
+        "size": sum(len(part) for part in parts),
+        "crc32": crc,
     }
     return json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 

@@ -123,8 +123,11 @@ class Spool:
         """Whether ``size`` more bytes leave at least spool.min_free_space free."""
         return self._commit.has_room_for(size)
 
-    async def commit(self, queue_id: str, envelope: Envelope, content: bytes) -> None:
-        """Store a message durably. When this returns, the listener may answer 250."""
+    async def commit(
+        self, queue_id: str, envelope: Envelope, content: bytes | Sequence[bytes | memoryview]
+    ) -> None:
+        """Store a message durably (its bytes, or its parts in order). When this
+        returns, the listener may answer 250."""
         await self._commit.commit(queue_id, envelope, content)
 
     # --- delivery ----------------------------------------------------------------

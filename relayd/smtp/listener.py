@@ -143,10 +143,13 @@ class RelayHandler:
                 self.metrics.reject("sender_policy")
                 return refusal
         stored, message_id = self._with_trace_fields(content, summary, queue_id, server, envelope)
-        reply = await self._commit(queue_id, spool_envelope, stored)
+        # A big message's other parts follow as they are (no copy of the whole message).
+        parts = (stored, *server.data_rest)
+        reply = await self._commit(queue_id, spool_envelope, parts)
         if reply.startswith("250"):
             self.metrics.accept_duration.observe(time.perf_counter() - started)
-            self._log_received(queue_id, spool_envelope, len(stored), message_id)
+            size = sum(len(part) for part in parts)
+            self._log_received(queue_id, spool_envelope, size, message_id)
             if self.on_queued_from is not None:
                 self.on_queued_from(queue_id, spool_envelope.sender)
             else:
@@ -215,7 +218,9 @@ class RelayHandler:
         )
         return received + added + content, message_id
 
-    async def _commit(self, queue_id: str, envelope: SpoolEnvelope, content: bytes) -> str:
+    async def _commit(
+        self, queue_id: str, envelope: SpoolEnvelope, content: tuple[bytes | memoryview, ...]
+    ) -> str:
         try:
             await self.spool.commit(queue_id, envelope, content)
         except SpoolFull:
@@ -282,8 +287,15 @@ class Listener:
         self.settings = settings
         self.hostname = hostname
         self._server: asyncio.base_events.Server | None = None
+        self._template: RelaySMTP | None = None
 
     def _protocol(self) -> RelaySMTP:
+        # One full aiosmtpd __init__ per setting change, a cheap copy per connection.
+        if self._template is None:
+            self._template = self._new_template()
+        return self._template.spawn()
+
+    def _new_template(self) -> RelaySMTP:
         return RelaySMTP(
             self.handler,
             data_size_limit=accepted_size(self.settings),
@@ -314,6 +326,7 @@ class Listener:
         """Apply new limits and allowed clients to new sessions (SIGHUP)."""
         self.settings = settings
         self.handler.settings = settings
+        self._template = None
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let sessions in a transaction finish, then close the rest."""

@@ -9,14 +9,19 @@ only speaks the protocol. Every reply code cites the RFC section that chose it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import ipaddress
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, syntax
+import aiosmtpd.smtp
+from aiosmtpd.smtp import SMTP, _AuthMechAttr, syntax
 
 from relayd.smtp.addresses import printable_name, split_path
-from relayd.smtp.content import READ_CHUNK, DataResult, check_content, read_data
+from relayd.smtp.content import READ_CHUNK, DataResult, check_data, read_data
 from relayd.smtp.wording import safe_reply
 
 if TYPE_CHECKING:
@@ -35,6 +40,59 @@ class RelaySMTP(SMTP):
         self.relay = handler
         self.client_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self._idle_deadline = 0.0
+        # A big message's parts after the first (DataResult.rest), for handle_DATA.
+        self.data_rest: tuple[bytes | memoryview, ...] = ()
+
+    # --- a protocol per connection -------------------------------------------------
+
+    def spawn(self) -> RelaySMTP:
+        """A protocol for a new connection, with this one's settings.
+
+        aiosmtpd's ``__init__`` looks up its command, hook and AUTH methods with
+        ``inspect.getmembers`` and ``dir`` on every instance: a third of the event
+        loop's time with a new connection per message (bench/README.md). The result
+        only depends on the class and the handler, so a new connection copies this
+        instance's settings, binds the same methods to itself, and gets a stream
+        reader of its own (asyncio's part of the state: never shared).
+        """
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self._settings_state())
+        # As aiosmtpd's __init__ does: its command line limits are a class attribute
+        # that each EHLO raises (SIZE, SMTPUTF8) and each new protocol resets; without
+        # the reset, MAIL's 512-octet limit would grow with every EHLO.
+        clone.command_size_limits.clear()
+        asyncio.StreamReaderProtocol.__init__(
+            clone,
+            asyncio.StreamReader(limit=self.line_length_limit, loop=self.loop),
+            client_connected_cb=clone._cb_client_connected,
+            loop=self.loop,
+        )
+        clone._smtp_methods = _BoundCommands(clone, self._command_names())
+        clone._auth_methods = {
+            name: _AuthMechAttr(getattr(clone, attr.method.__name__), True)
+            if attr.is_builtin
+            else attr
+            for name, attr in self._auth_methods.items()
+        }
+        return clone
+
+    def _command_names(self) -> dict[str, str]:
+        """aiosmtpd's command table (name -> method), as method names: bound lazily."""
+        names = self.__dict__.get("_spawn_commands")
+        if names is None:
+            names = {name: method.__name__ for name, method in self._smtp_methods.items()}
+            self._spawn_commands = names
+        return names
+
+    def _settings_state(self) -> dict[str, Any]:
+        """What SMTP.__init__ and ours set, without asyncio's per-connection state."""
+        state = self.__dict__.get("_spawn_state")
+        if state is None:
+            reader = asyncio.StreamReader(loop=self.loop)
+            probe = asyncio.StreamReaderProtocol(reader, loop=self.loop)
+            state = {key: value for key, value in vars(self).items() if key not in vars(probe)}
+            self._spawn_state = state
+        return state
 
     # --- idle timeout ------------------------------------------------------------
 
@@ -75,8 +133,15 @@ class RelaySMTP(SMTP):
             self.relay.session_closed(self)
 
     async def push(self, status: str | bytes) -> None:
+        """aiosmtpd's push (write the reply line, log it at debug level, drain), with
+        the reply made safe; one call less for each of the seven replies a message
+        with its own connection gets."""
         raw = status.encode("utf-8", "replace") if isinstance(status, str) else status
-        await super().push(safe_reply(raw))
+        reply = safe_reply(raw)
+        self._writer.write(reply + b"\r\n")
+        if _AIOSMTPD_LOG.isEnabledFor(logging.DEBUG):
+            _AIOSMTPD_LOG.debug("%r << %r", self.session and self.session.peer, reply)
+        await self._writer.drain()
         if raw.startswith(b"421") and self.transport is not None:
             # RFC 5321 §3.8: a server that answers 421 closes the channel; a client that
             # sent another command would otherwise have it answered (250 to a NOOP).
@@ -147,7 +212,11 @@ class RelaySMTP(SMTP):
         result = await self._read_data()
         if result.problem is None:
             self.envelope.content = self.envelope.original_content = result.content
-            status = await self._call_handler_hook("DATA")
+            self.data_rest = result.rest
+            try:
+                status = await self._call_handler_hook("DATA")
+            finally:
+                self.data_rest = ()
         else:
             status = self.relay.refuse_data(result.problem)
         self._set_post_data_state()
@@ -159,19 +228,74 @@ class RelaySMTP(SMTP):
         if content is None:
             return DataResult(b"", "too_big")
         settings = self.relay.settings
-        result = check_content(content, settings.bare_line_endings, settings.max_line_length)
-        if limit and len(result.content) > limit:  # bare line ends made CRLF grew it
+        result = await check_data(content, settings.bare_line_endings, settings.max_line_length)
+        del content  # the checked copy is what is kept
+        if limit and result.size > limit:  # bare line ends made CRLF grew it
             return DataResult(b"", "too_big")
         return result
 
 
 def _peer_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if not isinstance(peer, tuple) or not peer:
+    if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
         return None
+    return _parsed_address(peer[0])
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Parsed once per client address, not once per connection (ipaddress is slow, and
+    the same few applications connect again for every message)."""
     try:
-        address = ipaddress.ip_address(peer[0])
+        address = ipaddress.ip_address(host)
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+class _BoundCommands(Mapping[str, Any]):
+    """aiosmtpd's command table for one protocol: each method bound when the command
+    is looked up (once per command) rather than all of them for every connection."""
+
+    __slots__ = ("_names", "_owner")
+
+    def __init__(self, owner: RelaySMTP, names: dict[str, str]) -> None:
+        self._owner = owner
+        self._names = names
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self._owner, self._names[name])
+
+    def get(self, name: str, default: Any = None) -> Any:
+        attribute = self._names.get(name)
+        return default if attribute is None else getattr(self._owner, attribute)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+_AIOSMTPD_LOG = logging.getLogger("mail.log")
+_LOG_METHOD_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_library_sanitized_log = aiosmtpd.smtp.sanitized_log
+
+
+def _sanitized_log_when_enabled(func: Callable[..., None], msg: Any, *args: Any, **kw: Any) -> None:
+    """aiosmtpd's sanitized_log, skipped when its logger would drop the line anyway.
+
+    aiosmtpd runs every command line through a regular expression (to hide AUTH
+    credentials) for two log calls per command, before the logger decides to print
+    nothing: relayd keeps "mail.log" at WARNING unless it runs at debug level. Same
+    lines, same sanitizing, whenever the level lets them through."""
+    logger = getattr(func, "__self__", None)
+    level = _LOG_METHOD_LEVELS.get(getattr(func, "__name__", ""))
+    if isinstance(logger, logging.Logger) and level and not logger.isEnabledFor(level):
+        return
+    _library_sanitized_log(func, msg, *args, **kw)
+
+
+# aiosmtpd's command loop looks the function up in its module at every call.
+aiosmtpd.smtp.sanitized_log = _sanitized_log_when_enabled

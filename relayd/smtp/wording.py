@@ -28,7 +28,18 @@ def safe_reply(reply: bytes) -> bytes:
     """The reply as sent: reworded, and with no control character. aiosmtpd echoes some
     client text in replies; a control character there would make a malformed reply
     (RFC 5321 §4.2) or inject a line."""
-    return _CONTROL.sub(b"?", _reword(reply))
+    safe = _SAFE_REPLIES.get(reply)
+    if safe is None:
+        safe = _CONTROL.sub(b"?", _reword(reply))
+        # The same few replies go to every message; "queued as <id>" never repeats.
+        if len(_SAFE_REPLIES) < _SAFE_REPLIES_KEPT and not reply.startswith(_QUEUED):
+            _SAFE_REPLIES[reply] = safe
+    return safe
+
+
+_SAFE_REPLIES: dict[bytes, bytes] = {}
+_SAFE_REPLIES_KEPT = 256
+_QUEUED = b"250 2.0.0 Ok: queued as "
 
 
 def _reword(reply: bytes) -> bytes:
