@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from relayd.queue.census import id_number, received_at_from_number
 from relayd.queue.model import DeliveryState, Envelope, new_queue_id, received_at_from_id
 from relayd.queue.spool import Spool
 from tests.helpers import make_message
@@ -69,3 +70,10 @@ async def test_counted_oldest_agrees_with_a_recount(spool: Spool) -> None:
     counted = oldest(spool)
     assert counted == spool.take_census().oldest_received_at
     assert counted == pytest.approx(received_at_from_id(ids[7]))
+
+
+def test_ids_kept_as_numbers_sort_and_date_as_the_ids_do() -> None:
+    ids = [new_queue_id(now) for now in (1_700_000_000.0, 1_700_000_000.000001, 1_800_000_000.5)]
+    assert sorted(ids, key=id_number) == sorted(ids)
+    for queue_id in ids:
+        assert received_at_from_number(id_number(queue_id)) == received_at_from_id(queue_id)
