@@ -342,7 +342,8 @@ class Relay:
         while True:
             await asyncio.sleep(GAUGE_INTERVAL)
             try:
-                if time.monotonic() - last_census >= CENSUS_INTERVAL:
+                due = time.monotonic() - last_census >= CENSUS_INTERVAL
+                if due or self.spool.recount_wanted:
                     last_census = time.monotonic()  # a failing recount waits its turn too
                     await asyncio.to_thread(self.spool.take_census)
                 self._refresh_gauges()

@@ -392,13 +392,18 @@ class Spool:
     def _scan(self, names: set[str] | None = None) -> list[str]:
         """Recount every state from disk; the paths of files whose names are not queue
         ids. The ids found are added to ``names`` when given."""
-        census, strays = scan(self.path, names)
+        census, strays = scan(self.path, names, self._counts.tracked)
         self._counts.replace(census)
         return strays
 
     def census(self) -> Census:
         """The current counters (cheap; kept up to date by every move this process makes)."""
         return self._counts.snapshot()
+
+    @property
+    def recount_wanted(self) -> bool:
+        """The counters no longer know the oldest message: take_census() soon."""
+        return self._counts.recount_wanted
 
     def _count(self, state: str, delta: int, size: int, *, queue_id: str) -> None:
         self._counts.count(state, delta, size, queue_id=queue_id)

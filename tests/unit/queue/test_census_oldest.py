@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from relayd.queue import census
 from relayd.queue.census import id_number, received_at_from_number
 from relayd.queue.model import DeliveryState, Envelope, new_queue_id, received_at_from_id
 from relayd.queue.spool import Spool
@@ -77,3 +78,45 @@ def test_ids_kept_as_numbers_sort_and_date_as_the_ids_do() -> None:
     assert sorted(ids, key=id_number) == sorted(ids)
     for queue_id in ids:
         assert received_at_from_number(id_number(queue_id)) == received_at_from_id(queue_id)
+
+
+@pytest.fixture
+def few_tracked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(census, "TRACKED_IDS", 3)
+
+
+@pytest.mark.usefixtures("few_tracked")
+@pytest.mark.parametrize("recounted", [False, True])
+async def test_beyond_the_tracked_ids_the_oldest_stays_right_and_a_recount_finds_the_next(
+    tmp_path: Path, recounted: bool
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.recover()
+    now = time.time()
+    ids = [await commit(spool, now - minutes * 60) for minutes in range(8, 0, -1)]
+    if recounted:
+        spool.take_census()  # tracks the 3 oldest of 8
+    spool.hold(ids[1])
+    spool.release(ids[1])  # a tracked one back
+    for position in range(3):
+        assert oldest(spool) == pytest.approx(received_at_from_id(ids[position]))
+        assert not spool.recount_wanted
+        spool.delivered(spool.claim(ids[position]))
+    # All tracked ids left: the last one stands in (never younger than the truth)
+    # until the recount that the daemon runs at once.
+    assert oldest(spool) <= received_at_from_id(ids[3])
+    assert spool.recount_wanted
+    spool.take_census()
+    assert not spool.recount_wanted
+    assert oldest(spool) == pytest.approx(received_at_from_id(ids[3]))
+    assert spool.census().pending == 5
+
+
+@pytest.mark.usefixtures("few_tracked")
+async def test_a_recount_keeps_only_the_oldest_ids(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.recover()
+    now = time.time()
+    ids = [await commit(spool, now - minutes * 60) for minutes in range(6, 0, -1)]
+    found, _ = census.scan(spool.path)
+    assert sorted(found.pending_ids) == sorted(id_number(queue_id) for queue_id in ids[:3])
