@@ -76,7 +76,7 @@ async def one_drain(tmp: Path, tree: Path, args: argparse.Namespace, spy: str | 
                     stderr=subprocess.DEVNULL,
                 )
             cpu_before, first, started = cpu_seconds(pid), len(fake.messages), time.perf_counter()
-            deadline = started + 300
+            deadline = started + args.deadline
             while len(fake.messages) < args.messages and time.perf_counter() < deadline:
                 await asyncio.sleep(0.002)
             elapsed = time.perf_counter() - started
@@ -136,4 +136,5 @@ if __name__ == "__main__":
     parser.add_argument("--profile-tree", default="this")
     parser.add_argument("--profile-out", type=Path, default=Path("/tmp/relayd-drain.raw"))
     parser.add_argument("--base", type=Path, default=Path("/var/tmp"))
+    parser.add_argument("--deadline", type=float, default=120, help="seconds per drain, at most")
     asyncio.run(main(parser.parse_args()))
