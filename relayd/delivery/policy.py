@@ -34,6 +34,7 @@ listener keeps for relayd's additions (``headers.ADDED_AT_MOST``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from email.utils import formataddr, getaddresses
 
 from relayd import headers
@@ -192,8 +193,16 @@ def _unfolded(value: bytes) -> bytes:
 
 
 def _addresses(value: bytes) -> list[str]:
+    return list(_parsed_addresses(value))
+
+
+# An application sends with the same From: field message after message, and
+# getaddresses is a pure parse costing more than the rest of the claim's policy step
+# (bench/README.md "What profiling changed"). Bounded: at most 1,024 field values.
+@functools.lru_cache(maxsize=1024)
+def _parsed_addresses(value: bytes) -> tuple[str, ...]:
     pairs = getaddresses([_unfolded(value).decode("utf-8", "replace")])
-    return [address for _, address in pairs] or [""]
+    return tuple(address for _, address in pairs) or ("",)
 
 
 def _from_field(display_name: str, address: str) -> bytes:

@@ -102,8 +102,10 @@ class Scheduler:
             metrics.messages_deferred.labels(reason)
         for reason in FAIL_REASONS:
             metrics.messages_failed.labels(reason)
-        for reason in (*PAUSE_REASONS, "other"):
-            metrics.deliveries_paused.labels(reason)
+        # The children, looked up once: the gauges are refreshed after every pass.
+        self._paused_gauges = {
+            reason: metrics.deliveries_paused.labels(reason) for reason in (*PAUSE_REASONS, "other")
+        }
 
     # --- interface -------------------------------------------------------------------
 
@@ -391,8 +393,8 @@ class Scheduler:
 
     def _refresh_gauges(self) -> None:
         paused = self._paused if self._paused in (None, *PAUSE_REASONS) else "other"
-        for reason in (*PAUSE_REASONS, "other"):
-            self.metrics.deliveries_paused.labels(reason).set(1 if reason == paused else 0)
+        for reason, gauge in self._paused_gauges.items():
+            gauge.set(1 if reason == paused else 0)
         self.metrics.upstream_circuit_open.set(1 if self.circuit_open else 0)
         self.metrics.rate_limit_tokens.set(self.rate.remaining())
         self.metrics.daily_recipients_used.set(self.daily.used())

@@ -90,7 +90,14 @@ class Recording:
         self.messages_rejected.labels(reason if reason in REJECT_REASONS else "other").inc()
 
     def upstream_reply(self, code: int, message: str) -> None:
-        self.upstream_replies.labels(enhanced_code_class(code, message)).inc()
+        # Once per delivered message at least: the labelled child is looked up once
+        # per code class (prometheus_client keeps it; nothing here removes children).
+        label = enhanced_code_class(code, message)
+        children = self.__dict__.setdefault("_reply_children", {})
+        child = children.get(label)
+        if child is None:
+            child = children[label] = self.upstream_replies.labels(label)
+        child.inc()
 
     def graph_response(self, status: int | None) -> None:
         self.graph_responses.labels(graph_status_label(status)).inc()
