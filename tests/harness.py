@@ -63,8 +63,14 @@ class Harness:
         return [await self.queue(**kwargs) for _ in range(count)]
 
     def settled(self, queue_id: str, state: str | None = None) -> bool:
-        """``queue_id`` is in ``state`` (None: gone) and nothing is being delivered."""
-        return self.scheduler.active_count == 0 and self.state_of(queue_id) == state
+        """``queue_id`` is in ``state`` (None: gone) and nothing is being delivered.
+
+        Looked at twice: one listing can miss a file that moves while it is read (from
+        a state not listed yet to one already listed, say deferred/ -> active/ as a
+        retry is claimed), and once is enough for ``eventually`` to stop waiting."""
+        return all(
+            self.scheduler.active_count == 0 and self.state_of(queue_id) == state for _ in range(2)
+        )
 
     def state_of(self, queue_id: str) -> str | None:
         for entry in self.spool.entries():
