@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trustme
 
 from bench import postfix, postfix_xoauth2
-from bench.measure import cpu_seconds, machine, session_cpu_seconds
+from bench.measure import cpu_seconds, machine, session_cpu_seconds, spread
 from relayd import config
 from tests.auth_helpers import auth_overrides, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra
@@ -182,6 +182,7 @@ async def run_pairs(root: Path, args: argparse.Namespace) -> list[RunResult]:
     ca.cert_pem.write_to_path(str(ca_file))
     ca_file.chmod(0o644)  # Postfix's smtp runs as the postfix user
     results = []
+    spread(root)  # each run's spool on a fresh ext4 block group (measure.spread)
     with FakeEntra(ca) as entra:
         fakes = Fakes(ca, ca_file, entra)
         servers = ["relayd"] + ([] if args.no_postfix else ["postfix"])

@@ -39,7 +39,7 @@ from typing import BinaryIO
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import postfix
-from bench.measure import cpu_seconds, machine
+from bench.measure import cpu_seconds, machine, spread
 from bench.smtpload import LoadResult, make_message, run_load
 from tests.helpers import RelayProcess, unreachable_upstream, write_config
 
@@ -310,8 +310,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="relayd-bench-", dir=args.base) as tmp:
         root = Path(tmp)
         root.chmod(0o755)  # Postfix's daemons run as the postfix user
-        # Each spool on its own ext4 block group, as bench/run.py does (see its docstring).
-        subprocess.run(["chattr", "+T", str(root)], capture_output=True, check=False)
+        spread(root)  # each spool on its own ext4 block group
         lines = list(rows(root, args))
     print(f"\n{header}; load average after the run {_uptime()[13:]}\n")
     print(f"`python3 bench/listener.py {' '.join(sys.argv[1:])}`\n")

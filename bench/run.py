@@ -42,9 +42,7 @@ import argparse
 import asyncio
 import contextlib
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Iterator
@@ -55,7 +53,7 @@ from typing import Any, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import delivering, e2e, listener, postfix, postfix_xoauth2, ratelimit
-from bench.measure import cpu_seconds, machine, peak_rss_mib
+from bench.measure import cpu_seconds, machine, peak_rss_mib, spread
 from bench.queued import fill_spool, measure_startup
 from bench.smtpload import LoadResult, run_load
 from tests.helpers import RelayProcess, unreachable_upstream, write_config
@@ -199,12 +197,6 @@ def _relay_config(base: Path) -> Path:
     """relayd as it ships (log level info), an upstream nobody can reach: mail stays."""
     base.mkdir(parents=True, exist_ok=True)
     return write_config(base, unreachable_upstream(base))
-
-
-def _spread(directory: Path) -> None:
-    """Ask ext4 to put each subdirectory on its own block group (see the docstring)."""
-    if shutil.which("chattr"):
-        subprocess.run(["chattr", "+T", str(directory)], capture_output=True, check=False)
 
 
 def run_accept(root: Path, args: argparse.Namespace) -> list[Row]:
@@ -411,7 +403,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="relayd-bench-", dir=args.base) as tmp:
         root = Path(tmp)
         root.chmod(0o755)  # Postfix's daemons run as the postfix user
-        _spread(root)
+        spread(root)
         rows = [] if args.no_accept else run_accept(root, args)
         if not args.no_e2e:
             rows += run_end_to_end(root, args)
