@@ -178,7 +178,12 @@ def log_events(output: str) -> list[dict[str, Any]]:
 
 def login_by_pasting(config_path: Path, ca_file: Path) -> AuthCli:
     """Run `auth login`, sign in "on a laptop", paste the address back; a finished run."""
-    cli = AuthCli(config_path, "login")
+    return login_showing_the_address(config_path, ca_file)[0]
+
+
+def login_showing_the_address(config_path: Path, ca_file: Path, *args: str) -> tuple[AuthCli, str]:
+    """`auth login ARGS` as ``login_by_pasting``; also the sign-in address it printed."""
+    cli = AuthCli(config_path, "login", *args)
     try:
         auth_url = cli.wait_for_line("https://127.0.0.1:")
         cli.wait_for_line("and press Enter")
@@ -186,4 +191,4 @@ def login_by_pasting(config_path: Path, ca_file: Path) -> AuthCli:
         cli.finish()
     finally:
         cli.kill()
-    return cli
+    return cli, auth_url

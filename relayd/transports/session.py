@@ -70,12 +70,7 @@ class RelaySMTP(aiosmtplib.SMTP):
     ) -> aiosmtplib.SMTPResponse:
         """aiosmtplib's ``mail`` (the same command, checks and exceptions), with the
         sender's quoted form cached."""
-        await self._ehlo_or_helo_if_needed()
-        address = _quoted(sender).encode(encoding)
-        parameters = [option.encode("ascii") for option in options or ()]
-        response = await self.execute_command(
-            b"MAIL", b"FROM:" + address, *parameters, timeout=timeout
-        )
+        response = await self._address_command(b"MAIL FROM:", sender, options, encoding, timeout)
         if response.code != aiosmtplib.SMTPStatus.completed:
             raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
         return response
@@ -91,18 +86,29 @@ class RelaySMTP(aiosmtplib.SMTP):
     ) -> aiosmtplib.SMTPResponse:
         """aiosmtplib's ``rcpt`` (250 or 251, else SMTPRecipientRefused), with the
         recipient's quoted form cached."""
-        await self._ehlo_or_helo_if_needed()
-        address = _quoted(recipient).encode(encoding)
-        parameters = [option.encode("ascii") for option in options or ()]
-        response = await self.execute_command(
-            b"RCPT", b"TO:" + address, *parameters, timeout=timeout
-        )
+        response = await self._address_command(b"RCPT TO:", recipient, options, encoding, timeout)
         if response.code not in (
             aiosmtplib.SMTPStatus.completed,
             aiosmtplib.SMTPStatus.will_forward,
         ):
             raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
         return response
+
+    async def _address_command(
+        self,
+        command: bytes,
+        address: str,
+        options: Iterable[str] | None,
+        encoding: str,
+        timeout: float | Literal[Default.token] | None,  # noqa: ASYNC109
+    ) -> aiosmtplib.SMTPResponse:
+        """MAIL FROM:<address> or RCPT TO:<address> with its options, as aiosmtplib
+        sends them (``b"MAIL FROM:"`` is the verb and its argument's start)."""
+        await self._ehlo_or_helo_if_needed()
+        verb, start = command.split(b" ")
+        parameters = [option.encode("ascii") for option in options or ()]
+        argument = start + _quoted(address).encode(encoding)
+        return await self.execute_command(verb, argument, *parameters, timeout=timeout)
 
     async def data(
         self,

@@ -17,8 +17,8 @@ import yaml
 from relayd import config
 from relayd.queue.model import Envelope, new_queue_id
 from relayd.queue.spool import Spool
-from tests.auth_helpers import AuthCli, auth_config_file, run_auth
-from tests.fakes.entra import MAILBOX, FakeEntra, sign_in_in_browser
+from tests.auth_helpers import auth_config_file, login_showing_the_address, run_auth
+from tests.fakes.entra import MAILBOX, FakeEntra
 from tests.helpers import REPO, make_message, run_relayd, running_relay, write_config
 
 HR = "hr@contoso.example"
@@ -38,25 +38,11 @@ def route_cache(config_path: Path, mailbox: str) -> Path:
     return config_path.parent / "tokens" / f"token_cache.{mailbox}.json"
 
 
-def login(config_path: Path, ca_file: Path, *args: str) -> tuple[AuthCli, str]:
-    """`auth login ARGS`, signed in "on a laptop", the address pasted back; also the
-    sign-in address it printed."""
-    cli = AuthCli(config_path, "login", *args)
-    try:
-        auth_url = cli.wait_for_line("https://127.0.0.1:")
-        cli.wait_for_line("and press Enter")
-        cli.send(sign_in_in_browser(auth_url, ca_file) + "\n")
-        cli.finish()
-    finally:
-        cli.kill()
-    return cli, auth_url
-
-
 def test_login_for_a_route_signs_in_that_mailbox_only(
     config_path: Path, entra: FakeEntra, ca_file: Path
 ) -> None:
     entra.signin_user = HR
-    cli, auth_url = login(config_path, ca_file, "--mailbox", HR)
+    cli, auth_url = login_showing_the_address(config_path, ca_file, "--mailbox", HR)
     assert cli.process.returncode == 0, cli.everything()
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(auth_url).query)
     assert query["login_hint"] == [HR]  # Entra ID preselects that account
@@ -94,7 +80,7 @@ def test_login_as_anyone_else_is_refused_and_not_saved(
 ) -> None:
     """The person signs in as the default mailbox (or anyone) when asked for HR's."""
     entra.signin_user = MAILBOX
-    cli, _ = login(config_path, ca_file, "--mailbox", HR)
+    cli, _ = login_showing_the_address(config_path, ca_file, "--mailbox", HR)
     assert cli.process.returncode == 1
     refusal = [line for line in cli.output().splitlines() if "refused" in line]
     assert len(refusal) == 1, cli.output()

@@ -11,7 +11,7 @@ from tests.helpers import CLIENT_ID, REPO, TENANT_ID
 EXAMPLE = REPO / "config" / "relayd.example.yaml"
 
 
-def settings_for(tmp_path: Path, **sections: dict) -> config.Settings:
+def settings_for(tmp_path: Path, **sections: dict | list) -> config.Settings:
     document = {
         "spool": {"directory": str(tmp_path / "spool")},
         "upstream": {"mailbox": "relay@contoso.com"},
@@ -21,8 +21,9 @@ def settings_for(tmp_path: Path, **sections: dict) -> config.Settings:
             "token_cache": str(tmp_path / "tokens" / "cache.json"),
         },
     }
-    for name, values in sections.items():
-        document[name] = {**document.get(name, {}), **values}
+    for name, values in sections.items():  # a list (routes) replaces, a section merges
+        merged = values if isinstance(values, list) else {**document.get(name, {}), **values}
+        document[name] = merged
     return config.from_mapping(document, "test.yaml", environ={})
 
 

@@ -6,24 +6,14 @@ from pathlib import Path
 
 from relayd import config, preflight
 from relayd.preflight import ERROR, WARNING
-from tests.helpers import CLIENT_ID, TENANT_ID
+from tests.unit.test_preflight import settings_for
 
 WIDE = {"mailbox": "all@contoso.com", "senders": ["*@hr.contoso.com"]}
 NARROW = {"mailbox": "boss@contoso.com", "senders": ["ceo@hr.contoso.com"]}
 
 
 def with_routes(tmp_path: Path, *routes: dict) -> config.Settings:
-    document = {
-        "spool": {"directory": str(tmp_path / "spool")},
-        "upstream": {"mailbox": "relay@contoso.com"},
-        "oauth": {
-            "tenant_id": TENANT_ID,
-            "client_id": CLIENT_ID,
-            "token_cache": str(tmp_path / "tokens" / "cache.json"),
-        },
-        "routes": list(routes),
-    }
-    return config.from_mapping(document, "test.yaml", environ={})
+    return settings_for(tmp_path, routes=list(routes))
 
 
 def test_a_sender_an_earlier_route_takes_is_a_warning(tmp_path: Path) -> None:
