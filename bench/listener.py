@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import os
 import socket
 import statistics
@@ -147,37 +146,7 @@ def _expect(reader: BinaryIO, errors: list[str], code: bytes = b"") -> None:
 
 async def _small_until(port: int, clients: int, done: threading.Event, cap: int) -> LoadResult:
     """Small messages from ``clients`` connections until ``done`` is set (at most ``cap``)."""
-    result = LoadResult(clients=clients, size=SMALL)
-    numbers = itertools.count()
-    started = time.perf_counter()
-
-    async def client() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await reader.readline()
-        writer.write(b"EHLO small.bench\r\n")
-        while (await reader.readline())[3:4] == b"-":
-            pass
-        while not done.is_set() and (number := next(numbers)) < cap:
-            writer.write(b"MAIL FROM:<bench@example.com>\r\n")
-            await reader.readline()
-            writer.write(b"RCPT TO:<user@example.com>\r\n")
-            await reader.readline()
-            writer.write(b"DATA\r\n")
-            await reader.readline()
-            writer.write(make_message(number, SMALL))
-            sent = time.perf_counter()
-            reply = await reader.readline()
-            if reply.startswith(b"250"):
-                result.latencies.append(time.perf_counter() - sent)
-                result.sent += 1
-            else:
-                result.failed += 1
-        writer.write(b"QUIT\r\n")
-        writer.close()
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    result.seconds = time.perf_counter() - started
-    return result
+    return await run_load("127.0.0.1", port, clients, cap, SMALL, stop=done)
 
 
 @dataclass

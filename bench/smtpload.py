@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -62,14 +63,20 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
 
 
 async def _client(
-    host: str, port: int, numbers: itertools.count, total: int, size: int, result: LoadResult
+    host: str,
+    port: int,
+    numbers: itertools.count,
+    total: int,
+    size: int,
+    result: LoadResult,
+    stop: threading.Event | None,
 ) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         await _reply(reader)
         writer.write(b"EHLO bench.local\r\n")
         await _reply(reader)
-        while (number := next(numbers)) < total:
+        while not (stop and stop.is_set()) and (number := next(numbers)) < total:
             writer.write(b"MAIL FROM:<bench@example.com>\r\n")
             await _reply(reader)
             writer.write(b"RCPT TO:<user@example.com>\r\n")
@@ -90,13 +97,16 @@ async def _client(
         writer.close()
 
 
-async def run_load(host: str, port: int, clients: int, total: int, size: int) -> LoadResult:
-    """Send ``total`` messages of about ``size`` bytes from ``clients`` connections."""
+async def run_load(
+    host: str, port: int, clients: int, total: int, size: int, stop: threading.Event | None = None
+) -> LoadResult:
+    """Send ``total`` messages of about ``size`` bytes from ``clients`` connections
+    (fewer if ``stop`` is set meanwhile: each client ends after its current message)."""
     result = LoadResult(clients=clients, size=size)
     numbers = itertools.count()
     started = time.perf_counter()
     await asyncio.gather(
-        *(_client(host, port, numbers, total, size, result) for _ in range(clients))
+        *(_client(host, port, numbers, total, size, result, stop) for _ in range(clients))
     )
     result.seconds = time.perf_counter() - started
     return result
