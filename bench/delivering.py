@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trustme
 
 from bench import postfix, postfix_xoauth2
-from bench.measure import cpu_seconds, machine, session_cpu_seconds, spread
+from bench.measure import cpu_seconds, machine, relay_cpu_seconds, session_cpu_seconds, spread
 from relayd import config
 from tests.auth_helpers import auth_overrides, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra
@@ -133,7 +133,7 @@ async def run_relayd(
             assert relay.process is not None
             pid = relay.process.pid
             with watch(pid) if watch else contextlib.nullcontext():
-                figures = await measure(fake, relay.port, lambda: cpu_seconds(pid), args)
+                figures = await measure(fake, relay.port, lambda: relay_cpu_seconds(pid), args)
         finally:
             relay.stop()
     finally:

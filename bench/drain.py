@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trustme
 
 from bench.e2e import prefill
-from bench.measure import cpu_seconds, machine
+from bench.measure import machine, relay_cpu_seconds
 from relayd import config
 from tests.auth_helpers import auth_overrides, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra
@@ -75,12 +75,16 @@ async def one_drain(tmp: Path, tree: Path, args: argparse.Namespace, spy: str | 
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
-            cpu_before, first, started = cpu_seconds(pid), len(fake.messages), time.perf_counter()
+            cpu_before, first, started = (
+                relay_cpu_seconds(pid),
+                len(fake.messages),
+                time.perf_counter(),
+            )
             deadline = started + args.deadline
             while len(fake.messages) < args.messages and time.perf_counter() < deadline:
                 await asyncio.sleep(0.002)
             elapsed = time.perf_counter() - started
-            cpu = cpu_seconds(pid) - cpu_before
+            cpu = relay_cpu_seconds(pid) - cpu_before
             count = len(fake.messages) - first
         finally:
             if recorder is not None:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trustme
 
-from bench.measure import cpu_seconds, machine
+from bench.measure import cpu_seconds, machine, relay_cpu_seconds
 from relayd import config
 from relayd.queue.model import Envelope, new_queue_id
 from relayd.queue.spool import Spool
@@ -86,7 +86,7 @@ async def measure(
 ) -> dict:
     """Client mode: send ``count`` messages and wait until all are delivered. Drain mode
     (``clients == 0``): the spool was filled beforehand; wait until it is empty."""
-    cpu_before = cpu_seconds(relay.process.pid), cpu_seconds(os.getpid())
+    cpu_before = relay_cpu_seconds(relay.process.pid), cpu_seconds(os.getpid())
     started = time.perf_counter()
     already = delivered()
     if clients:
@@ -96,7 +96,7 @@ async def measure(
     while delivered() < count and time.perf_counter() < deadline:
         await asyncio.sleep(0.01)
     finished = time.perf_counter()
-    cpu_after = cpu_seconds(relay.process.pid), cpu_seconds(os.getpid())
+    cpu_after = relay_cpu_seconds(relay.process.pid), cpu_seconds(os.getpid())
     return {
         "accepted_per_s": count / (accepted - started) if clients else None,
         "delivered_per_s": (count - already) / (finished - started),

@@ -38,7 +38,7 @@ from typing import BinaryIO
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import postfix
-from bench.measure import cpu_seconds, machine, spread
+from bench.measure import machine, relay_cpu_seconds, spread
 from bench.smtpload import LoadResult, make_message, run_load
 from tests.helpers import RelayProcess, unreachable_upstream, write_config
 
@@ -90,9 +90,9 @@ def source_pairs(
                 seconds = smtp_source(local.port, args.sessions, args.messages, SMALL, reuse)
                 local.settle()
             else:
-                before = cpu_seconds(pid)
+                before = relay_cpu_seconds(pid)
                 seconds = smtp_source(relay.port, args.sessions, args.messages, SMALL, reuse)
-                cpu = (cpu_seconds(pid) - before) * 1000 / args.messages
+                cpu = (relay_cpu_seconds(pid) - before) * 1000 / args.messages
             rates[name] = args.messages / seconds
         pairs.append(Pair(rates["relayd"], rates.get("postfix"), cpu))
         print(f"    pair {number + 1}: {_pair_text(pairs[-1])}; {_uptime()}", file=sys.stderr)
@@ -164,7 +164,7 @@ def small_beside_big(relay: RelayProcess, big_messages: int) -> Mixed:
     assert relay.process is not None
     alone = asyncio.run(run_load("127.0.0.1", relay.port, 4, 2000, SMALL))
     done = threading.Event()
-    before = cpu_seconds(relay.process.pid)
+    before = relay_cpu_seconds(relay.process.pid)
     command = [sys.executable, __file__, "--send-big", str(relay.port), str(big_messages)]
     started = time.perf_counter()
     senders = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
@@ -180,7 +180,7 @@ def small_beside_big(relay: RelayProcess, big_messages: int) -> Mixed:
     small = asyncio.run(_small_until(relay.port, 4, done, 1_000_000))
     waiter.join()
     big_seconds = time.perf_counter() - started
-    cpu = cpu_seconds(relay.process.pid) - before
+    cpu = relay_cpu_seconds(relay.process.pid) - before
     errors = [line for output in outputs for line in output.splitlines() if line]
     return Mixed(small, alone, big_seconds, cpu, errors)
 

@@ -3,6 +3,7 @@ and CPU time (Linux /proc)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -77,6 +78,35 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def relay_cpu_seconds(pid: int) -> float:
+    """CPU time of relayd's process and its spool writers (relayd.queue.writer): the
+    live child processes, and what the children it has already waited for used (its
+    cutime + cstime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    for child in children(pid):
+        with contextlib.suppress(OSError):  # it exited meanwhile
+            total += cpu_seconds(child)
+    return total
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of any thread of ``pid`` (relayd starts its spool
+    writers from the event loop's thread pool)."""
+    found = []
+    for tid in _listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            found += [
+                int(child) for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+            ]
+    return found
+
+
+def children_rss_mib(pid: int) -> float:
+    """The resident memory of ``pid``'s child processes now (VmRSS), together."""
+    return sum(_proc_status(child, "VmRSS") for child in children(pid))
 
 
 def session_cpu_seconds(session: int) -> float:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.measure import peak_rss_mib
+from bench.measure import children_rss_mib, peak_rss_mib
 from relayd.queue.model import Envelope, new_queue_id
 from relayd.queue.spool import Spool
 from tests.helpers import NotifySocket, RelayProcess, make_message
@@ -26,6 +26,7 @@ class StartupResult:
     queued: int
     ready_seconds: float
     peak_rss_mib: float
+    writers_rss_mib: float  # the spool writer processes beside it, together
 
 
 def fill_spool(directory: Path, count: int, size: int) -> None:
@@ -65,7 +66,8 @@ def measure_startup(config_path: Path, queued: int) -> StartupResult:
         assert relay.process is not None
         relay.signal(signal.SIGUSR1)
         relay.wait_for_log("spool rescanned on request", timeout=600)
-        return StartupResult(queued, ready, peak_rss_mib(relay.process.pid))
+        pid = relay.process.pid
+        return StartupResult(queued, ready, peak_rss_mib(pid), children_rss_mib(pid))
     finally:
         relay.stop()
         notify.close()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trustme
 
 from bench.delivering import Fakes, relay_config
-from bench.measure import cpu_seconds, machine
+from bench.measure import machine, relay_cpu_seconds
 from relayd.queue.model import Envelope, new_queue_id
 from relayd.queue.spool import Spool
 from tests.fakes.entra import MAILBOX, FakeEntra
@@ -123,11 +123,11 @@ async def run(root: Path, args: argparse.Namespace) -> dict:
             try:
                 await asyncio.to_thread(wait_for_port, "127.0.0.1", relay.port, 60)
                 assert relay.process is not None
-                cpu_before = cpu_seconds(relay.process.pid)
+                cpu_before = relay_cpu_seconds(relay.process.pid)
                 deadline = time.monotonic() + (args.minutes + 2) * WINDOW + 60
                 while len(fake.messages) < count and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
-                cpu = cpu_seconds(relay.process.pid) - cpu_before
+                cpu = relay_cpu_seconds(relay.process.pid) - cpu_before
             finally:
                 relay.stop()
         finally:

@@ -71,7 +71,11 @@ class Relay:
         self._load_config = loader  # SIGHUP; the sandbox's keeps the maildir transport
         self.metrics = metrics or Metrics(per_mailbox=bool(settings.routes))
         self.notifier = notifier or Notifier()
-        self.spool = Spool(settings.spool.directory, min_free_space=settings.spool.min_free_space)
+        self.spool = Spool(
+            settings.spool.directory,
+            min_free_space=settings.spool.min_free_space,
+            writer_process=True,  # small messages written away from the loop's GIL
+        )
         self.handler = RelayHandler(
             settings.listen,
             self.spool,
@@ -129,6 +133,7 @@ class Relay:
         await self._start_health()
         self.phase = "recovering"
         report = await asyncio.to_thread(self.spool.recover)
+        await self.spool.start_writers()  # after recovery has emptied tmp/
         census = self.spool.census()
         log.info(
             "spool recovered",
@@ -161,6 +166,7 @@ class Relay:
         grace = self.settings.listen.shutdown_grace
         deadline = time.monotonic() + grace
         await self.listener.stop(grace)
+        await self.spool.stop_writers()  # every session has had its reply
         await self.scheduler.stop(max(MIN_DELIVERY_GRACE, deadline - time.monotonic()))
         for tokens in self.mailboxes.values():
             if tokens is not None:

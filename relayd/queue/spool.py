@@ -83,12 +83,18 @@ _OPERATOR_HINTS = {
 class Spool:
     """All queue file operations. Methods are blocking unless marked async."""
 
-    def __init__(self, directory: Path, *, min_free_space: int = 0) -> None:
+    def __init__(
+        self, directory: Path, *, min_free_space: int = 0, writer_process: bool = False
+    ) -> None:
+        """``writer_process``: small messages are written by processes of their own
+        (``relayd.queue.writer``), as the daemon does; else by this one's threads."""
         self.directory = Path(directory)
         self.min_free_space = min_free_space
         self._state_directories = {name: self.directory / name for name in DIRECTORIES}
         self._counts = Counts()
-        self._commit = GroupCommit(self.directory, min_free_space, self._counts)
+        self._commit = GroupCommit(
+            self.directory, min_free_space, self._counts, writer_process=writer_process
+        )
         self._mover = Mover(self.path, self._counts)
 
     # --- set-up ------------------------------------------------------------------
@@ -129,6 +135,14 @@ class Spool:
         """Store a message durably (its bytes, or its parts in order). When this
         returns, the listener may answer 250."""
         await self._commit.commit(queue_id, envelope, content)
+
+    async def start_writers(self) -> None:
+        """Start the writer processes now (``writer_process``), not at the first commit."""
+        await self._commit.start()
+
+    async def stop_writers(self) -> None:
+        """Stop the writer processes, if there are any."""
+        await self._commit.close()
 
     # --- delivery ----------------------------------------------------------------
 
