@@ -1,22 +1,23 @@
 """The spool writer: a process of its own that writes the listener's small queue files.
 
 Why a process: in the daemon, the threads that wrote and synced a commit batch waited
-for the GIL that the event loop holds while it serves SMTP sessions; a batch of ten
-2 KiB files took ~9 ms there against ~2 ms in an idle process (bench/README.md), and
-every client waited that long for its 250. Here the same ``FileWriter`` runs with a GIL
-of its own. The listener's commit thread hands it a whole batch in one message on a
-socket pair and reads one reply: two system calls with the GIL, where writing in its
-own threads took three or more per file.
+for the GIL that the event loop holds while it serves SMTP sessions, and every client
+of the batch waited with them for its 250 (bench/README.md). Here the same
+``FileWriter`` runs with a GIL of its own, and the event loop hands it a whole batch in
+one message on a socket pair and reads one reply, with no thread in between
+(``WriterClient``; ``relayd.queue.lanes`` decides what goes in a batch).
 
 The writer never decides anything: it writes the files it is given under tmp/, renames
 them into incoming/ and fsyncs incoming/, and says for each whether it is queued. It
-exits when its socket closes, so it never outlives the daemon. If it dies or stops
-answering, its batch gets a 451 and nothing of it stays queued (``WriterProcess``),
-and the next batch starts a new one.
+exits when its socket closes, so it never outlives the daemon, and it ignores SIGTERM,
+SIGINT and SIGHUP. If it dies, stops answering or answers nonsense, the daemon kills
+it, removes whatever of its batch is in tmp/ or incoming/ and writes the batch itself;
+a new writer is started RESTART_DELAY seconds later.
 
-Wire format, both ways a 4-byte big-endian length and then the body. A batch's body:
-a JSON line listing ``[queue_id, size]`` pairs, then the files' bytes one after the
-other. A reply's body: a JSON list, ``null`` for a queued file or the error's words.
+Wire format, both ways a 4-byte big-endian length and then the body. The writer's
+first frame is ``ready``. A batch's body: a JSON line listing ``[queue_id, size]``
+pairs, then the files' bytes one after the other. A reply's body: a JSON list, ``null``
+for a queued file or the error's words.
 """
 
 from __future__ import annotations
