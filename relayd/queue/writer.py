@@ -38,7 +38,7 @@ from typing import TypeVar
 
 import relayd
 from relayd.queue.model import SpoolError
-from relayd.queue.writing import FileWriter, QueueFile
+from relayd.queue.writing import FileWriter, QueueFile, unqueue
 
 _LENGTH = struct.Struct(">I")
 # A reply is due within this many seconds: a healthy batch takes milliseconds, and a
@@ -84,7 +84,6 @@ class WriterClient:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._failed_at = -restart_delay
-        self._files = FileWriter(self.directory)  # to clean up after a writer that failed
 
     @property
     def pid(self) -> int | None:
@@ -141,7 +140,9 @@ class WriterClient:
     ) -> None:
         if process is not None:
             _stop(process, 0)
-        self._files.unqueue(files)
+        unqueue(
+            os.path.join(self.directory, "tmp"), os.path.join(self.directory, "incoming"), files
+        )
 
     async def _exchange(self, files: Sequence[QueueFile]) -> list[str | None]:
         if self._writer is None:

@@ -87,10 +87,7 @@ class FileWriter:
 
     def unqueue(self, files: Sequence[QueueFile]) -> None:
         """Remove whatever of ``files`` is in tmp/ or incoming/: they get a 451."""
-        for queue_file in files:
-            for path in (self._tmp(queue_file), self._incoming(queue_file)):
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+        unqueue(self._tmp_dir, self._incoming_dir, files)
 
     def _tmp(self, queue_file: QueueFile) -> str:
         return os.path.join(self._tmp_dir, queue_file.queue_id)
@@ -138,3 +135,11 @@ def _write_groups(buffers: Sequence[Buffer]) -> list[list[Buffer]]:
         groups[-1].append(buffer)
         size += len(buffer)
     return groups
+
+
+def unqueue(tmp_dir: str, incoming_dir: str, files: Sequence[QueueFile]) -> None:
+    """Remove whatever of ``files`` is in ``tmp_dir`` or ``incoming_dir``."""
+    for queue_file in files:
+        for directory in (tmp_dir, incoming_dir):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, queue_file.queue_id))
