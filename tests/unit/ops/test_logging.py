@@ -302,6 +302,29 @@ def test_the_quick_pre_check_never_skips_a_line_a_pattern_matches(pattern) -> No
     check()
 
 
+_FIELD_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from([ACCESS_TOKEN, REFRESH_TOKEN, CLIENT_SECRET, "Bearer abcdef123", "0.a1.b"]),
+    st.builds(lambda a, b: a + CLIENT_SECRET + b, st.text(max_size=8), st.text(max_size=8)),
+)
+_FIELD_VALUE = st.one_of(_FIELD_TEXT, st.integers(), st.floats(), st.booleans(), st.none())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.one_of(st.sampled_from(["queue_id", "token", "Refresh_Token", "event"]), st.text()),
+        st.one_of(_FIELD_VALUE, st.lists(_FIELD_TEXT, max_size=2)),
+        max_size=6,
+    )
+)
+def test_an_event_scrubbed_at_one_look_comes_out_as_scrubbed_field_by_field(event) -> None:
+    # redact_event looks at a plain event's strings together and skips the per-field
+    # scrub when nothing would change: the result must be the field-by-field one.
+    relay_logging.redactor.register(CLIENT_SECRET, permanent=True)
+    assert relay_logging.redact_event(None, "info", event) == relay_logging._scrub(event)
+
+
 # --- levels --------------------------------------------------------------------------------
 
 
