@@ -20,7 +20,7 @@ from relayd.queue.census import Counts
 from relayd.queue.fileformat import encode_header
 from relayd.queue.lanes import CommitLane
 from relayd.queue.model import Envelope, SpoolError, SpoolFull
-from relayd.queue.writer import WriterClient
+from relayd.queue.writer_client import WriterClient
 from relayd.queue.writing import QueueFile
 
 FREE_SPACE_TTL = 0.5

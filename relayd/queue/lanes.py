@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from relayd.queue.model import SpoolError
-from relayd.queue.writer import WriterClient, WriterFailed
+from relayd.queue.writer_client import WriterClient, WriterFailed
 from relayd.queue.writing import FileWriter, QueueFile
 
 log = structlog.get_logger("relayd.spool")

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from relayd.queue import writer as writer_module
+from relayd.queue import writer_client as writer_module
 from relayd.queue.model import Envelope, SpoolError, new_queue_id
 from relayd.queue.spool import Spool
-from relayd.queue.writer import WriterClient, WriterFailed
+from relayd.queue.writer_client import WriterClient, WriterFailed
 
 ENVELOPE = Envelope("app@example.com", ("a@example.com",), "127.0.0.1", "app")
 
@@ -148,7 +148,7 @@ FAKE_WRITERS = {
         "from relayd.queue.writing import FileWriter, QueueFile\n"
         "import json\n"
         "channel = socket.socket(fileno=int(sys.argv[1]))\n"
-        "channel.sendall(writer._LENGTH.pack(5) + b'ready')\n"
+        "channel.sendall(writer.FRAME_LENGTH.pack(5) + b'ready')\n"
         "body = writer._receive(channel)\n"
         "end = body.index(b'\\n')\n"
         "files, offset = [], end + 1\n"
@@ -164,7 +164,7 @@ FAKE_WRITERS = {
         "import socket, sys, os, json\n"
         "from relayd.queue import writer\n"
         "channel = socket.socket(fileno=int(sys.argv[1]))\n"
-        "channel.sendall(writer._LENGTH.pack(5) + b'ready')\n"
+        "channel.sendall(writer.FRAME_LENGTH.pack(5) + b'ready')\n"
         "body = writer._receive(channel)\n"
         "qid, size = json.loads(body[: body.index(b'\\n')])[0]\n"
         "with open(os.path.join(sys.argv[2], 'tmp', qid), 'xb') as half:\n"
@@ -176,10 +176,10 @@ FAKE_WRITERS = {
         "import socket, sys\n"
         "from relayd.queue import writer\n"
         "channel = socket.socket(fileno=int(sys.argv[1]))\n"
-        "channel.sendall(writer._LENGTH.pack(5) + b'ready')\n"
+        "channel.sendall(writer.FRAME_LENGTH.pack(5) + b'ready')\n"
         "while True:\n"
         "    writer._receive(channel)\n"
-        "    channel.sendall(writer._LENGTH.pack(7) + b'[1,2,3]')\n"
+        "    channel.sendall(writer.FRAME_LENGTH.pack(7) + b'[1,2,3]')\n"
     ),
     # Cannot start at all (a broken installation).
     "cannot-start": "import sys\nsys.exit(3)\n",
@@ -235,3 +235,37 @@ async def test_the_writer_ignores_sigterm_and_ends_with_its_socket(spool: Spool)
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_the_writer_process_imports_no_event_loop_subprocess_or_tls() -> None:
+    # Every module a writer imports is resident memory in each writer process, beside
+    # the daemon's: asyncio, subprocess and ssl (the daemon's side of the socket pair)
+    # took a writer from about 14 to 21 MiB.
+    script = (
+        "import sys, relayd.queue.writer\n"
+        "print(' '.join(m for m in ('asyncio', 'subprocess', 'ssl') if m in sys.modules))\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": writer_module._PACKAGE_ROOT}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment, check=True
+    )
+    assert result.stdout.split() == []
+
+
+async def test_a_relayd_in_the_working_directory_is_not_the_writer_s_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "python -m" puts the working directory first on the module path: a relayd/ there
+    # must not be what the writer runs.
+    (tmp_path / "elsewhere" / "relayd").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "relayd" / "__init__.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    spool = Spool(tmp_path / "spool", writer_process=True)
+    spool.recover()
+    await spool.start_writers()
+    try:
+        assert all(client.pid is not None for client in writers(spool))
+        sent = await asyncio.wait_for(commit_many(spool, 4), 30)
+        assert_queued_once(spool, sent)
+    finally:
+        await spool.stop_writers()
