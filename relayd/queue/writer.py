@@ -13,10 +13,10 @@ exits when its socket closes, so it never outlives the daemon, and it ignores SI
 SIGINT and SIGHUP. If it dies, stops answering or answers nonsense, the daemon kills
 it, removes whatever of its batch is in tmp/ or incoming/ and writes the batch itself.
 
-This module is all the writer process imports (``python -m relayd.queue.writer FD
-SPOOL``): no asyncio, no subprocess, no TLS. Each of those modules is resident memory in
-every writer; without them a writer holds about 14 MiB instead of 21
-(tests/unit/queue/test_writer.py checks what it imports).
+This module is all the writer process imports (``python -P -m relayd.queue.writer FD
+SPOOL``, started by ``relayd.queue.writer_client``): no asyncio, no subprocess, no TLS.
+Each of those modules is resident memory in every writer; without them a writer holds
+about 15 MiB instead of 21 (tests/unit/queue/test_writer.py checks what it imports).
 
 Wire format, both ways a 4-byte big-endian length and then the body. The writer's
 first frame is ``ready``. A batch's body: a JSON line listing ``[queue_id, size]``
