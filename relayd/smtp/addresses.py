@@ -64,6 +64,26 @@ def split_path(text: str) -> tuple[str, str] | None:
     return None
 
 
+def split_command_path(arg: str) -> tuple[str, str]:
+    """MAIL FROM's or RCPT TO's "<address> params" split as the client wrote it, without
+    reinterpreting it: ("", "") for nothing, the null reverse-path as "<>" (RFC 5321
+    §4.5.5: bounces use it), a source route dropped (§4.1.2), and an unclosed path
+    kept whole (the address checks then refuse it)."""
+    stripped = arg.strip()
+    if not stripped:
+        return "", ""
+    if stripped.startswith("<"):
+        path = split_path(stripped)
+        if path is None:
+            return stripped, ""
+        address, rest = path
+    else:
+        address, _, rest = stripped.partition(" ")
+    if address.startswith("@") and ":" in address:
+        address = address.split(":", 1)[1]  # RFC 5321 §4.1.2: ignore a source route
+    return (address or "<>"), rest.strip()
+
+
 def printable_name(name: str) -> str:
     """An EHLO/HELO name as relayd stores and shows it: every character that is not
     printable becomes "?". That covers the bytes that were not UTF-8 (aiosmtpd keeps

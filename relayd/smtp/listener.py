@@ -1,9 +1,11 @@
-"""The SMTP listener: aiosmtpd on the daemon's loop, with the relay's limits and replies.
+"""The SMTP listener: the fast path in front of aiosmtpd, on the daemon's loop, with the
+relay's limits and replies.
 
-The protocol class stays aiosmtpd's; relayd's rules live in ``RelayHandler``'s hooks
-and in a few overrides of ``RelaySMTP`` (relayd.smtp.protocol) where aiosmtpd's own
-behaviour is not what a relay may do. Every reply code cites the RFC section that
-chose it.
+A session starts on the fast path (relayd.smtp.fastpath), which answers the commands
+of a plain message as they arrive; any other line hands the session to aiosmtpd's
+protocol (``RelaySMTP``, relayd.smtp.protocol, with a few overrides where aiosmtpd's
+own behaviour is not what a relay may do). relayd's rules live in ``RelayHandler``,
+the same for both. Every reply code cites the RFC section that chose it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import structlog
 from aiosmtpd.smtp import Envelope, Session
@@ -23,9 +26,21 @@ from relayd.queue.model import Envelope as SpoolEnvelope
 from relayd.queue.model import SpoolError, SpoolFull, new_queue_id
 from relayd.queue.spool import Spool
 from relayd.smtp.addresses import bad_address_reply, valid_mailbox, valid_recipient
+from relayd.smtp.fastpath import FastPath, FastPathSettings
 from relayd.smtp.protocol import RelaySMTP
 
 log = structlog.get_logger("relayd.listener")
+
+
+class ClientSession(Protocol):
+    """What the hooks read of a session, on the fast path (FastPath) or in aiosmtpd
+    (RelaySMTP)."""
+
+    session: Session | None
+    envelope: Envelope | None
+    client_address: Any
+    data_rest: tuple[bytes | memoryview, ...]
+    transport: Any
 
 
 class RelayHandler:
@@ -50,12 +65,12 @@ class RelayHandler:
         # With the envelope sender too (routes: the sender chooses the mailbox).
         self.on_queued_from = on_queued_from
         self.content_policy = content_policy
-        self.sessions: set[RelaySMTP] = set()
+        self.sessions: set[ClientSession] = set()
         self.closing = False  # set at shutdown: finish transactions, start no new ones
 
     # --- connection --------------------------------------------------------------
 
-    def connection_refusal(self, protocol: RelaySMTP) -> str | None:
+    def connection_refusal(self, protocol: ClientSession) -> str | None:
         address = protocol.client_address
         if address is None or not any(address in net for net in self.settings.allowed_clients):
             self.metrics.reject("access_denied")
@@ -72,11 +87,11 @@ class RelayHandler:
             return "421 4.7.0 Too many connections; try again later"
         return None
 
-    def session_opened(self, protocol: RelaySMTP) -> None:
+    def session_opened(self, protocol: ClientSession) -> None:
         self.sessions.add(protocol)
         self.metrics.smtp_sessions.set(len(self.sessions))
 
-    def session_closed(self, protocol: RelaySMTP) -> None:
+    def session_closed(self, protocol: ClientSession) -> None:
         self.sessions.discard(protocol)
         self.metrics.smtp_sessions.set(len(self.sessions))
 
@@ -85,6 +100,16 @@ class RelayHandler:
     async def handle_MAIL(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
     ) -> str:
+        return self.mail_reply(envelope, address, options)
+
+    async def handle_RCPT(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        return self.rcpt_reply(envelope, address, options)
+
+    def mail_reply(self, envelope: Envelope, address: str, options: list) -> str:
+        """MAIL FROM's reply (the envelope takes the sender when it is 250); the same
+        for aiosmtpd's hook and the fast path."""
         if self.closing:
             # RFC 5321 §3.8: a transaction under way may finish; a new one gets 421.
             return "421 4.3.2 relayd is shutting down; try again later"
@@ -102,9 +127,8 @@ class RelayHandler:
         envelope.mail_options.extend(options)
         return "250 2.1.0 Sender ok"
 
-    async def handle_RCPT(
-        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
-    ) -> str:
+    def rcpt_reply(self, envelope: Envelope, address: str, options: list) -> str:
+        """RCPT TO's reply (the envelope takes the recipient when it is 250)."""
         if not valid_recipient(address, envelope.mail_options):
             self.metrics.reject("bad_address")
             return bad_address_reply(address, envelope.mail_options, "5.1.3")
@@ -116,7 +140,7 @@ class RelayHandler:
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Recipient ok"
 
-    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: ClientSession, session: Session, envelope: Envelope) -> str:
         started = time.perf_counter()
         content = envelope.original_content or b""
         summary = headers.summarize(content)
@@ -195,7 +219,7 @@ class RelayHandler:
         content: bytes,
         summary: headers.HeaderSummary,
         queue_id: str,
-        server: RelaySMTP,
+        server: ClientSession,
         envelope: Envelope,
     ) -> tuple[bytes, str]:
         now = time.time()
@@ -250,7 +274,7 @@ class RelayHandler:
         )
 
 
-def _spool_envelope(server: RelaySMTP, envelope: Envelope) -> SpoolEnvelope:
+def _spool_envelope(server: ClientSession, envelope: Envelope) -> SpoolEnvelope:
     session = server.session
     assert session is not None
     return SpoolEnvelope(
@@ -282,17 +306,31 @@ def _declared_size(options: list) -> int:
 class Listener:
     """Owns the listening socket and the open sessions; supports live reconfiguration."""
 
-    def __init__(self, handler: RelayHandler, settings: ListenSettings, hostname: str) -> None:
+    def __init__(
+        self,
+        handler: RelayHandler,
+        settings: ListenSettings,
+        hostname: str,
+        *,
+        fast_path: bool = True,
+    ) -> None:
+        """``fast_path=False``: every session in aiosmtpd from its greeting (the tests
+        compare the two)."""
         self.handler = handler
         self.settings = settings
         self.hostname = hostname
+        self.fast_path = fast_path
         self._server: asyncio.base_events.Server | None = None
         self._template: RelaySMTP | None = None
+        self._fast_settings: FastPathSettings | None = None
 
-    def _protocol(self) -> RelaySMTP:
+    def _protocol(self) -> FastPath | RelaySMTP:
         # One full aiosmtpd __init__ per setting change, a cheap copy per connection.
         if self._template is None:
             self._template = self._new_template()
+            self._fast_settings = FastPathSettings.of(self._template, self._template.spawn)
+        if self.fast_path and self._fast_settings is not None:
+            return FastPath(self.handler, self._fast_settings)
         return self._template.spawn()
 
     def _new_template(self) -> RelaySMTP:
@@ -350,6 +388,6 @@ class Listener:
                 await asyncio.wait_for(self._server.wait_closed(), 1)
 
 
-def _in_transaction(session: RelaySMTP) -> bool:
+def _in_transaction(session: ClientSession) -> bool:
     envelope = session.envelope
     return bool(envelope is not None and (envelope.mail_from is not None or envelope.rcpt_tos))

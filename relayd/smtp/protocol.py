@@ -4,12 +4,15 @@ sender and quoted local parts, DATA read and measured as RFC 5321 and RFC 1870 s
 EHLO names kept printable, no AUTH, reply wording, and 421 that closes.
 
 relayd's rules live in ``RelayHandler``'s hooks (relayd.smtp.listener); this class
-only speaks the protocol. Every reply code cites the RFC section that chose it.
+only speaks the protocol. Sessions begin on the fast path (relayd.smtp.fastpath) and
+come here (``take_over``) at the first line it leaves to aiosmtpd. Every reply code
+cites the RFC section that chose it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import ipaddress
@@ -18,9 +21,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import aiosmtpd.smtp
-from aiosmtpd.smtp import SMTP, _AuthMechAttr, syntax
+from aiosmtpd.smtp import SMTP, Envelope, Session, _AuthMechAttr, syntax
 
-from relayd.smtp.addresses import printable_name, split_path
+from relayd.smtp.addresses import printable_name, split_command_path
 from relayd.smtp.content import READ_CHUNK, DataResult, check_data, read_data
 from relayd.smtp.wording import safe_reply
 
@@ -42,6 +45,8 @@ class RelaySMTP(SMTP):
         self._idle_deadline = 0.0
         # A big message's parts after the first (DataResult.rest), for handle_DATA.
         self.data_rest: tuple[bytes | memoryview, ...] = ()
+        self._taken_over = False  # from the fast path (take_over): already greeted
+        self._skip_greeting = False
 
     # --- a protocol per connection -------------------------------------------------
 
@@ -57,10 +62,10 @@ class RelaySMTP(SMTP):
         """
         clone = object.__new__(type(self))
         clone.__dict__.update(self._settings_state())
-        # As aiosmtpd's __init__ does: its command line limits are a class attribute
-        # that each EHLO raises (SIZE, SMTPUTF8) and each new protocol resets; without
-        # the reset, MAIL's 512-octet limit would grow with every EHLO.
-        clone.command_size_limits.clear()
+        # aiosmtpd's command line limits are a class attribute that each EHLO raises
+        # (SIZE, SMTPUTF8) and each new protocol clears: one session's EHLO raised
+        # another's limits. Each session has its own here.
+        clone.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         asyncio.StreamReaderProtocol.__init__(
             clone,
             asyncio.StreamReader(limit=self.line_length_limit, loop=self.loop),
@@ -115,11 +120,23 @@ class RelaySMTP(SMTP):
 
     # --- connection --------------------------------------------------------------
 
+    def take_over(self, transport: Any, session: Session, envelope: Envelope) -> None:
+        """Go on with a session the fast path (relayd.smtp.fastpath) began: its HELO
+        name and ESMTP state, its envelope so far; no second greeting."""
+        self._taken_over = self._skip_greeting = True
+        transport.set_protocol(self)
+        self.connection_made(transport)
+        self.session = session
+        self.envelope = envelope
+        if session.extended_smtp:
+            # What smtp_EHLO adds to MAIL's line limit for SIZE and SMTPUTF8.
+            self.command_size_limits["MAIL"] += 26 * bool(self.data_size_limit) + 10
+
     async def _handle_client(self) -> None:
         """Refuse a client before the greeting when it may not use the relay."""
         assert self.session is not None
-        self.client_address = _peer_address(self.session.peer)  # parsed once per session
-        refusal = self.relay.connection_refusal(self)
+        self.client_address = peer_address(self.session.peer)  # parsed once per session
+        refusal = None if self._taken_over else self.relay.connection_refusal(self)
         if refusal:
             with contextlib.suppress(ConnectionError):
                 await self.push(refusal)
@@ -137,6 +154,9 @@ class RelaySMTP(SMTP):
         the reply made safe; one call less for each of the seven replies a message
         with its own connection gets."""
         raw = status.encode("utf-8", "replace") if isinstance(status, str) else status
+        if self._skip_greeting:
+            self._skip_greeting = False
+            return  # aiosmtpd's greeting (its first reply): the fast path gave it
         reply = safe_reply(raw)
         self._writer.write(reply + b"\r\n")
         if _AIOSMTPD_LOG.isEnabledFor(logging.DEBUG):
@@ -181,19 +201,7 @@ class RelaySMTP(SMTP):
         refuses the null reverse-path <> that bounces must use (RFC 5321 §4.5.5).
         The MAIL/RCPT hooks validate the raw text and answer with the right code.
         """
-        stripped = arg.strip()
-        if not stripped:
-            return "", ""  # aiosmtpd answers 501 syntax
-        if stripped.startswith("<"):
-            path = split_path(stripped)
-            if path is None:
-                return stripped, ""
-            address, rest = path
-        else:
-            address, _, rest = stripped.partition(" ")
-        if address.startswith("@") and ":" in address:
-            address = address.split(":", 1)[1]  # RFC 5321 §4.1.2: ignore a source route
-        return (address or "<>"), rest.strip()
+        return split_command_path(arg)
 
     # --- DATA ----------------------------------------------------------------------
 
@@ -235,7 +243,7 @@ class RelaySMTP(SMTP):
         return result
 
 
-def _peer_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def peer_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
         return None
     return _parsed_address(peer[0])
