@@ -372,7 +372,8 @@ class Listener:
         if self._server is not None:
             self._server.close()
         deadline = time.monotonic() + grace
-        # Polling: the transaction state belongs to aiosmtpd and has no event to wait on.
+        # Polling: a session's transaction state (the fast path's or aiosmtpd's) has no
+        # event to wait on.
         while time.monotonic() < deadline and any(  # noqa: ASYNC110
             _in_transaction(session) for session in self.handler.sessions
         ):
