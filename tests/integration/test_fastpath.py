@@ -400,3 +400,57 @@ def test_a_big_message_read_over_many_turns_is_stored_as_sent(tmp_path: Path) ->
     # values; the rest is the content as sent, unstuffed.
     assert all(message.endswith(b"\r\n" + content) for message in stored)
     assert len(stored[0]) == len(stored[1])
+
+
+class _RecordingTransport:
+    """Enough of a stream transport for one FastPath: it records whether reading is on."""
+
+    def __init__(self) -> None:
+        self.reading = True
+        self.written = bytearray()
+        self.closing = False
+
+    def get_extra_info(self, name: str) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else None
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+async def _reading_during_and_after_one_turn(listener: Listener) -> tuple[bool, bool]:
+    """512 KiB of DATA arrive in one turn of the event loop; whether reading is on at
+    the end of that turn, and after the next one."""
+    protocol = listener._protocol()
+    transport = _RecordingTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(
+        b"HELO client.example\r\nMAIL FROM:<app@example.com>\r\n"
+        b"RCPT TO:<user@example.com>\r\nDATA\r\n"
+    )
+    for _ in range(8):
+        protocol.data_received(b"x" * 65536)
+    during = transport.reading
+    await asyncio.sleep(0)
+    after = transport.reading
+    protocol.connection_lost(None)
+    return during, after
+
+
+def test_one_sessions_data_takes_at_most_128_kib_of_a_turn(listeners: TwoListeners) -> None:
+    """uvloop reads a ready socket again and again while it has data: without a pause, a
+    30 MiB sender held the other sessions' replies for tens of milliseconds. Reading
+    stops once a session's DATA had 128 KiB in this turn, and goes on in the next."""
+    during, after = listeners._run(_reading_during_and_after_one_turn(listeners.fast))
+    assert (during, after) == (False, True)
