@@ -10,7 +10,9 @@ import trustme
 
 from tests.fakes.entra import entra  # noqa: F401 (the fake Entra ID fixture)
 from tests.fakes.exchange import MAILBOX, FakeExchange
+from tests.fakes.hostile import hostile  # noqa: F401 (the hostile upstream fixture)
 from tests.fakes.tokens import StandInTokens
+from tests.harness import through_hostile  # noqa: F401 (Harness → the hostile upstream)
 from tests.serving import (  # noqa: F401 (relayd serve → fake Microsoft 365)
     graph_api,
     serve,

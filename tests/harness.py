@@ -5,8 +5,11 @@ module and the process around it)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from relayd.config import Settings
 from relayd.delivery.scheduler import Scheduler
@@ -15,10 +18,14 @@ from relayd.queue.model import Envelope, new_queue_id
 from relayd.queue.spool import Spool
 from relayd.smtp.listener import Listener, RelayHandler
 from relayd.transports.base import Transport
-from tests.helpers import make_message
+from relayd.transports.smtp import SmtpTransport
+from tests.fakes.hostile import HostileUpstream
+from tests.fakes.tokens import StandInTokens
+from tests.helpers import deep_merge, load_settings, make_message
 
 # Retries in tenths of a second, so outage and retry tests finish in seconds.
 FAST_RETRY = {"min_delay": "0.1s", "max_delay": "0.2s", "max_age": "1h"}
+HOSTILE_TIMEOUT = 0.5  # upstream.timeout against the hostile upstream; every stall outlasts it
 
 
 class Harness:
@@ -123,3 +130,45 @@ class InProcessRelay(Harness):
     async def stop(self) -> None:
         await self.listener.stop(1)
         await super().stop()
+
+
+class SmtpHarnesses:
+    """Builds Harnesses whose SmtpTransport delivers to ``fake`` (the fake Exchange or
+    the hostile upstream: anything with ``relay_config``); ``stop`` stops them all."""
+
+    def __init__(
+        self, tmp_path: Path, fake: Any, tokens: StandInTokens, ca_file: Path, timeout: float
+    ) -> None:
+        self.tmp_path, self.fake, self.tokens, self.ca_file = tmp_path, fake, tokens, ca_file
+        self.timeout = timeout
+        self.harnesses: list[Harness] = []
+
+    def __call__(self, retry: dict | None = None, **upstream: object) -> Harness:
+        upstream = {
+            "rate_limit_per_minute": 0,
+            "timeout": f"{self.timeout}s",
+            "throttle_pause": "0.3s",
+            **upstream,
+        }
+        overrides = deep_merge(
+            self.fake.relay_config(self.ca_file, **upstream), {"retry": retry or FAST_RETRY}
+        )
+        settings = load_settings(self.tmp_path, overrides)
+        tokens = self.tokens
+        harness = Harness(settings, lambda s, metrics: SmtpTransport(s, metrics, tokens))
+        self.harnesses.append(harness)
+        return harness
+
+    async def stop(self) -> None:
+        for harness in self.harnesses:
+            await harness.stop()
+
+
+@pytest.fixture
+async def through_hostile(
+    tmp_path: Path, hostile: HostileUpstream, standin_tokens: StandInTokens, ca_file: Path
+) -> AsyncIterator[SmtpHarnesses]:
+    """Harnesses whose SmtpTransport delivers to tests/fakes/hostile.py."""
+    harnesses = SmtpHarnesses(tmp_path, hostile, standin_tokens, ca_file, HOSTILE_TIMEOUT)
+    yield harnesses
+    await harnesses.stop()

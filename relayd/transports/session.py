@@ -18,11 +18,17 @@ Neither is good enough for a relay:
 
 ``RelaySMTP.data`` therefore waits for ``354`` within ``timeout`` and for the final
 reply within ``reply_timeout``, and says which step failed by the exception it raises.
+``RelaySMTP.pipeline`` sends MAIL, the RCPTs and DATA in one write when the server
+offers PIPELINING (RFC 2920, relayd.transports.pipelining); ``mail``, ``rcpt`` and
+``data`` then take their replies from that group and behave exactly as they do sent one
+at a time, so the transaction's decisions are written once.
+
 ``relayd send-test --direct`` subclasses it (``relayd.tools.sendtrace.TracedSMTP``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Iterable
 from typing import Literal
@@ -32,7 +38,14 @@ from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import normalize_message_line_endings
 from aiosmtplib.typing import Default
 
-START_INPUT = 354
+from relayd.transports.pipelining import (
+    START_INPUT,
+    GroupReplies,
+    PipeliningProtocol,
+    command_line,
+)
+
+DATA_LINE = b"DATA\r\n"
 # aiosmtplib parses every address with email.utils.parseaddr at each MAIL and RCPT (a
 # tenth of the SMTP client's CPU per message, bench/README.md "What profiling
 # changed"); a relay sends the same few senders and recipients over and over. The
@@ -57,7 +70,113 @@ class AmbiguousOutcome(aiosmtplib.SMTPException):
 
 
 class RelaySMTP(aiosmtplib.SMTP):
-    """aiosmtplib.SMTP whose ``data`` has separate waits for 354 and the final reply."""
+    """aiosmtplib.SMTP whose ``data`` has separate waits for 354 and the final reply,
+    and which can pipeline a transaction's commands (``pipeline``)."""
+
+    _group: GroupReplies | None = None
+
+    async def pipeline(
+        self,
+        sender: str,
+        recipients: Iterable[str],
+        /,
+        *,
+        options: Iterable[str],
+        encoding: str,
+        timeout: float | None,  # noqa: ASYNC109 (aiosmtplib's own call style)
+    ) -> bool:
+        """MAIL FROM, RCPT TO for each recipient and DATA in one write, when the server
+        offers PIPELINING (RFC 2920 §3.1). The next ``mail``, ``rcpt`` and ``data`` calls,
+        for the same sender and recipients in that order, take their replies from the
+        group. False, with nothing sent, when the server does not pipeline or an address
+        cannot be written on a command line (the commands then go one at a time, and
+        the address is refused there as always)."""
+        protocol = self.protocol
+        if not isinstance(protocol, PipeliningProtocol) or not self.supports_extension(
+            "pipelining"
+        ):
+            return False
+        try:
+            lines = [command_line(*_address_words(b"MAIL FROM:", sender, options, encoding))]
+            lines += [
+                command_line(*_address_words(b"RCPT TO:", rcpt, (), encoding))
+                for rcpt in recipients
+            ]
+        except ValueError:
+            return False
+        lines.append(DATA_LINE)
+        replies, error = await protocol.execute_group(b"".join(lines), len(lines), timeout)
+        if error is not None or any(
+            reply.code == aiosmtplib.SMTPStatus.domain_unavailable for reply in replies
+        ):
+            self.close()  # as aiosmtplib closes after a timeout, a hang-up or a 421
+        self._group = GroupReplies(lines, replies, error)
+        return True
+
+    def close(self) -> None:
+        self._group = None
+        super().close()
+
+    async def rset(
+        self,
+        *,
+        timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109
+    ) -> aiosmtplib.SMTPResponse:
+        """RSET, after what is left of a pipelined group is dropped. A server that took
+        a DATA whose content will not come reads any next command as message text: that
+        session is closed instead (never an empty message sent to end it)."""
+        group, self._group = self._group, None
+        if group is not None and group.awaits_content():
+            self.close()
+            raise aiosmtplib.SMTPServerDisconnected("closed: DATA accepted, no content to send")
+        return await super().rset(timeout=timeout)
+
+    async def _create_connection(
+        self,
+        timeout: float | None,  # noqa: ASYNC109 (aiosmtplib's own signature)
+    ) -> aiosmtplib.SMTPResponse:
+        """aiosmtplib's connection set-up, with ``PipeliningProtocol`` (host and port:
+        what the transport configures; no socket or Unix path)."""
+        if self.loop is None:
+            raise RuntimeError("No event loop set")
+        hostname, port = self.hostname or "localhost", self.port or self._get_default_port()
+        protocol = PipeliningProtocol(
+            loop=self.loop, connection_lost_callback=self._on_connection_lost
+        )
+        tls = await self._get_tls_context() if self.use_tls else None
+        connecting = self.loop.create_connection(
+            lambda: protocol,
+            host=hostname,
+            port=port,
+            ssl=tls,
+            ssl_handshake_timeout=timeout if tls else None,
+            server_hostname=hostname if tls else None,
+            local_addr=self.source_address,
+        )
+        try:
+            transport, _ = await asyncio.wait_for(connecting, timeout=timeout)
+        except TimeoutError as exc:
+            raise aiosmtplib.SMTPConnectTimeoutError(
+                f"Timed out connecting to {hostname} on port {port}"
+            ) from exc
+        except OSError as exc:
+            raise aiosmtplib.SMTPConnectError(
+                f"Error connecting to {hostname} on port {port}: {exc}"
+            ) from exc
+        self.protocol, self.transport = protocol, transport
+        try:
+            response = await protocol.read_response(timeout=timeout)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            raise aiosmtplib.SMTPConnectError(
+                f"Error connecting to {hostname} on port {port}: {exc}"
+            ) from exc
+        except aiosmtplib.SMTPTimeoutError as exc:
+            raise aiosmtplib.SMTPConnectTimeoutError(
+                "Timed out waiting for server ready message"
+            ) from exc
+        if response.code != aiosmtplib.SMTPStatus.ready:
+            raise aiosmtplib.SMTPConnectResponseError(response.code, response.message)
+        return response
 
     async def mail(
         self,
@@ -102,13 +221,23 @@ class RelaySMTP(aiosmtplib.SMTP):
         encoding: str,
         timeout: float | Literal[Default.token] | None,  # noqa: ASYNC109
     ) -> aiosmtplib.SMTPResponse:
-        """MAIL FROM:<address> or RCPT TO:<address> with its options, as aiosmtplib
-        sends them (``b"MAIL FROM:"`` is the verb and its argument's start)."""
+        """MAIL FROM:<address> or RCPT TO:<address> with its options, sent alone or
+        answered from the pipelined group."""
+        words = _address_words(command, address, options, encoding)
+        if self._group is not None:
+            return self._take(command_line(*words))
         await self._ehlo_or_helo_if_needed()
-        verb, start = command.split(b" ")
-        parameters = [option.encode("ascii") for option in options or ()]
-        argument = start + _quoted(address).encode(encoding)
-        return await self.execute_command(verb, argument, *parameters, timeout=timeout)
+        return await self.execute_command(*words, timeout=timeout)
+
+    def _take(self, line: bytes) -> aiosmtplib.SMTPResponse:
+        """The reply to ``line`` from the pipelined group (the group ends after DATA)."""
+        group = self._group
+        assert group is not None
+        try:
+            return group.take(line)
+        finally:
+            if group.finished:
+                self._group = None
 
     async def data(
         self,
@@ -123,7 +252,10 @@ class RelaySMTP(aiosmtplib.SMTP):
         dot), ``AmbiguousOutcome``, or aiosmtplib's own before anything was sent."""
         content = message.encode("ascii") if isinstance(message, str) else message
         # A timeout or a lost connection here closes the session (aiosmtplib).
-        start = await self.execute_command(b"DATA", timeout=timeout)
+        if self._group is not None:
+            start = self._take(DATA_LINE)
+        else:
+            start = await self.execute_command(b"DATA", timeout=timeout)
         if start.code != START_INPUT:
             raise DataCommandRefused(start.code, start.message)
         protocol = self.protocol
@@ -141,6 +273,16 @@ class RelaySMTP(aiosmtplib.SMTP):
         if reply.code != aiosmtplib.SMTPStatus.completed:
             raise aiosmtplib.SMTPDataError(reply.code, reply.message)
         return reply
+
+
+def _address_words(
+    command: bytes, address: str, options: Iterable[str] | None, encoding: str
+) -> tuple[bytes, ...]:
+    """The words of MAIL FROM:<address> or RCPT TO:<address> and its options, as
+    aiosmtplib sends them (``b"MAIL FROM:"`` is the verb and its argument's start)."""
+    verb, start = command.split(b" ")
+    parameters = [option.encode("ascii") for option in options or ()]
+    return (verb, start + _quoted(address).encode(encoding), *parameters)
 
 
 def _dot_stuffed(content: bytes) -> bytes:

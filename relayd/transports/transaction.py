@@ -26,7 +26,7 @@ import aiosmtplib
 
 from relayd.transports.base import NOTHING, Attempt, Submission, Usage
 from relayd.transports.replies import ACCOUNT_KINDS, Kind, classify, classify_recipient, reply_text
-from relayd.transports.session import AmbiguousOutcome, DataCommandRefused
+from relayd.transports.session import AmbiguousOutcome, DataCommandRefused, RelaySMTP
 
 CONNECTION_ERRORS = (aiosmtplib.SMTPException, OSError, ssl.SSLError, asyncio.TimeoutError)
 RSET_TIMEOUT = 10.0  # seconds; a server that cannot answer RSET is not reused anyway
@@ -55,7 +55,7 @@ class Transaction:
 
     def __init__(
         self,
-        session: aiosmtplib.SMTP,
+        session: RelaySMTP,
         submission: Submission,
         judge: Judge,
         *,
@@ -78,8 +78,18 @@ class Transaction:
                 "5.6.7 The upstream server does not support SMTPUTF8, which this message needs",
             ).using(NOTHING)
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+        session = self.session
         try:
-            await self.session.mail(submission.mail_from, options=options, encoding=encoding)
+            # One write and one wait for MAIL, the RCPTs and DATA where the server offers
+            # PIPELINING; the calls below then read their replies from that group.
+            await session.pipeline(
+                submission.mail_from,
+                submission.recipients,
+                options=options,
+                encoding=encoding,
+                timeout=self.command_timeout,
+            )
+            await session.mail(submission.mail_from, options=options, encoding=encoding)
         except aiosmtplib.SMTPResponseException as error:
             return await self._refused(submission.recipients, error)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as error:

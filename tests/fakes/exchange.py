@@ -5,6 +5,8 @@ A real aiosmtpd server on loopback: STARTTLS with a trustme certificate, AUTH
 ``validator(user, token) -> bool``. It behaves like Exchange Online where relayd
 depends on it:
 
+* EHLO offers PIPELINING (RFC 2920), as Exchange Online's does; ``pipelining =
+  False`` leaves it out, and a client must then send one command at a time;
 * several mailboxes may sign in (``mailboxes=``, ``add_mailbox``), each with its own
   Send As rights, connection count and message rate (tests/fakes/mailboxes.py);
 * a connection beyond ``max_connections`` (3) of one mailbox gets ``432 4.3.2`` at
@@ -125,6 +127,7 @@ class FakeExchange:
             self.mailboxes.add(other)
         self.send_as = self.mailboxes.send_as(mailbox)  # the default mailbox's, live
         self.send_as_check = "data"  # or "mail": refuse at MAIL FROM (550 5.7.60)
+        self.pipelining = True
         self.validator = validator
         self.max_connections = max_connections
         self.tls_context = server_tls_context(ca)
@@ -287,6 +290,19 @@ class _Handler:
 
     def __init__(self, fake: FakeExchange) -> None:
         self.fake = fake
+
+    async def handle_EHLO(
+        self,
+        server: _ExchangeSMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # aiosmtpd leaves it to a hook that answers EHLO
+        if not self.fake.pipelining:
+            return responses
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def auth_XOAUTH2(self, server: _ExchangeSMTP, args: list[str]) -> AuthResult:
         fake = self.fake

@@ -18,13 +18,23 @@ The misbehaviours, each set on the instance:
   without a reply;
 * ``misreply[stage]``: at ``stage`` (greeting, ehlo, mail, rcpt, data, dot) answer
   with ``GARBAGE`` (bytes that are no SMTP reply), ``ENDLESS`` (a multi-line reply
-  that never ends) or ``HUGE`` (one line of several MiB with no end); an ``ENDLESS``
-  or ``HUGE`` reply goes on until the client hangs up or a bound is reached;
-* ``tls_stall``: answer ``220`` to STARTTLS, then never start the handshake.
+  that never ends) or ``HUGE`` (one line of several MiB with no end), or close the
+  connection instead of answering (``HANG_UP``); an ``ENDLESS`` or ``HUGE`` reply
+  goes on until the client hangs up or a bound is reached;
+* ``tls_stall``: answer ``220`` to STARTTLS, then never start the handshake;
+* ``refuse_mail``, ``refuse_rcpt[address]``: refuse MAIL, or RCPT for that address,
+  with this reply; RCPT without an accepted MAIL, and DATA without an accepted
+  recipient, get Postfix's ``503`` (``data_without_recipients``: DATA gets ``354``
+  even so, as RFC 2920 §3.1 warns a server may answer);
+* ``pipelining``: EHLO offers PIPELINING (RFC 2920); ``hold_replies``: the replies
+  to MAIL and RCPT wait until the DATA command has been read, then go in one write
+  with DATA's (only a client that pipelines gets past MAIL); ``dribble``: every
+  reply goes one byte per write.
 
 What it saw: ``messages`` (every message whose final dot arrived, copies included),
-``connections``, ``nested_mail`` (503s for a nested MAIL), ``resets`` (RSETs) and
-``sent_bytes`` (every byte it wrote, floods included).
+``connections``, ``nested_mail`` (503s for a nested MAIL), ``resets`` (RSETs),
+``data_commands`` (DATA commands read) and ``sent_bytes`` (every byte it wrote,
+floods included).
 """
 
 from __future__ import annotations
@@ -32,10 +42,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trustme
 
 from tests.fakes.exchange import relay_config, server_tls_context
@@ -44,6 +56,7 @@ MAILBOX = "relay@example.com"
 GARBAGE = "garbage"
 ENDLESS = "endless"
 HUGE = "huge"
+HANG_UP = "hang up"
 STAGES = ("greeting", "ehlo", "mail", "rcpt", "data", "dot")
 ENDLESS_LIMIT = 64 * 1024 * 1024  # bytes; a bound for the fake's own loop, never reached
 COMMAND_LIMIT = 4096
@@ -76,10 +89,17 @@ class HostileUpstream:
         self.drop_after_dot = False
         self.misreply: dict[str, str] = {}
         self.tls_stall = False
+        self.refuse_mail: str | None = None
+        self.refuse_rcpt: dict[str, str] = {}
+        self.data_without_recipients = False
+        self.pipelining = False
+        self.hold_replies = False
+        self.dribble = False
         self.messages: list[Received] = []
         self.connections = 0
         self.nested_mail = 0
         self.resets = 0
+        self.data_commands = 0
         self.sent_bytes = 0
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -105,6 +125,11 @@ class HostileUpstream:
         self.drop_after_dot = False
         self.misreply.clear()
         self.tls_stall = False
+        self.refuse_mail = None
+        self.refuse_rcpt.clear()
+        self.data_without_recipients = False
+        self.hold_replies = False
+        self.dribble = False
 
     def relay_config(self, ca_file: Path, **upstream: Any) -> dict:
         """Config overrides that point relayd at this server."""
@@ -143,6 +168,7 @@ class _Connection:
         self.number = number
         self.tls = False
         self.transaction = _Transaction()
+        self.held: list[bytes] = []  # replies waiting for the DATA command (hold_replies)
 
     async def run(self) -> None:
         if not await self._reply("greeting", "220 hostile.test ESMTP ready"):
@@ -168,8 +194,7 @@ class _Connection:
         if verb == "MAIL":
             return await self._mail(argument)
         if verb == "RCPT":
-            self.transaction.recipients.append(_address(argument))
-            return await self._reply("rcpt", "250 2.1.5 Recipient OK")
+            return await self._rcpt(_address(argument))
         if verb == "DATA":
             return await self._data()
         if verb == "RSET":
@@ -185,6 +210,8 @@ class _Connection:
 
     def _ehlo_reply(self) -> str:
         offers = ["SIZE 157286400", "8BITMIME", "SMTPUTF8"]
+        if self.fake.pipelining:
+            offers.append("PIPELINING")
         offers.append("AUTH XOAUTH2" if self.tls else "STARTTLS")
         lines = ["hostile.test Hello", *offers]
         return "\r\n".join(f"250-{text}" for text in lines[:-1]) + f"\r\n250 {lines[-1]}"
@@ -203,12 +230,28 @@ class _Connection:
             # RFC 5321 §4.1.4: MAIL may not be sent while a transaction is open.
             self.fake.nested_mail += 1
             return await self._send("503 5.5.1 Error: nested MAIL command")
+        if self.fake.refuse_mail is not None:
+            return await self._send(self.fake.refuse_mail, hold=True)
         self.transaction.mail_from = _address(argument)
-        return await self._reply("mail", "250 2.1.0 Sender OK")
+        return await self._reply("mail", "250 2.1.0 Sender OK", hold=True)
+
+    async def _rcpt(self, address: str) -> bool:
+        if self.transaction.mail_from is None:
+            return await self._send("503 5.5.1 Error: need MAIL command", hold=True)
+        refusal = self.fake.refuse_rcpt.get(address)
+        if refusal is not None:
+            return await self._send(refusal, hold=True)
+        self.transaction.recipients.append(address)
+        return await self._reply("rcpt", "250 2.1.5 Recipient OK", hold=True)
 
     async def _data(self) -> bool:
+        self.fake.data_commands += 1
         if self.fake.refuse_data is not None:
             return await self._send(self.fake.refuse_data)  # the transaction stays open
+        if self.transaction.mail_from is None:
+            return await self._send("503 5.5.1 Error: need MAIL command")
+        if not self.transaction.recipients and not self.fake.data_without_recipients:
+            return await self._send("503 5.5.1 Error: need RCPT command")
         if not await self._reply("data", "354 Start mail input; end with <CRLF>.<CRLF>"):
             return False
         content = await self._read_content()
@@ -235,11 +278,15 @@ class _Connection:
                 return b"".join(lines)
             lines.append(line[1:] if line.startswith(b".") else line)  # RFC 5321 §4.5.2
 
-    async def _reply(self, stage: str, normal: str) -> bool:
+    async def _reply(self, stage: str, normal: str, hold: bool = False) -> bool:
         """The normal reply at ``stage``, or the misbehaviour set for it."""
         mode = self.fake.misreply.get(stage)
         if mode is None:
-            return await self._send(normal)
+            return await self._send(normal, hold)
+        await self._write(b"".join(self.held))  # what was held goes before the misbehaviour
+        self.held.clear()
+        if mode == HANG_UP:
+            return False
         if mode == GARBAGE:
             await self._write(b"\x00\xff\xfe this is no SMTP reply \x1b[2J\r\n")
             return True
@@ -253,17 +300,32 @@ class _Connection:
         while self.fake.sent_bytes < ENDLESS_LIMIT:
             await self._write(chunk)
 
-    async def _send(self, reply: str) -> bool:
-        await self._write(reply.encode() + b"\r\n")
+    async def _send(self, reply: str, hold: bool = False) -> bool:
+        """Write ``reply``; with ``hold`` and ``hold_replies`` keep it for the next
+        reply that is not held (DATA's), everything held going first."""
+        self.held.append(reply.encode() + b"\r\n")
+        if not (hold and self.fake.hold_replies):
+            data = b"".join(self.held)
+            self.held.clear()
+            await self._write(data)
         return True
 
     async def _write(self, data: bytes) -> None:
-        self.writer.write(data)
-        self.fake.sent_bytes += len(data)
-        await self.writer.drain()
+        pieces = [data[i : i + 1] for i in range(len(data))] if self.fake.dribble else [data]
+        for piece in pieces:
+            self.writer.write(piece)
+            self.fake.sent_bytes += len(piece)
+            await self.writer.drain()
 
 
 def _address(argument: str) -> str:
     """ "alice@x" from "FROM:<alice@x> SIZE=12" or "TO:<alice@x>"."""
     start, end = argument.find("<"), argument.find(">")
     return argument[start + 1 : end] if 0 <= start < end else ""
+
+
+@pytest.fixture
+async def hostile(ca: trustme.CA) -> AsyncIterator[HostileUpstream]:
+    fake = await HostileUpstream(ca).start()
+    yield fake
+    await fake.stop()

@@ -20,28 +20,30 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import structlog
 import structlog.testing
-import trustme
 
 from relayd import config
 from relayd.ops.auth_states import AUTH_STATES
-from relayd.transports.smtp import SmtpTransport
 from tests.fakes.entra import FakeEntra
 from tests.fakes.exchange import SERVICE_UNAVAILABLE, TOO_MANY_CONNECTIONS, FakeExchange
-from tests.fakes.hostile import ENDLESS, ENDLESS_LIMIT, GARBAGE, HUGE, HostileUpstream
-from tests.fakes.tokens import StandInTokens
-from tests.harness import FAST_RETRY, Harness
+from tests.fakes.hostile import (
+    ENDLESS,
+    ENDLESS_LIMIT,
+    GARBAGE,
+    HANG_UP,
+    HUGE,
+    HostileUpstream,
+)
+from tests.harness import HOSTILE_TIMEOUT, Harness
 from tests.helpers import (
     RelayProcess,
-    deep_merge,
     eventually,
-    load_settings,
     numbered_message,
     scrape,
     send_messages,
@@ -199,39 +201,7 @@ async def test_token_endpoint_down_then_back_deliveries_resume_by_themselves(
 # refuses the DATA command, hangs up after the dot, talks garbage or never stops
 # talking, and stalls in the TLS handshake.
 
-HOSTILE_TIMEOUT = 0.5  # upstream.timeout in these tests; every stall outlasts it
 SLOW_WINDOW = 6.0  # how long the slow final-reply test watches for copies
-
-
-@pytest.fixture
-async def hostile(ca: trustme.CA) -> AsyncIterator[HostileUpstream]:
-    fake = await HostileUpstream(ca).start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-async def through_hostile(
-    tmp_path: Path, hostile: HostileUpstream, standin_tokens: StandInTokens, ca_file: Path
-) -> AsyncIterator[Callable[..., Harness]]:
-    harnesses: list[Harness] = []
-
-    def build(**upstream: object) -> Harness:
-        upstream = {
-            "rate_limit_per_minute": 0,
-            "timeout": f"{HOSTILE_TIMEOUT}s",
-            "throttle_pause": "0.3s",
-            **upstream,
-        }
-        overrides = deep_merge(hostile.relay_config(ca_file, **upstream), {"retry": FAST_RETRY})
-        settings = load_settings(tmp_path, overrides)
-        harness = Harness(settings, lambda s, metrics: SmtpTransport(s, metrics, standin_tokens))
-        harnesses.append(harness)
-        return harness
-
-    yield build
-    for harness in harnesses:
-        await harness.stop()
 
 
 async def settled_within(h: Harness, queue_id: str, seconds: float, state: str | None = None):
@@ -307,16 +277,24 @@ async def test_drop_after_the_dot_is_counted_as_ambiguous_and_retried(
         ("ehlo", ENDLESS),
         ("mail", GARBAGE),
         ("mail", ENDLESS),
+        ("mail", HANG_UP),
+        ("rcpt", GARBAGE),
         ("rcpt", HUGE),
+        ("rcpt", HANG_UP),
         ("data", GARBAGE),
+        ("data", HANG_UP),
         ("dot", GARBAGE),
         ("dot", ENDLESS),
         ("dot", HUGE),
     ],
 )
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one at a time", "pipelined"])
 async def test_garbage_and_endless_replies_end_in_a_deferral(
-    through_hostile, hostile: HostileUpstream, stage: str, mode: str
+    through_hostile, hostile: HostileUpstream, stage: str, mode: str, pipelining: bool
 ) -> None:
+    # Pipelined (RFC 2920), MAIL, RCPT and DATA went in one write: what any of their
+    # replies does to the session must mean what it means one command at a time.
+    hostile.pipelining = pipelining
     hostile.misreply[stage] = mode
     h = await through_hostile().start()
     started = time.monotonic()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import io
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from email import policy as email_policy
 from pathlib import Path
 
@@ -15,12 +15,11 @@ import structlog.testing
 from relayd.auth import tokens as auth
 from relayd.ops import logging as relay_logging
 from relayd.transports.base import AUTH, CONNECTION, SEND_AS_DENIED, TEMPORARY, THROTTLED
-from relayd.transports.smtp import SmtpTransport
 from tests.fakes import exchange as fake_exchange
 from tests.fakes.exchange import FakeExchange
 from tests.fakes.tokens import StandInTokens
-from tests.harness import FAST_RETRY, Harness
-from tests.helpers import deep_merge, eventually, load_settings, make_message
+from tests.harness import SmtpHarnesses
+from tests.helpers import eventually, make_message
 
 SENDER = "app@example.com"
 
@@ -28,28 +27,11 @@ SENDER = "app@example.com"
 @pytest.fixture
 async def make(
     tmp_path: Path, exchange: FakeExchange, standin_tokens: StandInTokens, ca_file: Path
-) -> AsyncIterator[Callable[..., Harness]]:
+) -> AsyncIterator[SmtpHarnesses]:
     """Harnesses whose transport is SmtpTransport pointed at the fake."""
-    harnesses: list[Harness] = []
-
-    def build(retry: dict | None = None, **upstream: object) -> Harness:
-        upstream = {
-            "rate_limit_per_minute": 0,
-            "timeout": "5s",
-            "throttle_pause": "0.3s",
-            **upstream,
-        }
-        overrides = deep_merge(
-            exchange.relay_config(ca_file, **upstream), {"retry": retry or FAST_RETRY}
-        )
-        settings = load_settings(tmp_path, overrides)
-        harness = Harness(settings, lambda s, metrics: SmtpTransport(s, metrics, standin_tokens))
-        harnesses.append(harness)
-        return harness
-
-    yield build
-    for harness in harnesses:
-        await harness.stop()
+    harnesses = SmtpHarnesses(tmp_path, exchange, standin_tokens, ca_file, timeout=5)
+    yield harnesses
+    await harnesses.stop()
 
 
 def parsed(content: bytes) -> email.message.EmailMessage:

@@ -3,25 +3,20 @@ failure means (relayd.transports.session)."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 import trustme
 
 from relayd.transports import smtp as smtp_transport
+from relayd.transports.pipelining import PipeliningProtocol
 from relayd.transports.session import AmbiguousOutcome, DataCommandRefused, RelaySMTP
 from tests.fakes.hostile import HostileUpstream
+from tests.fakes.wire import server_tls_context
 
 CONTENT = b"Subject: dots\r\n\r\n.leading dot\r\n..two\r\nend\r\n"
-
-
-@pytest.fixture
-async def hostile(ca: trustme.CA) -> AsyncIterator[HostileUpstream]:
-    fake = await HostileUpstream(ca).start()
-    yield fake
-    await fake.stop()
 
 
 async def session_to(hostile: HostileUpstream, ca: trustme.CA) -> RelaySMTP:
@@ -75,3 +70,35 @@ def test_final_reply_timeout_allows_for_the_upload() -> None:
     thirty_five_mib = 35 * 1024 * 1024
     # 32 KiB/s: a 35 MiB message gets 1120 s on top of the 10 minutes.
     assert smtp_transport.final_reply_timeout(600, thirty_five_mib) == pytest.approx(1720)
+
+
+async def test_implicit_tls_connects_through_the_pipelining_protocol(ca) -> None:
+    # upstream.tls: implicit. RelaySMTP sets up its own connection (for the protocol
+    # that can pipeline): TLS from the first byte, the certificate checked, the greeting
+    # read, and the session's protocol able to pipeline.
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 implicit.test ESMTP ready\r\n")
+        while line := await reader.readline():
+            if line.upper().startswith(b"QUIT"):
+                writer.write(b"221 2.0.0 Bye\r\n")
+                break
+            writer.write(b"250-implicit.test Hello\r\n250 PIPELINING\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_tls_context(ca))
+    port = server.sockets[0].getsockname()[1]
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    session = RelaySMTP(
+        hostname="127.0.0.1", port=port, use_tls=True, start_tls=False, tls_context=context
+    )
+    try:
+        greeting = await session.connect(timeout=2)
+        assert greeting.code == 220 and session.get_transport_info("ssl_object") is not None
+        assert isinstance(session.protocol, PipeliningProtocol)
+        await session.ehlo()
+        assert session.supports_extension("pipelining")
+        await session.quit()
+    finally:
+        server.close()
+        await server.wait_closed()
