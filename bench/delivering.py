@@ -44,7 +44,7 @@ import trustme
 from bench import postfix, postfix_xoauth2
 from bench.measure import cpu_seconds, machine, relay_cpu_seconds, session_cpu_seconds, spread
 from relayd import config
-from tests.auth_helpers import auth_overrides, sign_in
+from tests.auth_helpers import shipped_oauth, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra
 from tests.fakes.exchange import FakeExchange
 from tests.helpers import RelayProcess, deep_merge, wait_for_port, write_config
@@ -79,7 +79,7 @@ def relay_config(tmp: Path, fakes: Fakes, fake: FakeExchange, **upstream: object
     the fake Entra ID like `relayd auth login` does."""
     overrides = {
         "upstream": fake.relay_config(fakes.ca_file, **upstream)["upstream"],
-        "oauth": auth_overrides(tmp, fakes.entra, fakes.ca_file)["oauth"],
+        "oauth": shipped_oauth(tmp, fakes.entra, fakes.ca_file),
     }
     path = write_config(tmp, deep_merge({"metrics": {"enabled": False}}, overrides))
     sign_in(config.load(path), fakes.ca_file)

@@ -29,7 +29,7 @@ import trustme
 from bench.e2e import prefill
 from bench.measure import machine, relay_cpu_seconds
 from relayd import config
-from tests.auth_helpers import auth_overrides, sign_in
+from tests.auth_helpers import shipped_oauth, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra
 from tests.fakes.exchange import FakeExchange
 from tests.helpers import RelayProcess, deep_merge, wait_for_port, write_config
@@ -45,7 +45,7 @@ async def one_drain(tmp: Path, tree: Path, args: argparse.Namespace, spy: str | 
         overrides = {
             "metrics": {"enabled": args.metrics},
             "upstream": fake.relay_config(ca_file, rate_limit_per_minute=0)["upstream"],
-            "oauth": auth_overrides(tmp, entra, ca_file)["oauth"],
+            "oauth": shipped_oauth(tmp, entra, ca_file),
         }
         config_path = write_config(tmp, deep_merge({}, overrides))
         await asyncio.to_thread(sign_in, config.load(config_path), ca_file)

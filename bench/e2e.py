@@ -40,7 +40,7 @@ from bench.measure import cpu_seconds, machine, relay_cpu_seconds
 from relayd import config
 from relayd.queue.model import Envelope, new_queue_id
 from relayd.queue.spool import Spool
-from tests.auth_helpers import auth_overrides, sign_in
+from tests.auth_helpers import shipped_oauth, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra
 from tests.fakes.exchange import FakeExchange
 from tests.fakes.graph import FakeGraph
@@ -117,14 +117,14 @@ async def run_row(tmp: Path, path: str, args: argparse.Namespace, drain: bool) -
             await fake.start()
             overrides = {
                 "upstream": fake.relay_config(ca_file, rate_limit_per_minute=0)["upstream"],
-                "oauth": auth_overrides(tmp, entra, ca_file)["oauth"],
+                "oauth": shipped_oauth(tmp, entra, ca_file),
             }
             maildir = None
         elif path == "graph":
             await graph.start()
             overrides = {
                 "upstream": graph.relay_config(ca_file, rate_limit_per_minute=0),
-                "oauth": auth_overrides(tmp, entra, ca_file)["oauth"],
+                "oauth": shipped_oauth(tmp, entra, ca_file),
             }
             maildir = None
         else:

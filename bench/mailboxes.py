@@ -40,7 +40,7 @@ from bench.measure import machine
 from relayd import config
 from relayd.queue.model import Envelope, new_queue_id
 from relayd.queue.spool import Spool
-from tests.auth_helpers import AuthCli, auth_overrides, sign_in
+from tests.auth_helpers import AuthCli, shipped_oauth, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra, sign_in_in_browser
 from tests.fakes.exchange import FakeExchange
 from tests.helpers import RelayProcess, deep_merge, make_message, wait_for_port, write_config
@@ -89,7 +89,7 @@ async def drain(tmp: Path, mailboxes: int, args: argparse.Namespace) -> dict:
         routes = [{"mailbox": a, "senders": [a], "max_connections": 3} for a in addresses[1:]]
         overrides = {
             "upstream": fake.relay_config(ca_file, rate_limit_per_minute=0)["upstream"],
-            "oauth": auth_overrides(tmp, entra, ca_file)["oauth"],
+            "oauth": shipped_oauth(tmp, entra, ca_file),
         }
         if routes:
             overrides["routes"] = routes
