@@ -84,18 +84,18 @@ class RelaySMTP(aiosmtplib.SMTP):
         options: Iterable[str],
         encoding: str,
         timeout: float | None,  # noqa: ASYNC109 (aiosmtplib's own call style)
-    ) -> bool:
+    ) -> None:
         """MAIL FROM, RCPT TO for each recipient and DATA in one write, when the server
         offers PIPELINING (RFC 2920 §3.1). The next ``mail``, ``rcpt`` and ``data`` calls,
         for the same sender and recipients in that order, take their replies from the
-        group. False, with nothing sent, when the server does not pipeline or an address
-        cannot be written on a command line (the commands then go one at a time, and
-        the address is refused there as always)."""
+        group. Nothing is sent when the server does not pipeline or an address cannot be
+        written on a command line: the commands then go one at a time, and the address
+        is refused there as always."""
         protocol = self.protocol
         if not isinstance(protocol, PipeliningProtocol) or not self.supports_extension(
             "pipelining"
         ):
-            return False
+            return
         try:
             lines = [command_line(*_address_words(b"MAIL FROM:", sender, options, encoding))]
             lines += [
@@ -103,7 +103,7 @@ class RelaySMTP(aiosmtplib.SMTP):
                 for rcpt in recipients
             ]
         except ValueError:
-            return False
+            return
         lines.append(DATA_LINE)
         replies, error = await protocol.execute_group(b"".join(lines), len(lines), timeout)
         if error is not None or any(
@@ -111,7 +111,6 @@ class RelaySMTP(aiosmtplib.SMTP):
         ):
             self.close()  # as aiosmtplib closes after a timeout, a hang-up or a 421
         self._group = GroupReplies(lines, replies, error)
-        return True
 
     def close(self) -> None:
         self._group = None
