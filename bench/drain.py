@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trustme
 
 from bench.e2e import prefill
-from bench.measure import machine, relay_cpu_seconds
+from bench.measure import from_checkout, machine, relay_cpu_seconds
 from relayd import config
 from tests.auth_helpers import shipped_oauth, sign_in
 from tests.fakes.entra import MAILBOX, FakeEntra
@@ -50,7 +50,7 @@ async def one_drain(tmp: Path, tree: Path, args: argparse.Namespace, spy: str | 
         config_path = write_config(tmp, deep_merge({}, overrides))
         await asyncio.to_thread(sign_in, config.load(config_path), ca_file)
         await prefill(tmp / "spool", args.messages, args.size)
-        relay = RelayProcess(config_path, env={"PYTHONPATH": str(tree)}).start(wait=False)
+        relay = RelayProcess(config_path, **from_checkout(tree)).start(wait=False)
         recorder = None
         try:
             await asyncio.to_thread(wait_for_port, "127.0.0.1", relay.port, 30)

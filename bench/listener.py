@@ -2,6 +2,7 @@
 messages' accept latency while big ones arrive. Nothing is asserted.
 
     python3 bench/listener.py [--pairs 3] [--messages 3000] [--big-messages 2]
+    python3 bench/listener.py --tree before=CHECKOUT --tree after=. [--pairs 5]   # an A/B
     python3 bench/run.py --listener ...   # the same rows in the benchmark table
 
 * **new connection per message**: Postfix's smtp-source without ``-d`` (it connects,
@@ -38,7 +39,7 @@ from typing import BinaryIO
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import postfix
-from bench.measure import machine, relay_cpu_seconds, spread
+from bench.measure import from_checkout, machine, relay_cpu_seconds, spread
 from bench.smtpload import LoadResult, make_message, run_load
 from tests.helpers import RelayProcess, unreachable_upstream, write_config
 
@@ -76,8 +77,6 @@ def source_pairs(
     reuse: bool,
 ) -> list[Pair]:
     """``args.pairs`` alternated runs, relayd first in odd pairs, Postfix in even ones."""
-    assert relay.process is not None
-    pid = relay.process.pid
     pairs = []
     for number in range(args.pairs):
         rates: dict[str, float] = {}
@@ -89,14 +88,21 @@ def source_pairs(
                     continue
                 seconds = smtp_source(local.port, args.sessions, args.messages, SMALL, reuse)
                 local.settle()
+                rates[name] = args.messages / seconds
             else:
-                before = relay_cpu_seconds(pid)
-                seconds = smtp_source(relay.port, args.sessions, args.messages, SMALL, reuse)
-                cpu = (relay_cpu_seconds(pid) - before) * 1000 / args.messages
-            rates[name] = args.messages / seconds
+                rates[name], cpu = relayd_run(relay, args, reuse)
         pairs.append(Pair(rates["relayd"], rates.get("postfix"), cpu))
         print(f"    pair {number + 1}: {_pair_text(pairs[-1])}; {_uptime()}", file=sys.stderr)
     return pairs
+
+
+def relayd_run(relay: RelayProcess, args: argparse.Namespace, reuse: bool) -> tuple[float, float]:
+    """One smtp-source run against relayd: msg/s, and relayd's CPU ms per message."""
+    assert relay.process is not None
+    before = relay_cpu_seconds(relay.process.pid)
+    seconds = smtp_source(relay.port, args.sessions, args.messages, SMALL, reuse)
+    cpu = (relay_cpu_seconds(relay.process.pid) - before) * 1000 / args.messages
+    return args.messages / seconds, cpu
 
 
 def _pair_text(pair: Pair) -> str:
@@ -222,6 +228,38 @@ def rows(root: Path, args: argparse.Namespace) -> Iterator[str]:
             yield from _mixed_rows(mixed, args)
 
 
+def tree_rows(root: Path, args: argparse.Namespace) -> Iterator[str]:
+    """``--tree``: relayd from each checkout under the same loads, no Postfix; rounds
+    alternate the order, so that a busy machine's moments are shared (an A/B)."""
+    trees = dict(item.split("=", 1) for item in args.tree)
+    with contextlib.ExitStack() as stack:
+        relays = {}
+        for name, tree in trees.items():
+            base = root / f"relayd-{name}"
+            base.mkdir(parents=True)
+            config_path = write_config(base, unreachable_upstream(base))
+            relay = RelayProcess(config_path, **from_checkout(Path(tree)))
+            relays[name] = stack.enter_context(relay)
+            smtp_source(relay.port, args.sessions, 300, SMALL, reuse=False)  # warm up, untimed
+        yield "| load | checkout | relayd | relayd CPU ms/msg | rounds (msg/s, ms/msg) |"
+        yield "|---|---|---:|---:|---|"
+        for reuse in (False, True):
+            label = "kept (-d)" if reuse else "new per message"
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in relays}
+            for number in range(args.pairs):
+                for name in list(relays) if number % 2 == 0 else list(relays)[::-1]:
+                    runs[name].append(relayd_run(relays[name], args, reuse))
+                    print(f"    {label}, {name}: {runs[name][-1]}; {_uptime()}", file=sys.stderr)
+            for name, each in runs.items():
+                rate = _median([run[0] for run in each])
+                cpu = _median([run[1] for run in each])
+                text = "; ".join(f"{run[0]:,.0f}, {run[1]:.2f}" for run in each)
+                yield (
+                    f"| smtp-source, {args.sessions} sessions, 2 KiB, connection {label} | {name}"
+                    f" | {rate:,.0f} msg/s | {cpu:.2f} | {text} |"
+                )
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -273,6 +311,12 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=3000, help="per smtp-source run")
     parser.add_argument("--no-postfix", dest="with_postfix", action="store_false")
     parser.add_argument("--base", type=Path, default=Path("/var/tmp"), help="where spools go")
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        help="NAME=checkout (repeatable): relayd from each in turn, no Postfix (--pairs rounds)",
+    )
     add_arguments(parser)
     args = parser.parse_args()
     header = machine(args.base)
@@ -280,7 +324,7 @@ def main() -> None:
         root = Path(tmp)
         root.chmod(0o755)  # Postfix's daemons run as the postfix user
         spread(root)  # each spool on its own ext4 block group
-        lines = list(rows(root, args))
+        lines = list(tree_rows(root, args) if args.tree else rows(root, args))
     print(f"\n{header}; load average after the run {_uptime()[13:]}\n")
     print(f"`python3 bench/listener.py {' '.join(sys.argv[1:])}`\n")
     print("\n".join(lines))

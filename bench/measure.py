@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,3 +154,25 @@ def spread(directory: Path) -> None:
     docstring); every relay's spool starts on a fresh block group alike."""
     if shutil.which("chattr"):
         subprocess.run(["chattr", "+T", str(directory)], capture_output=True, check=False)
+
+
+def from_checkout(tree: Path) -> dict:
+    """RelayProcess's ``env`` and ``cwd`` that run relayd from the checkout at ``tree``.
+
+    ``python -m relayd`` puts its working directory first on sys.path, ahead of
+    PYTHONPATH: with PYTHONPATH alone, every "tree" of an A/B would run the checkout
+    the benchmark was started from. This asks the same interpreter, with the same
+    settings, which relayd it imports, and stops the run if it is not ``tree``'s."""
+    tree = tree.resolve()
+    settings = {"env": {"PYTHONPATH": str(tree)}, "cwd": tree}
+    found = subprocess.run(
+        [sys.executable, "-c", "import relayd; print(relayd.__file__)"],
+        env={**os.environ, **settings["env"]},
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not Path(found).resolve().is_relative_to(tree):
+        raise SystemExit(f"bench: relayd from {tree} would run {found}")
+    return settings
