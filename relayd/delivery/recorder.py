@@ -36,6 +36,7 @@ from relayd.delivery.outcome import (
     received_at,
     settle,
 )
+from relayd.ops.logging import PerMessageLogger
 from relayd.ops.metrics import Metrics
 from relayd.queue.batch import ThreadBatcher
 from relayd.queue.model import QueuedMessage, SpoolError, new_queue_id
@@ -44,6 +45,7 @@ from relayd.queue.spool import Spool
 from relayd.transports.base import Attempt
 
 log = structlog.get_logger("relayd.scheduler")
+per_message_log = PerMessageLogger("relayd.scheduler")
 
 FIRST_RECORD_RETRY = 1.0  # seconds; doubles up to retry.min_delay
 HOLD_PARKING = 86_400.0  # seconds; see _apply_batch()
@@ -177,7 +179,9 @@ class OutcomeRecorder:
         }
         if attempt.delivered:
             self.metrics.recipients_delivered.inc(len(attempt.delivered))
-            log.info("delivered", reply=attempt.reply, recipients=len(attempt.delivered), **fields)
+            per_message_log.info(
+                "delivered", reply=attempt.reply, recipients=len(attempt.delivered), **fields
+            )
         if decision.action == DELIVERED:
             # Once per message, when every recipient is done (over however many
             # attempts); a message with a recipient that failed counts as failed.

@@ -21,6 +21,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from relayd import headers
 from relayd.config import ListenSettings, listen_hosts
+from relayd.ops.logging import PerMessageLogger
 from relayd.ops.metrics import Metrics
 from relayd.queue.model import Envelope as SpoolEnvelope
 from relayd.queue.model import SpoolError, SpoolFull, new_queue_id
@@ -30,6 +31,7 @@ from relayd.smtp.fastpath import FastPath, FastPathSettings
 from relayd.smtp.protocol import RelaySMTP
 
 log = structlog.get_logger("relayd.listener")
+per_message_log = PerMessageLogger("relayd.listener")
 
 
 class ClientSession(Protocol):
@@ -263,7 +265,7 @@ class RelayHandler:
     ) -> None:
         self.metrics.messages_received.inc()
         self.metrics.message_size.observe(size)
-        log.info(
+        per_message_log.info(
             "received",
             queue_id=queue_id,
             client=envelope.client,

@@ -17,11 +17,13 @@ import secrets
 import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timezone
 from typing import Any, ClassVar
 
 import aiosmtplib
 import pytest
 import structlog
+import structlog.testing
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import AuthResult
 from hypothesis import HealthCheck, given, settings
@@ -406,3 +408,204 @@ def test_relayd_levels_change_at_runtime_and_per_logger(
     assert [r["event"] for r in records] == ["shown at info"]
     assert records[0]["logger"] == "relayd.test" and records[0]["level"] == "info"
     assert list(records[0])[:4] == ["ts", "level", "logger", "event"]
+
+
+# --- the per-message lines: structlog's line, written without structlog's round ---------
+
+FROZEN = datetime(2026, 12, 3, 11, 28, 28, 123456, tzinfo=UTC)
+
+
+@pytest.fixture
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways stamp the same instant (the chain's own TimeStamper, read twice)."""
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return FROZEN
+
+    fake = type("datetime_module", (), {"datetime": Clock, "timezone": timezone})
+    monkeypatch.setattr(structlog.processors, "datetime", fake)
+
+
+class UsualWay:
+    """Stands for a PerMessageLogger's structlog logger and counts the lines sent to it."""
+
+    def __init__(self, logger: Any) -> None:
+        self.logger, self.lines = logger, 0
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.lines += 1
+        self.logger.info(event, **fields)
+
+
+def both_ways(
+    capture: Callable[..., io.StringIO], fmt: str, event: str, fields: dict[str, Any]
+) -> tuple[str, str, bool]:
+    """The per-message logger's output, structlog's logger's for the same call, and
+    whether the per-message logger went the usual way."""
+    stream = capture(fmt, "info")
+    logger = relay_logging.PerMessageLogger("relayd.listener")
+    logger._usual = usual = UsualWay(logger._usual)  # type: ignore[assignment]
+    logger.info(event, **fields)
+    direct = stream.getvalue()
+    stream.seek(0)
+    stream.truncate()
+    structlog.get_logger("relayd.listener").info(event, **fields)
+    return direct, stream.getvalue(), usual.lines == 1
+
+
+RECEIVED = {
+    "queue_id": "661B574ACECBD699754",
+    "client": "127.0.0.1:53422",
+    "sender": "billing@contoso.com",
+    "recipients": 2,
+    "size": 2231,
+    "message_id": "<20261203071000.12345@app.contoso.com>",
+}
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_received_line_is_written_directly_and_as_structlog_writes_it(
+    capture: Callable[..., io.StringIO], frozen_clock: None, fmt: str
+) -> None:
+    direct, usual, went_the_usual_way = both_ways(capture, fmt, "received", RECEIVED)
+
+    assert direct == usual
+    assert not went_the_usual_way
+    if fmt == "json":
+        (record,) = json_lines(direct)
+        assert list(record)[:5] == ["ts", "level", "logger", "event", "queue_id"]
+        assert record["ts"] == "2026-12-03T11:28:28.123456Z"
+
+
+def test_a_pattern_made_by_json_escaping_is_scrubbed_on_the_direct_way(
+    capture: Callable[..., io.StringIO], frozen_clock: None
+) -> None:
+    # JSON writes \x08 as "\b": the rendered line reads "\bearer <token>", which only
+    # the scrub of the rendered line (the chain's last step, shared) catches.
+    fields = {**RECEIVED, "detail": "\x08earer abcdefghijkl"}
+    direct, usual, went_the_usual_way = both_ways(capture, "json", "received", fields)
+
+    assert direct == usual
+    assert not went_the_usual_way
+    assert "abcdefghijkl" not in direct and "<redacted>" in direct
+
+
+# Each of these sends the line the usual way: the direct one would write it otherwise.
+UNUSUAL_FIELDS = {
+    "a token-shaped value": {"detail": f"got {ACCESS_TOKEN}"},
+    "a key-value secret": {"detail": f"refresh_token={REFRESH_TOKEN}"},
+    "a sensitive key": {"access_token": "opaque-but-secret-value"},
+    "a reserved key": {"level": "overridden"},
+    "exc_info": {"exc_info": True},
+    "a non-plain value": {"recipients": ["a@contoso.com"]},
+    "bytes": {"data": b"AUTH XOAUTH2 " + XOAUTH2.encode()},
+    "non-ASCII": {"sender": "jürgen@contoso.com"},
+}
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+@pytest.mark.parametrize("case", UNUSUAL_FIELDS)
+def test_lines_that_need_the_processors_come_out_as_structlog_writes_them(
+    capture: Callable[..., io.StringIO], frozen_clock: None, fmt: str, case: str
+) -> None:
+    fields = {**RECEIVED, **UNUSUAL_FIELDS[case]}
+    direct, usual, went_the_usual_way = both_ways(capture, fmt, "received", fields)
+
+    assert direct == usual
+    assert went_the_usual_way
+    assert leaks(direct) == []
+
+
+def test_a_registered_secret_is_scrubbed_on_the_direct_way_too(
+    capture: Callable[..., io.StringIO], frozen_clock: None
+) -> None:
+    opaque = secrets.token_hex(12)  # no pattern knows it: only the registration does
+    relay_logging.redactor.register(opaque)
+    fields = {**RECEIVED, "client": opaque}
+    direct, usual, went_the_usual_way = both_ways(capture, "json", "received", fields)
+
+    assert direct == usual
+    assert went_the_usual_way
+    assert opaque not in direct and "<redacted>" in direct
+
+
+_KEYS = st.sampled_from(
+    [
+        "queue_id",
+        "reply",
+        "detail",
+        "code",
+        "refresh_token_age",
+        "token",
+        "password",
+        "ts",
+        "logger",
+        "exc_info",
+        "size",
+    ]
+)
+_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["Bearer abcdefghijkl", "code=" + "A" * 40, "0.AXoA" + "b" * 70, XOAUTH2]),
+    st.text(alphabet='\x00\x08\x0c"\\ bearBEARcodeyJ0.A1xX', max_size=24),
+)
+_VALUES = st.one_of(
+    _TEXT,
+    st.integers(),
+    st.floats(),
+    st.booleans(),
+    st.none(),
+    st.binary(max_size=8),
+    st.lists(_TEXT, max_size=2),
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(event=_TEXT, fields=st.dictionaries(_KEYS, _VALUES, max_size=5))
+def test_any_line_comes_out_as_structlog_writes_it(
+    capture: Callable[..., io.StringIO],
+    frozen_clock: None,
+    event: str,
+    fields: dict[str, Any],
+) -> None:
+    for fmt in ("json", "console"):
+        direct, usual, _ = both_ways(capture, fmt, event, fields)
+        assert direct == usual
+
+
+def test_the_direct_way_follows_the_level_and_a_quieted_logger(
+    capture: Callable[..., io.StringIO], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = capture("json", "warning")
+    relay_logging.PerMessageLogger("relayd.listener").info("received", **RECEIVED)
+    relay_logging.set_level("info")
+    monkeypatch.setitem(relay_logging._logger_thresholds, "relayd.listener", logging.ERROR)
+    relay_logging.PerMessageLogger("relayd.listener").info("received", **RECEIVED)
+    relay_logging.PerMessageLogger("relayd.scheduler").info("delivered", queue_id="Q1")
+
+    assert [r["logger"] for r in json_lines(stream.getvalue())] == ["relayd.scheduler"]
+
+
+def test_events_captured_by_a_test_go_the_usual_way(capture: Callable[..., io.StringIO]) -> None:
+    stream = capture("json", "info")
+    with structlog.testing.capture_logs() as logs:
+        relay_logging.PerMessageLogger("relayd.listener").info("received", **RECEIVED)
+    assert logs == [{**RECEIVED, "event": "received", "log_level": "info"}]
+    assert stream.getvalue() == ""
+
+
+def test_structlog_context_variables_send_the_line_the_usual_way(
+    capture: Callable[..., io.StringIO], frozen_clock: None
+) -> None:
+    structlog.contextvars.bind_contextvars(session="S1")
+    try:
+        direct, usual, went_the_usual_way = both_ways(capture, "json", "received", RECEIVED)
+    finally:
+        structlog.contextvars.clear_contextvars()
+    assert direct == usual
+    assert went_the_usual_way
+    assert json_lines(direct)[0]["session"] == "S1"
