@@ -245,19 +245,26 @@ def tree_rows(root: Path, args: argparse.Namespace) -> Iterator[str]:
         yield "|---|---|---:|---:|---|"
         for reuse in (False, True):
             label = "kept (-d)" if reuse else "new per message"
-            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in relays}
-            for number in range(args.pairs):
-                for name in list(relays) if number % 2 == 0 else list(relays)[::-1]:
-                    runs[name].append(relayd_run(relays[name], args, reuse))
-                    print(f"    {label}, {name}: {runs[name][-1]}; {_uptime()}", file=sys.stderr)
-            for name, each in runs.items():
-                rate = _median([run[0] for run in each])
-                cpu = _median([run[1] for run in each])
-                text = "; ".join(f"{run[0]:,.0f}, {run[1]:.2f}" for run in each)
+            for name, runs in _alternated(relays, args, reuse).items():
+                rate = _median([run[0] for run in runs])
+                cpu = _median([run[1] for run in runs])
+                each = "; ".join(f"{run[0]:,.0f}, {run[1]:.2f}" for run in runs)
                 yield (
                     f"| smtp-source, {args.sessions} sessions, 2 KiB, connection {label} | {name}"
-                    f" | {rate:,.0f} msg/s | {cpu:.2f} | {text} |"
+                    f" | {rate:,.0f} msg/s | {cpu:.2f} | {each} |"
                 )
+
+
+def _alternated(
+    relays: dict[str, RelayProcess], args: argparse.Namespace, reuse: bool
+) -> dict[str, list[tuple[float, float]]]:
+    """``args.pairs`` rounds over every relay, the order reversed every other round."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in relays}
+    for number in range(args.pairs):
+        for name in list(relays) if number % 2 == 0 else list(relays)[::-1]:
+            runs[name].append(relayd_run(relays[name], args, reuse))
+            print(f"    {name}: {runs[name][-1]}; {_uptime()}", file=sys.stderr)
+    return runs
 
 
 def _median(values: list[float]) -> float:
