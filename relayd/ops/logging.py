@@ -26,7 +26,7 @@ import sys
 import threading
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -183,15 +183,20 @@ def redact_event(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -
     would change: one look at all their strings together stands for one per value,
     as neither a pattern's word nor a secret can be in a value and not in the whole.
     """
-    values = event_dict.values()
-    if all(type(value) in _PLAIN_TYPES for value in values):
-        joined = "\x00".join(value for value in values if type(value) is str)
-        if not redactor.may_change(joined):
-            return {
-                key: REDACTED if value and _is_sensitive(key) else value
-                for key, value in event_dict.items()
-            }
+    if _plain_and_unchanged(event_dict.values()):
+        return {
+            key: REDACTED if value and _is_sensitive(key) else value
+            for key, value in event_dict.items()
+        }
     return _scrub(dict(event_dict))
+
+
+def _plain_and_unchanged(values: Iterable[Any]) -> bool:
+    """Whether every value is plain and no scrub would change any of them."""
+    values = tuple(values)
+    if not all(type(value) in _PLAIN_TYPES for value in values):
+        return False
+    return not redactor.may_change("\x00".join(value for value in values if type(value) is str))
 
 
 _LEADING_FIELDS = ("ts", "level", "logger", "event")
@@ -454,7 +459,8 @@ class PerMessageLogger:
     chain's own last step (the renderer and the scrub of the rendered line). Anything
     else goes the usual way: a value that might hold a secret, a sensitive or reserved
     key, structlog context variables, or structlog configured by anything but
-    configure() (a test capturing events). Figures: bench/README.md, "Logging".
+    configure() (a test capturing events). Figures: bench/README.md, "The per-message
+    log lines written directly".
     """
 
     def __init__(self, name: str) -> None:
@@ -477,16 +483,9 @@ class PerMessageLogger:
             return None
         if structlog.contextvars.get_contextvars():
             return None
-        strings = []
-        for value in fields.values():
-            kind = type(value)
-            if kind is str:
-                strings.append(value)
-            elif kind not in _PLAIN_TYPES:
-                return None
         ts = _CONFIGURED["stamp"](self._line, "info", {})["ts"]
-        # redact_event's look, at its values in the order it sees them.
-        if redactor.may_change("\x00".join((*strings, event, "info", self.name, ts))):
+        # redact_event's look, at the values in the order it sees them.
+        if not _plain_and_unchanged((*fields.values(), event, "info", self.name, ts)):
             return None
         return {"ts": ts, "level": "info", "logger": self.name, "event": event, **fields}
 
