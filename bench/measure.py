@@ -82,15 +82,31 @@ def cpu_seconds(pid: int) -> float:
 
 
 def relay_cpu_seconds(pid: int) -> float:
-    """CPU time of relayd's process and its spool writers (relayd.queue.writer): the
-    live child processes, and what the children it has already waited for used (its
-    cutime + cstime)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    total = sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    for child in children(pid):
+    """CPU time of relayd's process, its listener process (relayd.smtpd) and the spool
+    writers that one starts (relayd.queue.writer): every live process below it, and
+    what those it has already waited for used (its cutime + cstime)."""
+    total = _with_waited_for(pid)
+    for child in descendants(pid):
         with contextlib.suppress(OSError):  # it exited meanwhile
-            total += cpu_seconds(child)
+            total += _with_waited_for(child)
     return total
+
+
+def _with_waited_for(pid: int) -> float:
+    """A process's CPU time and its reaped children's (utime, stime, cutime, cstime):
+    a reaped child is no longer below it, so nothing is counted twice."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``: its children, theirs, and so on."""
+    found, waiting = [], children(pid)
+    while waiting:
+        child = waiting.pop()
+        found.append(child)
+        waiting += children(child)
+    return found
 
 
 def children(pid: int) -> list[int]:
@@ -106,8 +122,8 @@ def children(pid: int) -> list[int]:
 
 
 def children_rss_mib(pid: int) -> float:
-    """The resident memory of ``pid``'s child processes now (VmRSS), together."""
-    return sum(_proc_status(child, "VmRSS") for child in children(pid))
+    """The resident memory of every process below ``pid`` now (VmRSS), together."""
+    return sum(_proc_status(child, "VmRSS") for child in descendants(pid))
 
 
 def session_cpu_seconds(session: int) -> float:
