@@ -82,9 +82,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def relay_cpu_seconds(pid: int) -> float:
-    """CPU time of relayd's process, its listener process (relayd.smtpd) and the spool
-    writers that one starts (relayd.queue.writer): every live process below it, and
-    what those it has already waited for used (its cutime + cstime)."""
+    """CPU time of relayd's process and every live process below it (its spool writers,
+    relayd.queue.writer; children of children too, as a listener process of its own
+    would start the writers: bench/README.md), and what each has already waited for
+    used (cutime + cstime)."""
     total = _with_waited_for(pid)
     for child in descendants(pid):
         with contextlib.suppress(OSError):  # it exited meanwhile
