@@ -181,6 +181,11 @@ class RelaySMTP(SMTP):
         # differ from Postfix with smtputf8_enable=yes, which answers "500 5.5.2 bad
         # UTF-8 syntax", because the name is only trace information (RFC 5321 §4.1.4:
         # a server must not refuse mail for what the EHLO name says).
+        # smtp_EHLO adds SIZE's 26 and SMTPUTF8's 10 octets to MAIL's line limit at
+        # every EHLO; RFC 1870 §3 and RFC 6531 §3.4 add them once (and the fast path
+        # hands a session over with them once).
+        if hostname:
+            self.command_size_limits.clear()
         await super().smtp_EHLO(printable_name(hostname) if hostname else hostname)
 
     async def smtp_AUTH(self, arg: str) -> None:

@@ -309,6 +309,21 @@ def test_one_sessions_ehlo_never_changes_anothers_line_limits(
             assert reader.readline().startswith(b"250 ")
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast path", "aiosmtpd"])
+def test_a_second_ehlo_does_not_raise_mails_line_limit_again(
+    listeners: TwoListeners, fast: bool
+) -> None:
+    """RFC 1870 §3 and RFC 6531 §3.4 add 26 and 10 octets to MAIL's 512, once:
+    aiosmtpd's smtp_EHLO added them at every EHLO, so after two a 570-octet MAIL got
+    250 from aiosmtpd and 500 from a session the fast path had handed over (found by
+    the property above)."""
+    port = (listeners.fast if fast else listeners.aiosmtpd).bound_port
+    long_mail = b"MAIL FROM:<app@example.com> SIZE=1" + b" " * 534  # 568 octets
+    script = b"EHLO client.example\r\nEHLO client.example\r\n" + long_mail + b"\r\nQUIT\r\n"
+    replies = converse(port, [script])
+    assert replies[-3].startswith(b"500 ") and b"too long" in replies[-3], replies
+
+
 def test_a_client_that_half_closes_after_quit_gets_every_reply(listeners: TwoListeners) -> None:
     """Message, QUIT, then shutdown(SHUT_WR): the commit is not cancelled by the end of
     the client's stream; the client reads 250 for its message and 221."""
