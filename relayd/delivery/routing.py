@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 
 from relayd.config import Settings
 from relayd.config.routes import route_for
+from relayd.delivery.giveway import ListenerFirst
 from relayd.delivery.policy import SenderPolicy
 from relayd.delivery.scheduler import Scheduler
 from relayd.ops.metrics import Metrics
@@ -102,6 +103,7 @@ class RoutedScheduler:
         self.index = SenderIndex(spool)
         self._single = len(lanes) == 1
         self.schedulers: dict[str, Scheduler] = {}
+        listener_first = ListenerFirst()  # the listener's bursts narrow every route
         for key, (route_settings, transport, metrics) in lanes.items():
             self.schedulers[key] = Scheduler(
                 spool,
@@ -111,6 +113,7 @@ class RoutedScheduler:
                 owns=None if self._single else self._owner(key),
                 on_new_message=None if self._single else self.notify,
                 mailbox=None if self._single else key,
+                listener_first=listener_first,
             )
         self.default = self.schedulers[self.router.default]
         self._lookups: set[asyncio.Task] = set()

@@ -30,6 +30,7 @@ import structlog
 from relayd.config import Settings
 from relayd.delivery import dsn
 from relayd.delivery.claims import CLAIM_BATCH, Claims
+from relayd.delivery.giveway import ListenerFirst
 from relayd.delivery.limits import Reservation, SendingBudget
 from relayd.delivery.outcome import (
     FAIL_REASONS,
@@ -70,16 +71,18 @@ class Scheduler:
         owns: Callable[[str, str], bool] | None = None,
         on_new_message: Callable[[str], None] | None = None,
         mailbox: str | None = None,
+        listener_first: ListenerFirst | None = None,
     ) -> None:
         """``owns``, ``on_new_message`` and ``mailbox`` are for one route of several
         (``relayd.delivery.routing``): which queued ids are this route's, where a DSN
         it queues is announced (the route of the DSN's null sender), and the route's
-        name in log lines."""
+        name in log lines; ``listener_first`` is shared by the routes."""
         self.spool = spool
         self.transport = transport
         self.metrics = metrics
         self.mailbox = mailbox
         self._log = log.bind(mailbox=mailbox) if mailbox else log
+        self.listener_first = listener_first or ListenerFirst()
         self._rng = rng or random.Random()  # noqa: S311 (retry jitter, not a secret)
         upstream = settings.upstream
         self.budget = SendingBudget(upstream.rate_limit_per_minute, upstream.daily_recipient_limit)
@@ -117,9 +120,14 @@ class Scheduler:
 
     @property
     def active_limit(self) -> int:
+        concurrency = max(1, self.transport.concurrency)
+        if self.listener_first.engaged():
+            # Clients are sending and the CPU is short (relayd.delivery.giveway): one
+            # connection fewer, nothing read ahead.
+            return max(1, concurrency - 1)
         # Twice the transport's concurrency: the next message is read from disk while
         # the previous one is still on the wire.
-        return max(1, self.transport.concurrency) * 2
+        return concurrency * 2
 
     @property
     def paused(self) -> str | None:
@@ -142,6 +150,7 @@ class Scheduler:
         """A message was committed: take it as soon as there is room."""
         if self._stopping:
             return
+        self.listener_first.arrived()
         self._ready.notify(queue_id)
         self._wakeup.set()
 
