@@ -27,7 +27,8 @@ CPU_SHARE = 0.5  # of one core: relayd's process, all its threads
 
 
 class ListenerFirst:
-    """Whether deliveries should go one at a time now; shared by every route."""
+    """Whether deliveries should go narrower now (one connection fewer, nothing read
+    ahead); one for all the routes."""
 
     def __init__(
         self,
