@@ -314,7 +314,7 @@ def test_a_second_ehlo_does_not_raise_mails_line_limit_again(
     listeners: TwoListeners, fast: bool
 ) -> None:
     """RFC 1870 §3 and RFC 6531 §3.4 add 26 and 10 octets to MAIL's 512, once:
-    aiosmtpd's smtp_EHLO added them at every EHLO, so after two a 570-octet MAIL got
+    aiosmtpd's smtp_EHLO added them at every EHLO, so after two a 568-octet MAIL got
     250 from aiosmtpd and 500 from a session the fast path had handed over (found by
     the property above)."""
     port = (listeners.fast if fast else listeners.aiosmtpd).bound_port
