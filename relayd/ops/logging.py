@@ -31,6 +31,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from relayd.ops.jsonline import plain_json_object
+
 REDACTED = "<redacted>"
 LEVELS = {
     "debug": logging.DEBUG,
@@ -428,7 +430,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         timestamp,
         *finishing,
     ]
-    _CONFIGURED.update(chain=list(chain), stamp=timestamp, render=render)
+    _CONFIGURED.update(chain=list(chain), stamp=timestamp, render=render, json=fmt == "json")
     structlog.configure(
         processors=chain,
         logger_factory=_LineLogger,
@@ -456,11 +458,13 @@ class PerMessageLogger:
     one. A line whose fields are plain values that neither scrub would change (nearly
     every line of this kind) needs only what those processors do to such a line: the
     same time stamp, the fields in the order lead_with_essentials gives, then the
-    chain's own last step (the renderer and the scrub of the rendered line). Anything
-    else goes the usual way: a value that might hold a secret, a sensitive or reserved
-    key, structlog context variables, or structlog configured by anything but
-    configure() (a test capturing events). Figures: bench/README.md, "The per-message
-    log lines written directly".
+    chain's own last step (the renderer and the scrub of the rendered line). In JSON,
+    a line of plain values with no escape in it needs less still: json.dumps's text,
+    written field by field (relayd.ops.jsonline), and one look for what a scrub would
+    change. Anything else goes the usual way: a value that might hold a secret, a
+    sensitive or reserved key, structlog context variables, or structlog configured by
+    anything but configure() (a test capturing events). Figures: bench/README.md, "The
+    per-message log lines written directly" and "JSON lines written field by field".
     """
 
     def __init__(self, name: str) -> None:
@@ -471,23 +475,44 @@ class PerMessageLogger:
     def info(self, event: str, **fields: Any) -> None:
         if not _enabled(self.name, logging.INFO):
             return
-        ordered = self._ordered(event, fields)
-        if ordered is None:
+        line = self._line_for(event, fields)
+        if line is None:
             self._usual.info(event, **fields)
         else:
-            self._line.info(_CONFIGURED["render"](self._line, "info", ordered))
+            _SINK.write(line, "info")
 
-    def _ordered(self, event: str, fields: dict[str, Any]) -> dict[str, Any] | None:
-        """The event dictionary as the renderer would get it, or None: the usual way."""
+    def _line_for(self, event: str, fields: dict[str, Any]) -> str | None:
+        """The line structlog would write, or None: the usual way."""
         if not _chain_as_configured() or not _ordinary_keys(tuple(fields)):
             return None
         if structlog.contextvars.get_contextvars():
             return None
         ts = _CONFIGURED["stamp"](self._line, "info", {})["ts"]
+        ordered = {"ts": ts, "level": "info", "logger": self.name, "event": event, **fields}
+        if _CONFIGURED["json"]:
+            line = _plain_json_line(ordered)
+            if line is not None:
+                return line
         # redact_event's look, at the values in the order it sees them.
         if not _plain_and_unchanged((*fields.values(), event, "info", self.name, ts)):
             return None
-        return {"ts": ts, "level": "info", "logger": self.name, "event": event, **fields}
+        return _CONFIGURED["render"](self._line, "info", ordered)
+
+
+def _plain_json_line(ordered: dict[str, Any]) -> str | None:
+    """The JSON line for plain values that no scrub would change, without the renderer's
+    round; None for any other (the checks and the chain's renderer decide those).
+
+    With no backslash in it, the line holds every string as it is (json escapes only
+    quotes, backslashes, control and non-ASCII characters, each with a backslash): a
+    value that a scrub would change (a pattern's word, a secret) would be in the line,
+    so one look at the line stands for redact_event's at the values and for the scrub
+    of the rendered line, which would both leave it as it is.
+    """
+    line = plain_json_object(ordered)
+    if line is None or "\\" in line or redactor.may_change(line):
+        return None
+    return line
 
 
 def _chain_as_configured() -> bool:

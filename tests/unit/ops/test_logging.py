@@ -479,6 +479,39 @@ def test_a_received_line_is_written_directly_and_as_structlog_writes_it(
         assert record["ts"] == "2026-12-03T11:28:28.123456Z"
 
 
+def test_a_plain_json_line_is_written_without_the_renderers_round(
+    capture: Callable[..., io.StringIO], frozen_clock: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The chain keeps its own renderer (the usual way uses it); only the direct way's
+    # copy is replaced, so that a call to it shows.
+    def renderer_called(*args: Any) -> str:
+        raise AssertionError("the direct way ran the renderer for a plain line")
+
+    stream = capture("json", "info")
+    monkeypatch.setitem(relay_logging._CONFIGURED, "render", renderer_called)
+    relay_logging.PerMessageLogger("relayd.listener").info("received", **RECEIVED)
+    direct = stream.getvalue()
+    stream.seek(0)
+    stream.truncate()
+    structlog.get_logger("relayd.listener").info("received", **RECEIVED)
+
+    assert direct == stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['say "hi"', "C:\\mail", "jürgen@contoso.com", "tab\there", "\x08earer abcdefghijkl"],
+    ids=["a quote", "a backslash", "non-ASCII", "a control character", "a pattern by escaping"],
+)
+def test_a_json_line_with_an_escape_is_checked_and_rendered_as_before(
+    capture: Callable[..., io.StringIO], frozen_clock: None, value: str
+) -> None:
+    direct, usual, _ = both_ways(capture, "json", "received", {**RECEIVED, "detail": value})
+
+    assert direct == usual
+    assert leaks(direct) == []
+
+
 def test_a_pattern_made_by_json_escaping_is_scrubbed_on_the_direct_way(
     capture: Callable[..., io.StringIO], frozen_clock: None
 ) -> None:
