@@ -1,5 +1,6 @@
 """A log line's JSON, written field by field for plain values: the text that
-``json.dumps`` gives (structlog's JSONRenderer calls it), in a quarter of its work.
+``json.dumps`` gives (structlog's JSONRenderer calls it), in 60 % of the time (a
+``received`` line: 4.9 against 3.0 µs alone).
 
 json.dumps builds an encoder for every call when it is given ``default=`` (structlog
 gives it one) and walks the dictionary through three layers of Python before its C
