@@ -23,17 +23,15 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import postfix
-from bench.listener import SMALL
+from bench.listener import SMALL, smtp_source
 from bench.measure import cpu_seconds, descendants, machine
 from tests.helpers import RelayProcess, unreachable_upstream, write_config
 
@@ -77,22 +75,12 @@ def read(pid: int, writers: list[int]) -> Reading:
     return Reading(user, system, ran, waited, writer_seconds, _machine_busy())
 
 
-def source_command(port: int, sessions: int, messages: int) -> list[str]:
-    assert postfix.SMTP_SOURCE is not None
-    command = [postfix.SMTP_SOURCE, "-s", str(sessions), "-m", str(messages)]
-    command += ["-l", str(SMALL - 200), "-f", "bench@example.com", "-t", "user@example.com"]
-    return [*command, f"127.0.0.1:{port}"]
-
-
 def one_run(relay: RelayProcess, args: argparse.Namespace) -> str:
     assert relay.process is not None
     pid = relay.process.pid
     writers = descendants(pid)
     before, children = read(pid, writers), resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    command = source_command(relay.port, args.sessions, args.messages)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=3600)
-    wall = time.perf_counter() - started
+    wall = smtp_source(relay.port, args.sessions, args.messages, SMALL, reuse=False)
     after, children_after = read(pid, writers), resource.getrusage(resource.RUSAGE_CHILDREN)
     source = (children_after.ru_utime - children.ru_utime) + (
         children_after.ru_stime - children.ru_stime
@@ -133,12 +121,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="relayd-bench-", dir=args.base) as tmp:
         base = Path(tmp)
         with RelayProcess(write_config(base, unreachable_upstream(base))) as relay:
-            subprocess.run(  # warm up, untimed
-                source_command(relay.port, args.sessions, 300),
-                check=True,
-                stdout=subprocess.DEVNULL,
-                timeout=600,
-            )
+            smtp_source(relay.port, args.sessions, 300, SMALL, reuse=False)  # warm up, untimed
             for _ in range(args.runs):
                 print(one_run(relay, args), flush=True)
 
