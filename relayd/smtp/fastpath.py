@@ -31,6 +31,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from relayd.smtp.addresses import printable_name, split_command_path
 from relayd.smtp.content import check_data
+from relayd.smtp.idle import IdleSweep
 from relayd.smtp.protocol import RelaySMTP, peer_address
 from relayd.smtp.wording import safe_reply
 
@@ -53,7 +54,7 @@ class FastPathSettings:
 
     hostname: str
     data_size_limit: int
-    idle_timeout: float
+    idle: IdleSweep  # listen.idle_timeout, for every session of this listener
     greeting: bytes
     ehlo_reply: bytes
     hand_over: Callable[[], RelaySMTP]  # a fresh aiosmtpd protocol for this listener
@@ -70,7 +71,7 @@ class FastPathSettings:
         return cls(
             hostname=template.hostname,
             data_size_limit=template.data_size_limit or 0,
-            idle_timeout=template._timeout_duration,
+            idle=IdleSweep(template._timeout_duration),
             greeting=_reply_bytes(f"220 {template.hostname} {template.__ident__}"),
             ehlo_reply=b"".join(_reply_bytes(line) for line in ehlo),
             hand_over=hand_over,
@@ -99,8 +100,7 @@ class FastPath(asyncio.Protocol):
         self._replies_held = False  # the transport's write buffer is over its high-water mark
         self._commit: asyncio.Task | None = None
         self._eof = False
-        self._deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self.idle_deadline = 0.0  # the IdleSweep closes the session once past it
 
     # --- connection ------------------------------------------------------------------
 
@@ -118,6 +118,7 @@ class FastPath(asyncio.Protocol):
         self.relay.session_opened(self)
         transport.write(self.settings.greeting)
         self._reset_timeout()
+        self.settings.idle.watch(self, self.loop)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # As aiosmtpd: a session whose client went away ends, its commit included
@@ -135,9 +136,7 @@ class FastPath(asyncio.Protocol):
         return True
 
     def _close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.settings.idle.unwatch(self)
         if self.transport is not None:
             self.transport = None
             self.relay.session_closed(self)
@@ -145,17 +144,10 @@ class FastPath(asyncio.Protocol):
     # --- idle timeout ----------------------------------------------------------------
 
     def _reset_timeout(self) -> None:
-        """One timer per session: a command moves the deadline, and a timer that fires
-        early sleeps again for the rest (RelaySMTP._reset_timeout does the same)."""
-        self._deadline = self.loop.time() + self.settings.idle_timeout
-        if self._timer is None:
-            self._timer = self.loop.call_at(self._deadline, self._timed_out)
+        """A command moves the deadline on; the listener's IdleSweep watches it."""
+        self.idle_deadline = self.loop.time() + self.settings.idle.timeout
 
-    def _timed_out(self) -> None:
-        if self.loop.time() < self._deadline:
-            self._timer = self.loop.call_at(self._deadline, self._timed_out)
-            return
-        self._timer = None
+    def timed_out(self) -> None:
         if self.transport is not None:
             self.transport.close()  # as aiosmtpd's _timeout_cb: no reply, closed
 
@@ -466,9 +458,7 @@ class FastPath(asyncio.Protocol):
         transport = self.transport
         assert transport is not None and self.session is not None
         self._hold_reading(False)  # aiosmtpd's reader pauses and resumes on its own
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.settings.idle.unwatch(self)  # aiosmtpd has a timer of its own
         self.transport = None
         self.relay.session_closed(self)
         smtp = self.settings.hand_over()
