@@ -8,8 +8,10 @@ against relayd, whose upstream nobody answers (nothing is delivered). For each r
 
 * the rate, and the CPU per message (user + system, from /proc) of relayd's event
   loop thread, of its spool writer processes, and of smtp-source (its rusage);
-* the whole machine's busy time per message (/proc/stat), which includes what the
-  kernel's own threads did (journal commits, the loop device, network work);
+* the CPU per message of the kernel's own threads (children of kthreadd: writeback,
+  the journal, the loop device, ksoftirqd) and of softirq work (/proc/stat), and the
+  whole machine's busy time per message, which includes both;
+* the spool file system's journal commits per message (/proc/fs/jbd2, ext4 only);
 * from the event loop thread's /proc/PID/task/TID/schedstat (the kernel's
   Documentation/scheduler/sched-stats.rst: time on a core, time runnable and waiting
   for one), the share of the run's wall time it ran and the share it waited for a
@@ -21,6 +23,7 @@ against relayd, whose upstream nobody answers (nothing is delivered). For each r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import sys
@@ -47,7 +50,10 @@ class Reading:
     loop_ran: float
     loop_waited: float
     writers: float
+    kernel_threads: float
+    softirq: float
     machine_busy: float
+    journal_commits: int
 
 
 def _thread_times(pid: int) -> tuple[float, float]:
@@ -62,26 +68,59 @@ def _schedstat(pid: int) -> tuple[float, float]:
     return int(ran) / 1e9, int(waited) / 1e9
 
 
-def _machine_busy() -> float:
-    """Seconds the machine's cores were busy since boot (all but idle and iowait)."""
+def _machine() -> tuple[float, float]:
+    """Seconds the machine's cores were busy since boot (all but idle and iowait), and
+    the part of it that went to softirq work."""
     values = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(values) - values[3] - values[4]) / _TICK
+    return (sum(values) - values[3] - values[4]) / _TICK, values[6] / _TICK
 
 
-def read(pid: int, writers: list[int]) -> Reading:
+def _kernel_threads() -> float:
+    """CPU seconds of the kernel's threads alive now (kthreadd's children; a kworker
+    that ends during a run takes its share with it)."""
+    total = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if fields[1] == "2":
+            total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
+
+
+def journal_info(base: Path) -> Path | None:
+    """The jbd2 statistics of the file system under ``base`` (ext3/4), if it has any."""
+    device = os.stat(base).st_dev
+    block = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}")
+    with contextlib.suppress(OSError):
+        name = block.resolve().name
+        return next(Path("/proc/fs/jbd2").glob(f"{name}-*/info"), None)
+    return None
+
+
+def read(pid: int, writers: list[int], journal: Path | None) -> Reading:
     user, system = _thread_times(pid)
     ran, waited = _schedstat(pid)
     writer_seconds = sum(cpu_seconds(writer) for writer in writers)
-    return Reading(user, system, ran, waited, writer_seconds, _machine_busy())
+    busy, softirq = _machine()
+    commits = int(journal.read_text().split()[0]) if journal is not None else 0
+    return Reading(
+        user, system, ran, waited, writer_seconds, _kernel_threads(), softirq, busy, commits
+    )
 
 
-def one_run(relay: RelayProcess, args: argparse.Namespace) -> str:
+def one_run(relay: RelayProcess, args: argparse.Namespace, journal: Path | None) -> str:
     assert relay.process is not None
     pid = relay.process.pid
     writers = descendants(pid)
-    before, children = read(pid, writers), resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = read(pid, writers, journal)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = smtp_source(relay.port, args.sessions, args.messages, SMALL, reuse=False)
-    after, children_after = read(pid, writers), resource.getrusage(resource.RUSAGE_CHILDREN)
+    after = read(pid, writers, journal)
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     source = (children_after.ru_utime - children.ru_utime) + (
         children_after.ru_stime - children.ru_stime
     )
@@ -89,13 +128,22 @@ def one_run(relay: RelayProcess, args: argparse.Namespace) -> str:
     def per_message(seconds: float) -> str:
         return f"{seconds * 1000 / args.messages:.2f}"
 
+    commits = (
+        ""
+        if journal is None
+        else f"{(after.journal_commits - before.journal_commits) / args.messages:.2f}"
+    )
+
     return (
         f"| {args.messages / wall:,.0f} msg/s"
         f" | {per_message(after.loop_user - before.loop_user)}"
         f" / {per_message(after.loop_system - before.loop_system)}"
         f" | {per_message(after.writers - before.writers)}"
         f" | {per_message(source)}"
+        f" | {per_message(after.kernel_threads - before.kernel_threads)}"
+        f" / {per_message(after.softirq - before.softirq)}"
         f" | {per_message(after.machine_busy - before.machine_busy)}"
+        f" | {commits}"
         f" | {100 * (after.loop_ran - before.loop_ran) / wall:.0f} %"
         f" | {100 * (after.loop_waited - before.loop_waited) / wall:.0f} % |"
     )
@@ -115,15 +163,17 @@ def main() -> None:
     print(f"`{command} --sessions {args.sessions} --base {args.base}`\n")
     print(
         "| rate | event loop CPU ms/msg (user / system) | spool writers ms/msg"
-        " | smtp-source ms/msg | machine busy ms/msg | loop on a core | loop waiting for one |"
+        " | smtp-source ms/msg | kernel threads / softirq ms/msg | machine busy ms/msg"
+        " | journal commits per msg | loop on a core | loop waiting for one |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    journal = journal_info(args.base)
     with tempfile.TemporaryDirectory(prefix="relayd-bench-", dir=args.base) as tmp:
         base = Path(tmp)
         with RelayProcess(write_config(base, unreachable_upstream(base))) as relay:
             smtp_source(relay.port, args.sessions, 300, SMALL, reuse=False)  # warm up, untimed
             for _ in range(args.runs):
-                print(one_run(relay, args), flush=True)
+                print(one_run(relay, args, journal), flush=True)
 
 
 if __name__ == "__main__":

@@ -207,7 +207,11 @@ def rows(root: Path, args: argparse.Namespace) -> Iterator[str]:
         if args.with_postfix and postfix.available():
             postfix.become_subreaper()
             sink = stack.enter_context(postfix.SmtpSink())
-            local = stack.enter_context(postfix.LocalPostfix(root / "postfix-listener", sink.port))
+            local = stack.enter_context(
+                postfix.LocalPostfix(
+                    root / "postfix-listener", sink.port, holding=args.postfix_holds
+                )
+            )
         base = root / "relayd-listener"
         base.mkdir(parents=True)
         relay = stack.enter_context(RelayProcess(write_config(base, unreachable_upstream(base))))
@@ -308,6 +312,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pairs", type=int, default=3, help="alternated relayd/Postfix pairs")
     group.add_argument("--sessions", type=int, default=20, help="smtp-source sessions")
     group.add_argument("--big-messages", type=int, default=4, help="30 MiB messages per big client")
+    group.add_argument(
+        "--postfix-holds",
+        action="store_true",
+        help="Postfix keeps its mail queued (defer_transports) instead of relaying it",
+    )
 
 
 def main() -> None:

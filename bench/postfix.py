@@ -120,13 +120,17 @@ class SmtpSink:
 
 
 class LocalPostfix:
-    """A Postfix instance under ``base`` on 127.0.0.1:``port``, relaying to a sink."""
+    """A Postfix instance under ``base`` on 127.0.0.1:``port``, relaying to a sink.
 
-    def __init__(self, base: Path, sink_port: int) -> None:
+    ``holding``: it keeps every message queued instead (``defer_transports``), as
+    relayd's mail stays queued in the listener rows."""
+
+    def __init__(self, base: Path, sink_port: int, *, holding: bool = False) -> None:
         self.base = base
         self.port = free_port()
         self.config = base / "conf"
         self.sink_port = sink_port
+        self.holding = holding
         self.master: subprocess.Popen | None = None
 
     def __enter__(self) -> LocalPostfix:
@@ -154,14 +158,19 @@ class LocalPostfix:
 
     def main_cf(self) -> str:
         """The instance's main.cf (a subclass adds to it: bench/postfix_xoauth2.py)."""
-        return MAIN_CF.format(base=self.base, sink_port=self.sink_port)
+        main_cf = MAIN_CF.format(base=self.base, sink_port=self.sink_port)
+        # postconf(5): mail for these transports is deferred without an attempt.
+        return main_cf + ("defer_transports = smtp, relay\n" if self.holding else "")
 
     def master_cf(self) -> str:
         return MASTER_CF.format(port=self.port)
 
     def settle(self, timeout: float = 600) -> None:
         """Wait until Postfix has relayed everything it accepted: its deliveries must not
-        run on into the next measurement (of relayd or of itself)."""
+        run on into the next measurement (of relayd or of itself). A holding
+        Postfix delivers nothing: there is nothing to wait for."""
+        if self.holding:
+            return
         deadline = time.monotonic() + timeout
         while self._queued() and time.monotonic() < deadline:
             time.sleep(0.2)
