@@ -23,7 +23,6 @@ against relayd, whose upstream nobody answers (nothing is delivered). For each r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
 import sys
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import postfix
 from bench.listener import SMALL, smtp_source
-from bench.measure import cpu_seconds, descendants, machine
+from bench.measure import cpu_seconds, descendants, filesystem_of, machine
 from tests.helpers import RelayProcess, unreachable_upstream, write_config
 
 _TICK = os.sysconf("SC_CLK_TCK")  # the unit of /proc's CPU times
@@ -89,16 +88,6 @@ def _kernel_threads() -> float:
         if fields[1] == "2":
             total += (int(fields[11]) + int(fields[12])) / _TICK
     return total
-
-
-def journal_info(base: Path) -> Path | None:
-    """The jbd2 statistics of the file system under ``base`` (ext3/4), if it has any."""
-    device = os.stat(base).st_dev
-    block = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}")
-    with contextlib.suppress(OSError):
-        name = block.resolve().name
-        return next(Path("/proc/fs/jbd2").glob(f"{name}-*/info"), None)
-    return None
 
 
 def read(pid: int, writers: list[int], journal: Path | None) -> Reading:
@@ -167,7 +156,7 @@ def main() -> None:
         " | journal commits per msg | loop on a core | loop waiting for one |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    journal = journal_info(args.base)
+    journal = filesystem_of(args.base).journal_stats
     with tempfile.TemporaryDirectory(prefix="relayd-bench-", dir=args.base) as tmp:
         base = Path(tmp)
         with RelayProcess(write_config(base, unreachable_upstream(base))) as relay:

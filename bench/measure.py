@@ -31,9 +31,17 @@ class Filesystem:
         """ext4 keeps its journal in a jbd2 thread per device; other types say nothing."""
         if self.type not in ("ext3", "ext4"):
             return ""
+        return "journal" if self.journal_stats is not None else "no journal"
+
+    @property
+    def journal_stats(self) -> Path | None:
+        """jbd2's statistics of this file system's journal (its first number counts the
+        commits), if it has one."""
         name = Path(self.device).name
-        has_journal = any(entry.startswith(f"{name}-") for entry in _listdir("/proc/fs/jbd2"))
-        return "journal" if has_journal else "no journal"
+        for entry in _listdir("/proc/fs/jbd2"):
+            if name and entry.startswith(f"{name}-"):
+                return Path("/proc/fs/jbd2", entry, "info")
+        return None
 
     def __str__(self) -> str:
         details = ", ".join(part for part in (self.device, self.journal) if part)
