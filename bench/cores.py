@@ -1,16 +1,22 @@
 """Where the two cores go while relayd accepts alone, a new connection per message.
 Prints the figures; asserts nothing.
 
-    python3 bench/cores.py [--runs 3] [--messages 3000] [--sessions 20] [--base /mnt/spool]
+    python3 bench/cores.py [--runs 3] [--messages 3000] [--sessions 20] [--with-postfix]
+                           [--base /mnt/spool]
 
 Postfix's smtp-source (``--sessions`` sessions, 2 KiB, a new connection per message)
-against relayd, whose upstream nobody answers (nothing is delivered). For each run:
+against relayd, whose upstream nobody answers (nothing is delivered); with
+``--with-postfix``, also against a private Postfix that keeps its mail queued
+(bench/postfix.py, holding), the two alternated, so that the machine's figures of both
+relays come from the same minutes. For each run:
 
 * the rate, and the CPU per message (user + system, from /proc) of relayd's event
-  loop thread, of its spool writer processes, and of smtp-source (its rusage);
-* the CPU per message of the kernel's own threads (children of kthreadd: writeback,
-  the journal, the loop device, ksoftirqd) and of softirq work (/proc/stat), and the
-  whole machine's busy time per message, which includes both;
+  loop thread, of its spool writer processes (relayd's rows only), and of smtp-source
+  (its rusage);
+* the CPU per message of the kernel's own threads (children of kthreadd), the
+  journal's (jbd2) apart from the others (kworkers: a loop device's I/O, writeback,
+  ext4's extent conversions; ksoftirqd), and of softirq work (/proc/stat), and the
+  whole machine's busy time per message, which includes them all;
 * the spool file system's journal commits per message (/proc/fs/jbd2, ext4 only);
 * from the event loop thread's /proc/PID/task/TID/schedstat (the kernel's
   Documentation/scheduler/sched-stats.rst: time on a core, time runnable and waiting
@@ -23,6 +29,7 @@ against relayd, whose upstream nobody answers (nothing is delivered). For each r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import sys
@@ -49,7 +56,8 @@ class Reading:
     loop_ran: float
     loop_waited: float
     writers: float
-    kernel_threads: float
+    journal_threads: float
+    other_kernel_threads: float
     softirq: float
     machine_busy: float
     journal_commits: int
@@ -74,41 +82,58 @@ def _machine() -> tuple[float, float]:
     return (sum(values) - values[3] - values[4]) / _TICK, values[6] / _TICK
 
 
-def _kernel_threads() -> float:
+def _kernel_threads() -> tuple[float, float]:
     """CPU seconds of the kernel's threads alive now (kthreadd's children; a kworker
-    that ends during a run takes its share with it)."""
-    total = 0.0
+    that ends during a run takes its share with it): the journal threads' (jbd2/DEV),
+    and all the others'."""
+    journal = other = 0.0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            stat = Path(entry.path, "stat").read_text()
         except OSError:  # it ended meanwhile
             continue
-        if fields[1] == "2":
-            total += (int(fields[11]) + int(fields[12])) / _TICK
-    return total
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+        if fields[1] != "2":
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / _TICK
+        if name.startswith("jbd2/"):
+            journal += seconds
+        else:
+            other += seconds
+    return journal, other
 
 
-def read(pid: int, writers: list[int], journal: Path | None) -> Reading:
-    user, system = _thread_times(pid)
-    ran, waited = _schedstat(pid)
-    writer_seconds = sum(cpu_seconds(writer) for writer in writers)
+@dataclass(frozen=True)
+class Server:
+    """What smtp-source sends to: relayd (its main thread's and writers' counters are
+    read) or Postfix (``pid`` None: its many processes are in the machine's figures)."""
+
+    name: str
+    port: int
+    pid: int | None = None
+    writers: tuple[int, ...] = ()
+
+
+def read(server: Server, journal: Path | None) -> Reading:
+    user = system = ran = waited = 0.0
+    if server.pid is not None:
+        user, system = _thread_times(server.pid)
+        ran, waited = _schedstat(server.pid)
+    writer_seconds = sum(cpu_seconds(writer) for writer in server.writers)
     busy, softirq = _machine()
     commits = int(journal.read_text().split()[0]) if journal is not None else 0
     return Reading(
-        user, system, ran, waited, writer_seconds, _kernel_threads(), softirq, busy, commits
+        user, system, ran, waited, writer_seconds, *_kernel_threads(), softirq, busy, commits
     )
 
 
-def one_run(relay: RelayProcess, args: argparse.Namespace, journal: Path | None) -> str:
-    assert relay.process is not None
-    pid = relay.process.pid
-    writers = descendants(pid)
-    before = read(pid, writers, journal)
+def one_run(server: Server, args: argparse.Namespace, journal: Path | None) -> str:
+    before = read(server, journal)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall = smtp_source(relay.port, args.sessions, args.messages, SMALL, reuse=False)
-    after = read(pid, writers, journal)
+    wall = smtp_source(server.port, args.sessions, args.messages, SMALL, reuse=False)
+    after = read(server, journal)
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     source = (children_after.ru_utime - children.ru_utime) + (
         children_after.ru_stime - children.ru_stime
@@ -117,25 +142,50 @@ def one_run(relay: RelayProcess, args: argparse.Namespace, journal: Path | None)
     def per_message(seconds: float) -> str:
         return f"{seconds * 1000 / args.messages:.2f}"
 
+    def share(seconds: float) -> str:
+        return f"{100 * seconds / wall:.0f} %"
+
     commits = (
         ""
         if journal is None
         else f"{(after.journal_commits - before.journal_commits) / args.messages:.2f}"
     )
-
-    return (
-        f"| {args.messages / wall:,.0f} msg/s"
-        f" | {per_message(after.loop_user - before.loop_user)}"
+    relayd = server.pid is not None
+    loop = (
+        f"{per_message(after.loop_user - before.loop_user)}"
         f" / {per_message(after.loop_system - before.loop_system)}"
-        f" | {per_message(after.writers - before.writers)}"
+    )
+    return (
+        f"| {server.name} | {args.messages / wall:,.0f} msg/s"
+        f" | {loop if relayd else ''}"
+        f" | {per_message(after.writers - before.writers) if relayd else ''}"
         f" | {per_message(source)}"
-        f" | {per_message(after.kernel_threads - before.kernel_threads)}"
+        f" | {per_message(after.journal_threads - before.journal_threads)}"
+        f" / {per_message(after.other_kernel_threads - before.other_kernel_threads)}"
         f" / {per_message(after.softirq - before.softirq)}"
         f" | {per_message(after.machine_busy - before.machine_busy)}"
         f" | {commits}"
-        f" | {100 * (after.loop_ran - before.loop_ran) / wall:.0f} %"
-        f" | {100 * (after.loop_waited - before.loop_waited) / wall:.0f} % |"
+        f" | {share(after.loop_ran - before.loop_ran) if relayd else ''}"
+        f" | {share(after.loop_waited - before.loop_waited) if relayd else ''} |"
     )
+
+
+def servers(stack: contextlib.ExitStack, root: Path, args: argparse.Namespace) -> list[Server]:
+    """relayd, whose upstream nobody answers, and with ``--with-postfix`` a private
+    Postfix that keeps its mail queued as relayd's stays; each warmed up."""
+    base = root / "relayd"
+    base.mkdir()
+    relay = stack.enter_context(RelayProcess(write_config(base, unreachable_upstream(base))))
+    assert relay.process is not None
+    found = [Server("relayd", relay.port, relay.process.pid, tuple(descendants(relay.process.pid)))]
+    if args.with_postfix:
+        postfix.become_subreaper()
+        sink = stack.enter_context(postfix.SmtpSink())
+        local = stack.enter_context(postfix.LocalPostfix(root / "postfix", sink.port, holding=True))
+        found.append(Server("Postfix", local.port))
+    for server in found:
+        smtp_source(server.port, args.sessions, 300, SMALL, reuse=False)  # warm up, untimed
+    return found
 
 
 def main() -> None:
@@ -144,25 +194,38 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=3000, help="per smtp-source run")
     parser.add_argument("--sessions", type=int, default=20, help="smtp-source sessions")
     parser.add_argument("--base", type=Path, default=Path("/var/tmp"), help="where spools go")
+    parser.add_argument(
+        "--with-postfix",
+        action="store_true",
+        help="the same runs against a private Postfix holding its mail, alternated",
+    )
     args = parser.parse_args()
+    if args.with_postfix and not postfix.available():
+        raise SystemExit("bench: --with-postfix needs Debian's postfix package (bench/README.md)")
     if postfix.SMTP_SOURCE is None:
         raise SystemExit("bench: smtp-source is needed (Debian's postfix package)")
     print(machine(args.base) + "\n")
     command = f"python3 bench/cores.py --runs {args.runs} --messages {args.messages}"
-    print(f"`{command} --sessions {args.sessions} --base {args.base}`\n")
+    postfix_flag = " --with-postfix" if args.with_postfix else ""
+    print(f"`{command} --sessions {args.sessions}{postfix_flag} --base {args.base}`\n")
     print(
-        "| rate | event loop CPU ms/msg (user / system) | spool writers ms/msg"
-        " | smtp-source ms/msg | kernel threads / softirq ms/msg | machine busy ms/msg"
-        " | journal commits per msg | loop on a core | loop waiting for one |"
+        "| server | rate | event loop CPU ms/msg (user / system) | spool writers ms/msg"
+        " | smtp-source ms/msg | kernel: journal / other threads / softirq ms/msg"
+        " | machine busy ms/msg | journal commits per msg | loop on a core"
+        " | loop waiting for one |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     journal = filesystem_of(args.base).journal_stats
-    with tempfile.TemporaryDirectory(prefix="relayd-bench-", dir=args.base) as tmp:
-        base = Path(tmp)
-        with RelayProcess(write_config(base, unreachable_upstream(base))) as relay:
-            smtp_source(relay.port, args.sessions, 300, SMALL, reuse=False)  # warm up, untimed
-            for _ in range(args.runs):
-                print(one_run(relay, args, journal), flush=True)
+    with (
+        tempfile.TemporaryDirectory(prefix="relayd-bench-", dir=args.base) as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        root = Path(tmp)
+        root.chmod(0o755)  # Postfix's daemons look up their queue below it
+        found = servers(stack, root, args)
+        for run in range(args.runs):
+            for server in found if run % 2 == 0 else found[::-1]:  # alternated
+                print(one_run(server, args, journal), flush=True)
 
 
 if __name__ == "__main__":
