@@ -39,8 +39,6 @@ def check_consistency(settings: Settings, source: str) -> None:
         raise ConfigError(
             source, "oauth.retry_min_delay", "must not be longer than oauth.retry_max_delay"
         )
-    if oauth.cache_poll_interval <= 0:
-        raise ConfigError(source, "oauth.cache_poll_interval", "must be longer than 0s")
     for section, key in (("upstream", "ca_file"), ("oauth", "ca_file")):
         path = getattr(getattr(settings, section), key)
         if path is not None and not path.is_file():
@@ -55,8 +53,6 @@ def _check_graph(upstream: UpstreamSettings, source: str) -> None:
             "upstream.graph_url",
             f"must be an https:// URL such as https://graph.microsoft.com/v1.0, got {url!r}",
         )
-    if upstream.smtp_probe_interval <= 0:
-        raise ConfigError(source, "upstream.smtp_probe_interval", "must be longer than 0s")
 
 
 def _check_identities(settings: Settings, source: str) -> None:

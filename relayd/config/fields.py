@@ -139,8 +139,19 @@ def _message_size(value: object) -> int:
     return size
 
 
-def _duration(default: float):
-    return _setting(default, parse_duration, format_duration)
+def _duration(default: float, *, positive: bool = False):
+    """A duration; ``positive`` for the waits that time something out or space out
+    retries, where 0 would close every session at once, fail every call, or repeat a
+    call to Entra ID without a pause (Postfix, too, gives its timeouts and backoff
+    times a minimum)."""
+    return _setting(default, _positive_duration if positive else parse_duration, format_duration)
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be longer than 0s")
+    return seconds
 
 
 TRANSPORTS = ("smtp", "graph", "auto", "maildir")
@@ -165,6 +176,11 @@ _SCHEMAS: dict[Callable[[object], Any], dict[str, Any]] = {
     parse_size: {"type": ["integer", "string"], "description": "a size: 512KiB, 35MiB"},
     _message_size: {"type": ["integer", "string"], "description": "a size, at least 16KiB"},
     parse_duration: {"type": ["number", "string"], "description": "a duration: 30s, 5m, 1h"},
+    _positive_duration: {
+        "type": ["number", "string"],
+        "exclusiveMinimum": 0,
+        "description": "a duration longer than 0s: 30s, 5m, 1h",
+    },
 }
 
 

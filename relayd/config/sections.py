@@ -54,7 +54,7 @@ class ListenSettings:
     # RFC 5321 §4.5.3.1.6: 998 characters + CRLF. Longer lines get 500 5.5.6.
     max_line_length: int = _setting(998, _integer(78, 1_000_000))
     max_connections: int = _setting(100, _integer(1))
-    idle_timeout: float = _duration(300)
+    idle_timeout: float = _duration(300, positive=True)
     # Name in the greeting and in Received: headers; empty means the host's FQDN.
     hostname: str = _setting("", _text)
     # RFC 5321 §6.3: a message with more Received: headers than this is looping.
@@ -90,10 +90,10 @@ class UpstreamSettings:
     max_connections: int = _setting(3, _integer(1))
     rate_limit_per_minute: int = _setting(30, _integer(0))
     daily_recipient_limit: int = _setting(10_000, _integer(0))
-    timeout: float = _duration(60)
+    timeout: float = _duration(60, positive=True)
     # The wait for the reply to the final dot (RFC 5321 §4.5.3.2.6: 10 minutes), plus a
     # second per 32 KiB of the message for its upload. upstream.timeout is for commands.
-    data_timeout: float = _duration(600)
+    data_timeout: float = _duration(600, positive=True)
     idle_timeout: float = _duration(60)
     # How long the whole upstream pauses after 421 / 432 4.3.2 (throttling).
     throttle_pause: float = _duration(60)
@@ -105,12 +105,12 @@ class UpstreamSettings:
     # delegated permission Mail.ReadWrite, asked for at sign-in); off, they are held.
     graph_large_messages: bool = _setting(False, _boolean)
     # auto: how often SMTP is tried again while mail goes through Graph.
-    smtp_probe_interval: float = _duration(3600)
+    smtp_probe_interval: float = _duration(3600, positive=True)
 
 
 @dataclass(frozen=True)
 class RetrySettings:
-    min_delay: float = _duration(60)
+    min_delay: float = _duration(60, positive=True)
     max_delay: float = _duration(3600)
     max_age: float = _duration(5 * 86400)
 
@@ -127,15 +127,15 @@ class OAuthSettings:
     token_cache: Path = _setting(Path("/var/lib/relayd/token_cache.json"), _path, str)
     ca_file: Path | None = _setting(None, _path, lambda v: str(v) if v else None)
     # Redeem the refresh token this often even when no mail flows (90-day expiry).
-    keepalive_interval: float = _duration(86400)
+    keepalive_interval: float = _duration(86400, positive=True)
     # Renew the access token when less than this is left.
     refresh_margin: float = _duration(600)
-    http_timeout: float = _duration(30)
+    http_timeout: float = _duration(30, positive=True)
     # How often the daemon looks at the cache file for a sign-in done by `relayd auth`.
-    cache_poll_interval: float = _duration(5)
+    cache_poll_interval: float = _duration(5, positive=True)
     # Backoff between token refresh attempts while Entra ID fails (network, 5xx). MSAL
     # itself answers retries from cache for Retry-After (default 5 s) after a 5xx.
-    retry_min_delay: float = _duration(15)
+    retry_min_delay: float = _duration(15, positive=True)
     retry_max_delay: float = _duration(900)
 
     @property

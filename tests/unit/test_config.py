@@ -139,6 +139,48 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
     assert caught.value.key == "listen.port"
 
 
+# Waits where 0 would close every session at once (listen.idle_timeout), fail every
+# upstream or Entra ID call (the timeouts), or repeat one without a pause (the rest).
+WAITS_THAT_CANNOT_BE_ZERO = [
+    ("listen", "idle_timeout"),
+    ("upstream", "timeout"),
+    ("upstream", "data_timeout"),
+    ("upstream", "smtp_probe_interval"),
+    ("retry", "min_delay"),
+    ("oauth", "keepalive_interval"),
+    ("oauth", "http_timeout"),
+    ("oauth", "cache_poll_interval"),
+    ("oauth", "retry_min_delay"),
+]
+
+
+@pytest.mark.parametrize(("section", "key"), WAITS_THAT_CANNOT_BE_ZERO)
+def test_a_wait_of_zero_is_refused_with_its_key(section: str, key: str) -> None:
+    document = {"upstream": {"transport": "maildir"}}
+    document.setdefault(section, {})[key] = "0s"
+    with pytest.raises(ConfigError) as in_file:
+        config.from_mapping(document, "relayd.yaml", environ={})
+    variable = f"RELAYD_{section.upper()}_{key.upper()}"
+    with pytest.raises(ConfigError) as in_environment:
+        config.from_mapping(MAILDIR_ONLY, "relayd.yaml", environ={variable: "0"})
+    for refused in (in_file.value, in_environment.value):
+        assert (refused.key, refused.problem) == (f"{section}.{key}", "must be longer than 0s")
+    document[section][key] = "1s"
+    loaded = config.from_mapping(document, "relayd.yaml", environ={})
+    assert getattr(getattr(loaded, section), key) == 1.0
+
+
+def test_a_zero_stays_allowed_where_it_means_at_once_or_never() -> None:
+    zeros = {
+        "listen": {"shutdown_grace": "0s"},  # SIGTERM closes open sessions at once
+        "upstream": {"transport": "maildir", "idle_timeout": "0s", "throttle_pause": "0s"},
+        "retry": {"max_age": "0s"},  # one attempt, as Postfix's maximal_queue_lifetime = 0
+        "oauth": {"refresh_margin": "0s"},
+    }
+    loaded = config.from_mapping(zeros, "relayd.yaml", environ={})
+    assert (loaded.listen.shutdown_grace, loaded.retry.max_age) == (0.0, 0.0)
+
+
 def test_smtp_transport_requires_mailbox_and_app_registration(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         config.load(write(tmp_path, {}), environ={})

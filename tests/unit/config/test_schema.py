@@ -1,8 +1,8 @@
 """`relayd check-config --schema`: the JSON Schema agrees with what the loader takes.
 
 Checked with a small validator for the keywords the schema uses (type, enum,
-properties, additionalProperties, required, items, minimum, maximum): no JSON Schema
-library is needed for that, and none is added to the project for a test.
+properties, additionalProperties, required, items, minimum, maximum, exclusiveMinimum):
+no JSON Schema library is needed for that, and none is added to the project for a test.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def problems(schema: dict[str, Any], value: Any, where: str = "") -> list[str]:
         return [f"{where}: {value!r} not in {schema['enum']}"]
     found = []
     number = isinstance(value, int | float) and not isinstance(value, bool)
-    if number and not schema.get("minimum", value) <= value <= schema.get("maximum", value):
+    if number and not _in_range(schema, value):
         found.append(f"{where}: {value} out of range")
     if isinstance(value, dict):
         properties = schema.get("properties", {})
@@ -74,6 +74,11 @@ def problems(schema: dict[str, Any], value: Any, where: str = "") -> list[str]:
         for index, item in enumerate(value):
             found += problems(schema["items"], item, f"{where}[{index}]")
     return found
+
+
+def _in_range(schema: dict[str, Any], number: float) -> bool:
+    above = number > schema.get("exclusiveMinimum", number - 1)
+    return above and schema.get("minimum", number) <= number <= schema.get("maximum", number)
 
 
 def _is(value: Any, kind: str) -> bool:
@@ -106,6 +111,13 @@ def test_routes_that_load_conform_and_bad_routes_do_not() -> None:
     for route, expected in bad:
         found = problems(schema(), {"routes": [route]})
         assert len(found) == 1 and expected in found[0], (route, found)
+
+
+def test_a_wait_that_cannot_be_zero_is_out_of_range_in_the_schema_too() -> None:
+    assert problems(schema(), {"listen": {"idle_timeout": 0}}) == [
+        ".listen.idle_timeout: 0 out of range"
+    ]
+    assert problems(schema(), {"listen": {"idle_timeout": 1, "shutdown_grace": 0}}) == []
 
 
 def test_every_declared_key_is_in_the_schema_with_its_default() -> None:
