@@ -130,6 +130,7 @@ def read(server: Server, journal: Path | None) -> Reading:
 
 
 def one_run(server: Server, args: argparse.Namespace, journal: Path | None) -> str:
+    """One smtp-source run against ``server``, as a table row."""
     before = read(server, journal)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = smtp_source(server.port, args.sessions, args.messages, SMALL, reuse=False)
@@ -138,36 +139,44 @@ def one_run(server: Server, args: argparse.Namespace, journal: Path | None) -> s
     source = (children_after.ru_utime - children.ru_utime) + (
         children_after.ru_stime - children.ru_stime
     )
+    return _row(server, args.messages, wall, source, before, after, journal is not None)
 
-    def per_message(seconds: float) -> str:
-        return f"{seconds * 1000 / args.messages:.2f}"
 
-    def share(seconds: float) -> str:
-        return f"{100 * seconds / wall:.0f} %"
+def _row(
+    server: Server,
+    messages: int,
+    wall: float,
+    source: float,
+    before: Reading,
+    after: Reading,
+    journaled: bool,
+) -> str:
+    def per_message(field: str) -> str:
+        return f"{(getattr(after, field) - getattr(before, field)) * 1000 / messages:.2f}"
 
-    commits = (
-        ""
-        if journal is None
-        else f"{(after.journal_commits - before.journal_commits) / args.messages:.2f}"
-    )
-    relayd = server.pid is not None
-    loop = (
-        f"{per_message(after.loop_user - before.loop_user)}"
-        f" / {per_message(after.loop_system - before.loop_system)}"
-    )
-    return (
-        f"| {server.name} | {args.messages / wall:,.0f} msg/s"
-        f" | {loop if relayd else ''}"
-        f" | {per_message(after.writers - before.writers) if relayd else ''}"
-        f" | {per_message(source)}"
-        f" | {per_message(after.journal_threads - before.journal_threads)}"
-        f" / {per_message(after.other_kernel_threads - before.other_kernel_threads)}"
-        f" / {per_message(after.softirq - before.softirq)}"
-        f" | {per_message(after.machine_busy - before.machine_busy)}"
-        f" | {commits}"
-        f" | {share(after.loop_ran - before.loop_ran) if relayd else ''}"
-        f" | {share(after.loop_waited - before.loop_waited) if relayd else ''} |"
-    )
+    def share(field: str) -> str:
+        return f"{100 * (getattr(after, field) - getattr(before, field)) / wall:.0f} %"
+
+    commits = (after.journal_commits - before.journal_commits) / messages
+    relayd_only = [
+        f"{per_message('loop_user')} / {per_message('loop_system')}",
+        per_message("writers"),
+    ]
+    loop_shares = [share("loop_ran"), share("loop_waited")]
+    if server.pid is None:  # Postfix: no event loop, no writers of relayd's
+        relayd_only, loop_shares = ["", ""], ["", ""]
+    cells = [
+        server.name,
+        f"{messages / wall:,.0f} msg/s",
+        *relayd_only,
+        f"{source * 1000 / messages:.2f}",
+        f"{per_message('journal_threads')} / {per_message('other_kernel_threads')}"
+        f" / {per_message('softirq')}",
+        per_message("machine_busy"),
+        f"{commits:.2f}" if journaled else "",
+        *loop_shares,
+    ]
+    return "| " + " | ".join(cells) + " |"
 
 
 def servers(stack: contextlib.ExitStack, root: Path, args: argparse.Namespace) -> list[Server]:
