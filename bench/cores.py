@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import resource
 import sys
 import tempfile
@@ -41,10 +40,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import postfix
 from bench.listener import SMALL, smtp_source
-from bench.measure import cpu_seconds, descendants, filesystem_of, machine
+from bench.measure import (
+    TICK,
+    cpu_seconds,
+    descendants,
+    every_stat,
+    filesystem_of,
+    machine,
+    stat_of,
+)
 from tests.helpers import RelayProcess, unreachable_upstream, write_config
-
-_TICK = os.sysconf("SC_CLK_TCK")  # the unit of /proc's CPU times
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,8 @@ class Reading:
 
 def _thread_times(pid: int) -> tuple[float, float]:
     """User and system CPU seconds of the thread whose id is ``pid`` (the main thread)."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
+    _, fields = stat_of(f"/proc/{pid}/task/{pid}/stat")
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def _schedstat(pid: int) -> tuple[float, float]:
@@ -79,7 +84,7 @@ def _machine() -> tuple[float, float]:
     """Seconds the machine's cores were busy since boot (all but idle and iowait), and
     the part of it that went to softirq work."""
     values = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(values) - values[3] - values[4]) / _TICK, values[6] / _TICK
+    return (sum(values) - values[3] - values[4]) / TICK, values[6] / TICK
 
 
 def _kernel_threads() -> tuple[float, float]:
@@ -87,17 +92,10 @@ def _kernel_threads() -> tuple[float, float]:
     that ends during a run takes its share with it): the journal threads' (jbd2/DEV),
     and all the others'."""
     journal = other = 0.0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:  # it ended meanwhile
-            continue
-        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+    for name, fields in every_stat():
         if fields[1] != "2":
             continue
-        seconds = (int(fields[11]) + int(fields[12])) / _TICK
+        seconds = (int(fields[11]) + int(fields[12])) / TICK
         if name.startswith("jbd2/"):
             journal += seconds
         else:

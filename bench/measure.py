@@ -9,6 +9,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,10 +84,31 @@ def peak_rss_mib(pid: int) -> float:
     return _proc_status(pid, "VmHWM")
 
 
+TICK = os.sysconf("SC_CLK_TCK")  # the unit of /proc's CPU times
+
+
+def stat_of(path: str) -> tuple[str, list[str]]:
+    """A /proc/.../stat file: the command name, and the fields after it (proc(5):
+    [0] the state, [1] the parent, [3] the session, [11] to [14] utime, stime, cutime
+    and cstime in ticks). The name may hold spaces and parentheses: it ends at the last
+    ")"."""
+    text = Path(path).read_text()
+    end = text.rindex(")")
+    return text[text.index("(") + 1 : end], text[end + 1 :].split()
+
+
+def every_stat() -> Iterator[tuple[str, list[str]]]:
+    """``stat_of`` of every live process (one that exits meanwhile is left out)."""
+    for entry in _listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                yield stat_of(f"/proc/{entry}/stat")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    _, fields = stat_of(f"/proc/{pid}/stat")
+    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def relay_cpu_seconds(pid: int) -> float:
@@ -104,8 +126,8 @@ def relay_cpu_seconds(pid: int) -> float:
 def _with_waited_for(pid: int) -> float:
     """A process's CPU time and its reaped children's (utime, stime, cutime, cstime):
     a reaped child is no longer below it, so nothing is counted twice."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    _, fields = stat_of(f"/proc/{pid}/stat")
+    return sum(int(value) for value in fields[11:15]) / TICK
 
 
 def descendants(pid: int) -> list[int]:
@@ -138,17 +160,13 @@ def children_rss_mib(pid: int) -> float:
 def session_cpu_seconds(session: int) -> float:
     """CPU time of every process in a session (Postfix's master and all its daemons),
     with what the daemons that already exited used (their parent's cutime + cstime)."""
-    total = 0
-    for entry in _listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # it exited meanwhile: its parent's cutime has it now
-        if int(fields[3]) == session:
-            total += sum(int(value) for value in fields[11:15])
-    return total / os.sysconf("SC_CLK_TCK")
+    # One that exits meanwhile is left out: its parent's cutime has it now.
+    total = sum(
+        sum(int(value) for value in fields[11:15])
+        for _, fields in every_stat()
+        if int(fields[3]) == session
+    )
+    return total / TICK
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
@@ -157,10 +175,10 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     per_thread: dict[int, float] = {}
     for tid in _listdir(f"/proc/{pid}/task"):
         try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            _, fields = stat_of(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue
-        per_thread[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        per_thread[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK
     return per_thread
 
 
