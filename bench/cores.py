@@ -48,6 +48,7 @@ from bench.measure import (
     filesystem_of,
     machine,
     stat_of,
+    user_system_seconds,
 )
 from tests.helpers import RelayProcess, unreachable_upstream, write_config
 
@@ -95,7 +96,7 @@ def _kernel_threads() -> tuple[float, float]:
     for name, fields in every_stat():
         if fields[1] != "2":
             continue
-        seconds = (int(fields[11]) + int(fields[12])) / TICK
+        seconds = user_system_seconds(fields)
         if name.startswith("jbd2/"):
             journal += seconds
         else:

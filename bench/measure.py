@@ -97,6 +97,11 @@ def stat_of(path: str) -> tuple[str, list[str]]:
     return text[text.index("(") + 1 : end], text[end + 1 :].split()
 
 
+def user_system_seconds(fields: list[str]) -> float:
+    """User + system CPU seconds from ``stat_of``'s fields (without reaped children's)."""
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
 def every_stat() -> Iterator[tuple[str, list[str]]]:
     """``stat_of`` of every live process (one that exits meanwhile is left out)."""
     for entry in _listdir("/proc"):
@@ -108,7 +113,7 @@ def every_stat() -> Iterator[tuple[str, list[str]]]:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, all its threads."""
     _, fields = stat_of(f"/proc/{pid}/stat")
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return user_system_seconds(fields)
 
 
 def relay_cpu_seconds(pid: int) -> float:
@@ -178,7 +183,7 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
             _, fields = stat_of(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue
-        per_thread[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK
+        per_thread[int(tid)] = user_system_seconds(fields)
     return per_thread
 
 
